@@ -1,0 +1,20 @@
+//! ringvm's VM core: a KVM virtual machine with guest memory, vCPU threads,
+//! PIO/MMIO buses with a device registry, x86 boot (Linux 64-bit and PVH),
+//! legacy devices and the reason the guest stopped.
+
+pub mod arch;
+pub mod boot;
+pub mod bus;
+pub mod config;
+pub mod control;
+pub mod devices;
+pub mod layout;
+pub mod machine;
+pub mod registry;
+pub mod stop;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{parse_size, KernelSource, VmConfig};
+pub use machine::{run, MachineError, RunReport};
+pub use stop::{exit_code, StopReason};

@@ -1,0 +1,365 @@
+//! The composition root: builds a VM from a [`VmConfig`], runs it to a
+//! stop, and reports why it stopped. It only assembles; the work is done in
+//! the modules it calls.
+
+use std::fs::{File, OpenOptions};
+use std::io::LineWriter;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::{cpuid, mptable, regs};
+use crate::boot::{self, BootError, Initrd, LoadedKernel, SliceReader};
+use crate::bus::Bus;
+use crate::config::{format_size, KernelSource, VmConfig};
+use crate::control::{self, ControlError};
+use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
+use crate::devices::i8042::{I8042, I8042_COMMAND_PORT, I8042_DATA_PORT};
+use crate::devices::serial::{ConsoleSink, SerialConsole, COM1_GSI, COM1_LEN, COM1_PORT};
+use crate::devices::SerialOutput;
+use crate::layout::MIN_MEMORY;
+use crate::registry::{DeviceRegistry, RegistryError, Resource};
+use crate::stop::{StopReason, VmStop};
+use crate::vcpu::{Vcpu, VcpuError};
+use crate::vm::{create_guest_memory, Vm, VmError};
+
+/// Errors that keep a VM from starting. [`MachineError::is_bad_input`]
+/// separates the user's mistakes from host failures.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("--cpus must be between 1 and {max}, not {cpus}")]
+    BadCpuCount { cpus: usize, max: usize },
+    #[error("--memory {size} is too small: at least {} is needed", format_size(MIN_MEMORY))]
+    MemoryTooSmall { size: String },
+    #[error("--memory {size} is more than this host has ({host})")]
+    MemoryTooLarge { size: String, host: String },
+    #[error("cannot open {what} {path}")]
+    Open {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {path} is not a regular file or block device")]
+    NotAFile { what: &'static str, path: PathBuf },
+    #[error("kernel {path}")]
+    Kernel {
+        path: String,
+        #[source]
+        source: BootError,
+    },
+    #[error("setting up boot for kernel {path}")]
+    Boot {
+        path: String,
+        #[source]
+        source: BootError,
+    },
+    #[error("writing the MP table")]
+    Mptable(#[source] mptable::MptableError),
+    #[error("creating the VM")]
+    Vm(#[source] VmError),
+    #[error("setting up vCPU {index}")]
+    VcpuRegs {
+        index: usize,
+        #[source]
+        source: regs::RegsError,
+    },
+    #[error("setting CPUID on vCPU {index}")]
+    Cpuid {
+        index: usize,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("starting vCPU")]
+    Vcpu(#[source] VcpuError),
+    #[error("adding a device")]
+    Registry(#[source] RegistryError),
+    #[error("creating an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("control loop")]
+    Control(#[source] ControlError),
+}
+
+impl MachineError {
+    /// Whether the error is in what the user gave (exit code 2) rather than
+    /// on the host.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            MachineError::BadCpuCount { .. }
+                | MachineError::MemoryTooSmall { .. }
+                | MachineError::MemoryTooLarge { .. }
+                | MachineError::Open { .. }
+                | MachineError::NotAFile { .. }
+                | MachineError::Kernel { .. }
+                | MachineError::Boot { .. }
+        ) || matches!(self, MachineError::Vm(VmError::TooManyVcpus { .. }))
+    }
+}
+
+/// What happened in a run.
+#[derive(Debug)]
+pub struct RunReport {
+    pub reason: StopReason,
+    /// The boot protocol used, e.g. "ELF, PVH boot protocol".
+    pub protocol: &'static str,
+    /// From the start of `run` to the VM's stop.
+    pub elapsed: Duration,
+}
+
+fn host_memory() -> u64 {
+    // SAFETY: sysinfo only writes the struct we pass.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable sysinfo struct.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return u64::MAX;
+    }
+    u64::from(info.totalram).saturating_mul(u64::from(info.mem_unit))
+}
+
+fn open_input(what: &'static str, path: &Path) -> Result<(File, u64), MachineError> {
+    let file = File::open(path).map_err(|source| MachineError::Open {
+        what,
+        path: path.into(),
+        source,
+    })?;
+    let meta = file.metadata().map_err(|source| MachineError::Open {
+        what,
+        path: path.into(),
+        source,
+    })?;
+    if meta.is_dir() {
+        return Err(MachineError::NotAFile {
+            what,
+            path: path.into(),
+        });
+    }
+    Ok((file, meta.len()))
+}
+
+/// Checks the parts of `config` that need no host resources.
+pub fn validate(config: &VmConfig) -> Result<(), MachineError> {
+    if config.cpus == 0 || config.cpus > mptable::MAX_CPUS {
+        return Err(MachineError::BadCpuCount {
+            cpus: config.cpus,
+            max: mptable::MAX_CPUS,
+        });
+    }
+    if config.memory < MIN_MEMORY {
+        return Err(MachineError::MemoryTooSmall {
+            size: format_size(config.memory),
+        });
+    }
+    let host = host_memory();
+    if config.memory > host {
+        return Err(MachineError::MemoryTooLarge {
+            size: format_size(config.memory),
+            host: format_size(host & !((1 << 20) - 1)),
+        });
+    }
+    Ok(())
+}
+
+/// Loads kernel and initrd and writes every boot structure into `mem`.
+fn load_guest(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<(regs::EntryMode, &'static str), MachineError> {
+    let (loaded, name): (LoadedKernel, String) = match &config.kernel {
+        KernelSource::Path(path) => {
+            let (mut file, _) = open_input("kernel", path)?;
+            let loaded = boot::load_kernel(mem, &mut file).map_err(|source| MachineError::Kernel {
+                path: path.display().to_string(),
+                source,
+            })?;
+            (loaded, path.display().to_string())
+        }
+        KernelSource::Builtin(image) => {
+            let loaded = boot::load_kernel(mem, &mut SliceReader::new(image)).map_err(|source| {
+                MachineError::Kernel {
+                    path: "builtin".into(),
+                    source,
+                }
+            })?;
+            (loaded, "builtin".into())
+        }
+    };
+    let mut initrd_file = match &config.initrd {
+        Some(path) => Some(open_input("initrd", path)?),
+        None => None,
+    };
+    let initrd = initrd_file.as_mut().map(|(file, size)| Initrd { file, size: *size });
+    let entry = boot::setup_boot(mem, config.memory, &loaded, &config.cmdline, initrd)
+        .map_err(|source| MachineError::Boot { path: name, source })?;
+    mptable::setup_mptable(mem, config.cpus).map_err(MachineError::Mptable)?;
+    Ok((entry, loaded.protocol()))
+}
+
+fn console_sink(output: &SerialOutput) -> Result<Option<ConsoleSink>, MachineError> {
+    Ok(match output {
+        SerialOutput::Off => None,
+        SerialOutput::Stdio => Some(ConsoleSink::Stdout(std::io::stdout())),
+        SerialOutput::File(path) => {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| MachineError::Open {
+                    what: "serial output file",
+                    path: path.clone(),
+                    source,
+                })?;
+            Some(ConsoleSink::File(LineWriter::new(file)))
+        }
+    })
+}
+
+/// The legacy devices every x86 VM gets, by name, with their claims.
+fn add_legacy_devices(
+    vm: &Vm,
+    registry: &mut DeviceRegistry,
+    stop: &Arc<VmStop>,
+    sink: Option<ConsoleSink>,
+) -> Result<Option<Arc<Mutex<SerialConsole>>>, MachineError> {
+    let serial = match sink {
+        Some(sink) => {
+            let irq = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
+            vm.register_irqfd(&irq, COM1_GSI).map_err(MachineError::Vm)?;
+            let dev = Arc::new(Mutex::new(SerialConsole::new(irq, sink)));
+            registry
+                .add(
+                    "serial0",
+                    Some(dev.clone()),
+                    vec![
+                        Resource::Pio {
+                            base: COM1_PORT,
+                            len: COM1_LEN,
+                        },
+                        Resource::Gsi(COM1_GSI),
+                    ],
+                )
+                .map_err(MachineError::Registry)?;
+            Some(dev)
+        }
+        None => None,
+    };
+    registry
+        .add(
+            "i8042",
+            Some(Arc::new(Mutex::new(I8042::new(stop.clone())))),
+            vec![
+                Resource::Pio {
+                    base: I8042_DATA_PORT,
+                    len: 1,
+                },
+                Resource::Pio {
+                    base: I8042_COMMAND_PORT,
+                    len: 1,
+                },
+            ],
+        )
+        .map_err(MachineError::Registry)?;
+    registry
+        .add(
+            "debug-exit",
+            Some(Arc::new(Mutex::new(DebugExit::new(stop.clone())))),
+            vec![Resource::Pio {
+                base: DEBUG_EXIT_PORT,
+                len: DEBUG_EXIT_LEN,
+            }],
+        )
+        .map_err(MachineError::Registry)?;
+    Ok(serial)
+}
+
+fn create_vcpus(
+    vm: &Vm,
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    entry: regs::EntryMode,
+    buses: (&Arc<Bus>, &Arc<Bus>),
+    stop: &Arc<VmStop>,
+) -> Result<Vec<Vcpu>, MachineError> {
+    let mut vcpus = Vec::with_capacity(config.cpus);
+    for index in 0..config.cpus {
+        let fd = vm.create_vcpu(index).map_err(MachineError::Vm)?;
+        let cpuid = cpuid::vcpu_cpuid(vm.supported_cpuid(), index as u8, config.cpus as u8, &config.cpuid_hide);
+        fd.set_cpuid2(&cpuid)
+            .map_err(|source| MachineError::Cpuid { index, source })?;
+        let regs_err = |source| MachineError::VcpuRegs { index, source };
+        regs::setup_msrs(&fd).map_err(regs_err)?;
+        regs::setup_fpu(&fd).map_err(regs_err)?;
+        regs::setup_lint(&fd).map_err(regs_err)?;
+        if index == 0 {
+            regs::setup_entry(&fd, mem, entry).map_err(regs_err)?;
+        }
+        vcpus.push(Vcpu {
+            index,
+            fd,
+            pio: buses.0.clone(),
+            mmio: buses.1.clone(),
+            stop: stop.clone(),
+            mem: mem.clone(),
+        });
+    }
+    Ok(vcpus)
+}
+
+/// Builds the VM described by `config`, runs it until it stops, and says why.
+pub fn run(config: &VmConfig) -> Result<RunReport, MachineError> {
+    let start = Instant::now();
+    validate(config)?;
+    let mem = create_guest_memory(config.memory).map_err(MachineError::Vm)?;
+    let (entry, protocol) = load_guest(config, &mem)?;
+    let sink = console_sink(&config.serial)?;
+
+    let vm = Vm::new(&mem, config.cpus).map_err(MachineError::Vm)?;
+    let stop = Arc::new(VmStop::new().map_err(MachineError::EventFd)?);
+    let (pio, mmio) = (Arc::new(Bus::new()), Arc::new(Bus::new()));
+    let mut registry = DeviceRegistry::new(pio.clone(), mmio.clone());
+    let serial = add_legacy_devices(&vm, &mut registry, &stop, sink)?;
+    let vcpus = create_vcpus(&vm, config, &mem, entry, (&pio, &mmio), &stop)?;
+
+    let stdin_to = match (&serial, config.serial_input && config.serial == SerialOutput::Stdio) {
+        (Some(s), true) => Some(s.clone()),
+        _ => None,
+    };
+    let signals = control::Signals::block().map_err(MachineError::Control)?;
+    let mut handles = Vec::with_capacity(vcpus.len());
+    let mut spawn_error = None;
+    for vcpu in vcpus {
+        match vcpu.spawn() {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                spawn_error = Some(e);
+                stop.request(StopReason::HostError {
+                    message: "could not start every vCPU".into(),
+                });
+                break;
+            }
+        }
+    }
+    let loop_result = control::wait_for_stop(&stop, &signals, stdin_to.as_ref());
+    let elapsed = start.elapsed();
+    if let Err(e) = &loop_result {
+        stop.request(StopReason::HostError {
+            message: e.to_string(),
+        });
+    }
+    control::stop_vcpus(handles);
+    if let Some(s) = &serial {
+        s.lock().unwrap_or_else(|e| e.into_inner()).flush();
+    }
+    drop(signals);
+    if let Some(e) = spawn_error {
+        return Err(MachineError::Vcpu(e));
+    }
+    let reason = stop.reason().unwrap_or(StopReason::HostError {
+        message: "VM stopped without a reason".into(),
+    });
+    Ok(RunReport {
+        reason,
+        protocol,
+        elapsed,
+    })
+}

@@ -1,0 +1,232 @@
+//! vCPU threads: `KVM_RUN`, exit dispatch to the buses, and the kick that
+//! gets a thread out of `KVM_RUN` when the VM stops.
+
+use std::cell::Cell;
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::bus::Bus;
+use crate::stop::{StopReason, VmStop};
+
+/// Errors from starting vCPU threads.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("installing the vCPU kick signal handler")]
+    SignalHandler(#[source] vmm_sys_util::errno::Error),
+    #[error("spawning the thread for vCPU {index}")]
+    Spawn {
+        index: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, so the kick handler can set `immediate_exit`.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: `run` is this thread's mapped kvm_run, set by the vCPU loop
+        // before it first enters KVM_RUN and cleared before the mapping goes
+        // away; a volatile byte store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+fn install_kick_handler() -> Result<(), VcpuError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::SignalHandler);
+    });
+    result
+}
+
+/// Everything a vCPU thread needs.
+pub struct Vcpu {
+    pub index: usize,
+    pub fd: VcpuFd,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub stop: Arc<VmStop>,
+    pub mem: GuestMemoryMmap,
+}
+
+/// A running vCPU thread.
+pub struct VcpuHandle {
+    thread: JoinHandle<()>,
+}
+
+impl VcpuHandle {
+    /// Makes the thread leave `KVM_RUN` soon; it stops if the VM is stopping.
+    pub fn kick(&self) {
+        // The thread may have exited already, in which case there is
+        // nothing to kick.
+        let _ = self.thread.kill(kick_signal());
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    pub fn join(self) {
+        // A panicking vCPU thread already reported through the panic hook.
+        let _ = self.thread.join();
+    }
+}
+
+const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+const KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+
+impl Vcpu {
+    /// Starts the vCPU thread.
+    pub fn spawn(self) -> Result<VcpuHandle, VcpuError> {
+        install_kick_handler()?;
+        let index = self.index;
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .stack_size(256 * 1024)
+            .spawn(move || self.run_loop())
+            .map_err(|source| VcpuError::Spawn { index, source })?;
+        Ok(VcpuHandle { thread })
+    }
+
+    fn run_loop(mut self) {
+        KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
+        while !self.stop.is_stopping() {
+            if let Some(reason) = self.run_once() {
+                self.stop.request(reason);
+            }
+        }
+        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
+
+    /// Runs the vCPU until one exit is handled; returns a reason to stop.
+    fn run_once(&mut self) -> Option<StopReason> {
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                return None;
+            }
+            Err(e) => {
+                return Some(StopReason::HostError {
+                    message: format!("KVM_RUN on vCPU {}: {e}", self.index),
+                })
+            }
+        };
+        match exit {
+            VcpuExit::IoOut(port, data) => {
+                self.pio.write(u64::from(port), data);
+                None
+            }
+            VcpuExit::IoIn(port, data) => {
+                if !self.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+                None
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                self.mmio.write(addr, data);
+                None
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                if !self.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+                None
+            }
+            VcpuExit::Hlt => Some(StopReason::Shutdown),
+            VcpuExit::Shutdown => Some(StopReason::TripleFault {
+                vcpu: self.index,
+                rip: self.rip(),
+            }),
+            VcpuExit::SystemEvent(kind, _) => Some(if kind == KVM_SYSTEM_EVENT_RESET {
+                StopReason::Reset
+            } else {
+                StopReason::Shutdown
+            }),
+            VcpuExit::InternalError => Some(self.internal_error()),
+            VcpuExit::FailEntry(reason, cpu) => Some(StopReason::HostError {
+                message: format!(
+                    "KVM entry failed on vCPU {} (hardware reason {reason:#x}, host cpu {cpu})",
+                    self.index
+                ),
+            }),
+            VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
+            other => Some(StopReason::HostError {
+                message: format!("unexpected KVM exit on vCPU {}: {other:?}", self.index),
+            }),
+        }
+    }
+
+    fn rip(&self) -> u64 {
+        self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
+    }
+
+    /// Collects RIP and the instruction bytes for an internal error.
+    fn internal_error(&mut self) -> StopReason {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the kernel
+        // filled the `internal` member of the union.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let suberror = internal.suberror;
+        let mut insn = Vec::new();
+        if suberror == KVM_INTERNAL_ERROR_EMULATION {
+            // SAFETY: for an emulation failure the kernel fills the
+            // `emulation_failure` member; its flags say whether the
+            // instruction bytes are valid.
+            let ef = unsafe { run.__bindgen_anon_1.emulation_failure };
+            if ef.flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES != 0 {
+                // SAFETY: the flag says the kernel filled insn_size/insn_bytes.
+                let bytes = unsafe { ef.__bindgen_anon_1.__bindgen_anon_1 };
+                let n = usize::from(bytes.insn_size).min(bytes.insn_bytes.len());
+                insn.extend_from_slice(&bytes.insn_bytes[..n]);
+            }
+        }
+        let rip = self.rip();
+        if insn.is_empty() {
+            insn = self.read_insn(rip);
+        }
+        StopReason::InternalError {
+            vcpu: self.index,
+            suberror,
+            rip,
+            insn,
+        }
+    }
+
+    /// Reads up to 15 bytes at CS:RIP through the guest's page tables.
+    fn read_insn(&self, rip: u64) -> Vec<u8> {
+        let base = self.fd.get_sregs().map(|s| s.cs.base).unwrap_or(0);
+        let linear = base.wrapping_add(rip);
+        let Ok(t) = self.fd.translate_gva(linear) else {
+            return Vec::new();
+        };
+        if t.valid == 0 {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for i in 0..15u64 {
+            match self.mem.read_obj::<u8>(GuestAddress(t.physical_address + i)) {
+                // Stop at the page end rather than guess the next page's frame.
+                Ok(b) if (linear + i) & 0xfff >= linear & 0xfff || i == 0 => out.push(b),
+                _ => break,
+            }
+        }
+        out
+    }
+}
