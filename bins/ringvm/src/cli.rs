@@ -1,0 +1,158 @@
+//! Command-line definitions and their translation into a `VmConfig`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use vmm::arch::cpuid::FeatureBit;
+use vmm::devices::SerialOutput;
+use vmm::{parse_size, KernelSource, VmConfig};
+
+use crate::BUILTIN_GUEST;
+
+/// ringvm: a KVM virtual machine monitor whose device backends run on io_uring.
+///
+/// With no arguments, ringvm boots its built-in test guest and reports what
+/// happened.
+#[derive(Parser, Debug)]
+#[command(version, propagate_version = true, after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0-99  the guest's own status, written to the debug-exit port (0xf4)
+  2     bad command line, configuration, kernel or initrd
+  100   the guest wrote a debug-exit status above 99
+  101   the guest shut down
+  102   the guest asked for a reset (i8042 or KVM reset event)
+  103   a vCPU triple-faulted
+  104   KVM internal error, e.g. an instruction KVM cannot emulate
+  105   host-side error (KVM, threads, I/O) after the VM was built
+  106   ringvm was stopped by SIGINT, SIGTERM or SIGHUP";
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a kernel in a new VM and run it until it stops.
+    Run(RunArgs),
+    /// Write the built-in guest's ELF image to a file (it also boots under
+    /// `qemu-system-x86_64 -kernel FILE`).
+    BuiltinGuest {
+        /// Where to write the ELF image.
+        #[arg(long, short, value_name = "PATH")]
+        output: PathBuf,
+    },
+}
+
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// Kernel to boot: a bzImage, an ELF vmlinux, a PVH ELF (32- or
+    /// 64-bit), or `builtin` for the built-in test guest.
+    #[arg(long, value_name = "PATH|builtin")]
+    pub kernel: String,
+
+    /// Initial ramdisk, loaded high in low memory (Linux: initrd; PVH:
+    /// module 0).
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+
+    /// Kernel command line, passed exactly as given.
+    #[arg(long, value_name = "STRING", default_value = "")]
+    pub cmdline: String,
+
+    /// Guest RAM: a byte count with an optional K, M, G or T suffix
+    /// (binary units). RAM above 3 GiB is placed above 4 GiB.
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    pub memory: String,
+
+    /// Number of vCPUs, one host thread each.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: usize,
+
+    /// Where the COM1 serial port (0x3f8) goes: `stdio` (output to
+    /// stdout, input from stdin), `file=PATH` (appended), or `off` (no
+    /// serial device).
+    #[arg(long, value_name = "stdio|file=PATH|off", default_value = "stdio")]
+    pub serial: String,
+
+    /// Hide CPUID features from the guest: names such as `avx2`,
+    /// `x2apic`, `tsc-deadline`, or raw bits as LEAF[.SUBLEAF].REG:BIT
+    /// (e.g. `0x7.0.ebx:5`). Comma-separated or repeated.
+    #[arg(long, value_name = "FEATURE", value_delimiter = ',')]
+    pub cpuid_hide: Vec<String>,
+}
+
+fn parse_serial(s: &str) -> Result<SerialOutput> {
+    Ok(match s {
+        "stdio" => SerialOutput::Stdio,
+        "off" => SerialOutput::Off,
+        _ => match s.strip_prefix("file=") {
+            Some(path) if !path.is_empty() => SerialOutput::File(path.into()),
+            _ => bail!("invalid --serial {s:?}: expected stdio, off or file=PATH"),
+        },
+    })
+}
+
+impl RunArgs {
+    /// The arguments of a bare `ringvm`: the built-in guest, defaults.
+    pub fn builtin_default() -> RunArgs {
+        RunArgs {
+            kernel: "builtin".into(),
+            memory: "512M".into(),
+            cpus: 1,
+            serial: "stdio".into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn to_config(&self) -> Result<VmConfig> {
+        let kernel = match self.kernel.as_str() {
+            "builtin" => KernelSource::Builtin(BUILTIN_GUEST),
+            "" => bail!("--kernel must name a kernel file or `builtin`"),
+            path => KernelSource::Path(path.into()),
+        };
+        let memory = parse_size(&self.memory).context("--memory")?;
+        let serial = parse_serial(&self.serial)?;
+        let cpuid_hide = self
+            .cpuid_hide
+            .iter()
+            .map(|f| f.parse::<FeatureBit>())
+            .collect::<Result<Vec<_>, _>>()
+            .context("--cpuid-hide")?;
+        Ok(VmConfig {
+            kernel,
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            memory,
+            cpus: self.cpus,
+            serial,
+            serial_input: true,
+            cpuid_hide,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_forms() {
+        assert_eq!(parse_serial("stdio").unwrap(), SerialOutput::Stdio);
+        assert_eq!(parse_serial("off").unwrap(), SerialOutput::Off);
+        assert_eq!(
+            parse_serial("file=/tmp/x").unwrap(),
+            SerialOutput::File("/tmp/x".into())
+        );
+        assert!(parse_serial("file=").is_err());
+        assert!(parse_serial("tty").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
