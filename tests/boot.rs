@@ -1,1 +1,371 @@
-// placeholder
+//! Boots guests on real KVM through the `ringvm` binary and checks what the
+//! guest printed and why ringvm says it stopped.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{kvm_available, run_ringvm, TempDir};
+use vmm::boot::elf32::build_test_image;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+#[test]
+fn builtin_guest_on_one_vcpu_prints_greeting_cmdline_and_exits_with_its_status() {
+    if !kvm_available() {
+        return;
+    }
+    let cmdline = "exit=5 marker=one-vcpu";
+    let out = run_ringvm(
+        &[
+            "run",
+            "--kernel",
+            "builtin",
+            "--cpus",
+            "1",
+            "--memory",
+            "64M",
+            "--cmdline",
+            cmdline,
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.code, Some(5), "{out:#?}");
+    assert!(
+        out.stdout.contains("hello from the built-in guest"),
+        "{out:#?}"
+    );
+    assert!(
+        out.stdout.contains(&format!("cmdline: {cmdline}\n")),
+        "{out:#?}"
+    );
+    assert!(out.stdout.contains("cpus: 1 (from mptable)"), "{out:#?}");
+    assert!(
+        out.stdout.contains("RINGVM-RESULT mode=boot cpus=1 exit=5"),
+        "{out:#?}"
+    );
+    assert!(
+        out.stop_line().contains("guest exited with status 5"),
+        "{out:#?}"
+    );
+}
+
+#[test]
+fn builtin_guest_on_two_vcpus_counts_both() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_ringvm(
+        &[
+            "run",
+            "--kernel",
+            "builtin",
+            "--cpus",
+            "2",
+            "--memory",
+            "64M",
+            "--cmdline",
+            "exit=0",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(out.stdout.contains("cpus: 2 (from mptable)"), "{out:#?}");
+    assert!(
+        out.stdout.contains("RINGVM-RESULT mode=boot cpus=2 exit=0"),
+        "{out:#?}"
+    );
+}
+
+#[test]
+fn bare_ringvm_boots_the_builtin_guest_and_says_what_it_did() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_ringvm(&[], DEADLINE);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stdout.contains("hello from the built-in guest"),
+        "{out:#?}"
+    );
+    assert!(
+        out.stderr.contains("booting the built-in guest"),
+        "{out:#?}"
+    );
+    assert!(
+        out.stop_line()
+            .contains("guest exited with status 0 (exit code 0"),
+        "{out:#?}"
+    );
+}
+
+#[test]
+fn builtin_guest_boots_with_ram_above_4g() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_ringvm(
+        &[
+            "run",
+            "--kernel",
+            "builtin",
+            "--memory",
+            "5G",
+            "--cmdline",
+            "exit=9",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.code, Some(9), "{out:#?}");
+}
+
+#[test]
+fn guest_status_above_99_maps_to_exit_code_100() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_ringvm(
+        &[
+            "run",
+            "--kernel",
+            "builtin",
+            "--memory",
+            "64M",
+            "--cmdline",
+            "exit=200",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.code, Some(100), "{out:#?}");
+    assert!(out.stop_line().contains("status 200"), "{out:#?}");
+}
+
+#[test]
+fn builtin_guest_elf_written_out_boots_from_a_file() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("builtin-out");
+    let elf = dir.path().join("guest.elf");
+    let w = run_ringvm(
+        &["builtin-guest", "--output", elf.to_str().unwrap()],
+        DEADLINE,
+    );
+    assert_eq!(w.code, Some(0), "{w:#?}");
+    let bytes = std::fs::read(&elf).unwrap();
+    assert_eq!(&bytes[..5], b"\x7fELF\x02");
+    let out = run_ringvm(
+        &[
+            "run",
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--cmdline",
+            "exit=3",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.code, Some(3), "{out:#?}");
+    assert!(
+        out.stop_line().contains("ELF, PVH boot protocol"),
+        "{out:#?}"
+    );
+}
+
+/// Boots a hand-made 32-bit PVH ELF whose code is `code`.
+fn boot_elf32(name: &str, code: &[u8], extra: &[&str]) -> common::Outcome {
+    let dir = TempDir::new(name);
+    let kernel = dir.file("kernel32.elf", &build_test_image(code, 0x10_0000));
+    let mut args = vec![
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "16M",
+    ];
+    args.extend_from_slice(extra);
+    run_ringvm(&args, DEADLINE)
+}
+
+#[test]
+fn a_32bit_pvh_elf_boots_and_exits_through_the_debug_port() {
+    if !kvm_available() {
+        return;
+    }
+    // mov al, 42; out 0xf4, al; hlt
+    let out = boot_elf32("elf32", &[0xb0, 42, 0xe6, 0xf4, 0xf4], &[]);
+    assert_eq!(out.code, Some(42), "{out:#?}");
+    assert!(out.stop_line().contains("status 42"), "{out:#?}");
+}
+
+#[test]
+fn pvh_entry_gets_start_info_in_ebx() {
+    if !kvm_available() {
+        return;
+    }
+    // cmp dword [ebx], 0x336ec578; jne bad; mov al, 7; out 0xf4, al;
+    // bad: mov al, 1; out 0xf4, al; hlt
+    let code = [
+        0x81, 0x3b, 0x78, 0xc5, 0x6e, 0x33, // cmp dword [ebx], imm32
+        0x75, 0x04, // jne +4
+        0xb0, 7, 0xe6, 0xf4, // mov al, 7; out 0xf4, al
+        0xb0, 1, 0xe6, 0xf4, 0xf4, // mov al, 1; out 0xf4, al; hlt
+    ];
+    let out = boot_elf32("pvh-ebx", &code, &[]);
+    assert_eq!(out.code, Some(7), "{out:#?}");
+}
+
+#[test]
+fn i8042_reset_stops_the_vm_with_the_reset_code() {
+    if !kvm_available() {
+        return;
+    }
+    // mov al, 0xfe; out 0x64, al; hlt
+    let out = boot_elf32("reset", &[0xb0, 0xfe, 0xe6, 0x64, 0xf4], &[]);
+    assert_eq!(out.code, Some(102), "{out:#?}");
+    assert!(out.stop_line().contains("reset"), "{out:#?}");
+}
+
+#[test]
+fn triple_fault_is_reported_with_its_own_code() {
+    if !kvm_available() {
+        return;
+    }
+    // ud2 with an empty IDT: #UD, #DF, then shutdown.
+    let out = boot_elf32("triple", &[0x0f, 0x0b], &[]);
+    assert_eq!(out.code, Some(103), "{out:#?}");
+    assert!(
+        out.stop_line().contains("triple fault on vCPU 0"),
+        "{out:#?}"
+    );
+}
+
+#[test]
+fn an_instruction_kvm_cannot_emulate_is_reported_with_rip_and_bytes() {
+    if !kvm_available() {
+        return;
+    }
+    // rdrand eax; mov al, 51; out 0xf4, al. PVM's emulator lacks RDRAND;
+    // hardware KVM runs it and the guest exits with 51.
+    let out = boot_elf32("emufail", &[0x0f, 0xc7, 0xf0, 0xb0, 51, 0xe6, 0xf4], &[]);
+    match out.code {
+        Some(104) => {
+            let line = out.stop_line();
+            assert!(
+                line.contains("emulation failure on vCPU 0 at rip=0x100000"),
+                "{line}"
+            );
+            assert!(line.contains("insn=[0f c7 f0"), "{line}");
+        }
+        Some(51) => eprintln!("hardware KVM ran RDRAND; nothing to report"),
+        _ => panic!("{out:#?}"),
+    }
+}
+
+#[test]
+fn sigterm_stops_a_spinning_smp_guest_and_every_vcpu_thread() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("spin");
+    // jmp $ (the BSP spins; the AP waits for SIPI inside KVM_RUN)
+    let kernel = dir.file("spin.elf", &build_test_image(&[0xeb, 0xfe], 0x10_0000));
+    let child = std::process::Command::new(common::ringvm_bin())
+        .args([
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cpus",
+            "2",
+            "--memory",
+            "16M",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: sending SIGTERM to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let start = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(start.elapsed() < DEADLINE);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(106), "{stderr}");
+    assert!(stderr.contains("stopped by signal 15"), "{stderr}");
+}
+
+#[test]
+fn serial_output_goes_to_a_file_or_nowhere() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("serial");
+    let log = dir.path().join("console.log");
+    let file_arg = format!("file={}", log.display());
+    let out = run_ringvm(
+        &[
+            "run",
+            "--kernel",
+            "builtin",
+            "--memory",
+            "64M",
+            "--serial",
+            &file_arg,
+            "--cmdline",
+            "exit=4",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.code, Some(4), "{out:#?}");
+    assert!(!out.stdout.contains("hello"), "{out:#?}");
+    let console = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        console.contains("hello from the built-in guest"),
+        "{console}"
+    );
+    assert!(console.contains("cmdline: exit=4"), "{console}");
+
+    let out = run_ringvm(
+        &[
+            "run",
+            "--kernel",
+            "builtin",
+            "--memory",
+            "64M",
+            "--serial",
+            "off",
+            "--cmdline",
+            "exit=6",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.code, Some(6), "{out:#?}");
+    assert!(out.stdout.is_empty(), "{out:#?}");
+}
+
+#[test]
+fn hidden_cpuid_features_still_boot() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_ringvm(
+        &[
+            "run",
+            "--kernel",
+            "builtin",
+            "--memory",
+            "64M",
+            "--cpuid-hide",
+            "avx2,x2apic",
+            "--cpuid-hide",
+            "0x1.ecx:30",
+            "--cmdline",
+            "exit=0",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.code, Some(0), "{out:#?}");
+}

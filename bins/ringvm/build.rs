@@ -7,16 +7,31 @@ use std::process::Command;
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
-    let guest = manifest.join("../../tests/guest").canonicalize().expect("tests/guest exists");
+    let guest = manifest
+        .join("../../tests/guest")
+        .canonicalize()
+        .expect("tests/guest exists");
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     let target_dir = out.join("guest-target");
-    for p in ["src", "Cargo.toml", "build.rs", "link.ld", ".cargo/config.toml"] {
+    for p in [
+        "src",
+        "Cargo.toml",
+        "build.rs",
+        "link.ld",
+        ".cargo/config.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", guest.join(p).display());
     }
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&guest)
-        .args(["build", "--release", "--target", "x86_64-unknown-none", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "x86_64-unknown-none",
+            "--target-dir",
+        ])
         .arg(&target_dir);
     // The outer build's flags and wrappers (clippy, coverage, sanitizers)
     // are for the host binary, not the bare-metal guest.

@@ -59,12 +59,22 @@ pub struct RunArgs {
     pub initrd: Option<PathBuf>,
 
     /// Kernel command line, passed exactly as given.
-    #[arg(long, value_name = "STRING", default_value = "")]
+    #[arg(
+        long,
+        value_name = "STRING",
+        default_value = "",
+        allow_hyphen_values = true
+    )]
     pub cmdline: String,
 
     /// Guest RAM: a byte count with an optional K, M, G or T suffix
     /// (binary units). RAM above 3 GiB is placed above 4 GiB.
-    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "512M",
+        allow_hyphen_values = true
+    )]
     pub memory: String,
 
     /// Number of vCPUs, one host thread each.

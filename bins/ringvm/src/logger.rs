@@ -12,7 +12,11 @@ impl Log for StderrLogger {
 
     fn log(&self, record: &Record<'_>) {
         if self.enabled(record.metadata()) {
-            eprintln!("ringvm: {}: {}", record.level().as_str().to_lowercase(), record.args());
+            eprintln!(
+                "ringvm: {}: {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            );
         }
     }
 

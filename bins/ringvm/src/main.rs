@@ -81,10 +81,26 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            // --help and --version print to stdout and succeed; usage errors
-            // exit with 2.
-            let _ = e.print();
-            return exit(if e.use_stderr() { exit_code::BAD_INPUT } else { 0 });
+            // --help and --version print to stdout and succeed; a usage
+            // error is one line on stderr and exit code 2.
+            if !e.use_stderr() {
+                let _ = e.print();
+                return exit(0);
+            }
+            // clap spreads one error over several lines before the usage.
+            let rendered = e.render().to_string();
+            let msg: Vec<&str> = rendered
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect();
+            let msg = msg.join(" ");
+            eprintln!(
+                "ringvm: error: {} (see ringvm --help)",
+                msg.trim_start_matches("error: ")
+            );
+            return exit(exit_code::BAD_INPUT);
         }
     };
     match cli.command {

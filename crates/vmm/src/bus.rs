@@ -152,7 +152,10 @@ mod tests {
         bus.insert(0x100, 0x10, dev.clone()).unwrap();
         assert!(matches!(
             bus.insert(0x10f, 1, dev.clone()),
-            Err(BusError::Overlap { existing: 0x100, .. })
+            Err(BusError::Overlap {
+                existing: 0x100,
+                ..
+            })
         ));
         assert!(matches!(
             bus.insert(0xf8, 0x10, dev.clone()),

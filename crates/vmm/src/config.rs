@@ -32,7 +32,9 @@ pub struct VmConfig {
 /// Errors from parsing a size.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SizeError {
-    #[error("invalid size {0:?}: expected a number with an optional K, M, G or T suffix, e.g. 512M")]
+    #[error(
+        "invalid size {0:?}: expected a number with an optional K, M, G or T suffix, e.g. 512M"
+    )]
     Invalid(String),
     #[error("size {0:?} is too large")]
     Overflow(String),
@@ -87,10 +89,19 @@ mod tests {
     #[test]
     fn rejects_malformed_sizes() {
         for bad in ["", "M", "12X", "-1G", "1.5G", "0x10M", "G4", "1 G B"] {
-            assert!(matches!(parse_size(bad), Err(SizeError::Invalid(_))), "{bad}");
+            assert!(
+                matches!(parse_size(bad), Err(SizeError::Invalid(_))),
+                "{bad}"
+            );
         }
-        assert!(matches!(parse_size("99999999999999999999"), Err(SizeError::Overflow(_))));
-        assert!(matches!(parse_size("17179869184G"), Err(SizeError::Overflow(_))));
+        assert!(matches!(
+            parse_size("99999999999999999999"),
+            Err(SizeError::Overflow(_))
+        ));
+        assert!(matches!(
+            parse_size("17179869184G"),
+            Err(SizeError::Overflow(_))
+        ));
     }
 
     #[test]

@@ -138,7 +138,10 @@ mod tests {
     fn large_guest_is_split_around_the_hole() {
         let r = ram_regions(4 << 30);
         assert_eq!(r[0], (GuestAddress(0), MMIO_HOLE_START));
-        assert_eq!(r[1], (GuestAddress(HIGH_RAM_START), (4 << 30) - MMIO_HOLE_START));
+        assert_eq!(
+            r[1],
+            (GuestAddress(HIGH_RAM_START), (4 << 30) - MMIO_HOLE_START)
+        );
     }
 
     #[test]
@@ -155,7 +158,8 @@ mod tests {
         assert!(map
             .iter()
             .any(|e| e.kind == E820Kind::Reserved && e.addr == EBDA_START.0));
-        assert!(map.iter().all(|e| e.addr + e.size <= MMIO_HOLE_START
-            || e.addr >= HIGH_RAM_START));
+        assert!(map
+            .iter()
+            .all(|e| e.addr + e.size <= MMIO_HOLE_START || e.addr >= HIGH_RAM_START));
     }
 }

@@ -32,7 +32,10 @@ use crate::vm::{create_guest_memory, Vm, VmError};
 pub enum MachineError {
     #[error("--cpus must be between 1 and {max}, not {cpus}")]
     BadCpuCount { cpus: usize, max: usize },
-    #[error("--memory {size} is too small: at least {} is needed", format_size(MIN_MEMORY))]
+    #[error(
+        "--memory {size} is too small: at least {} is needed",
+        format_size(MIN_MEMORY)
+    )]
     MemoryTooSmall { size: String },
     #[error("--memory {size} is more than this host has ({host})")]
     MemoryTooLarge { size: String, host: String },
@@ -117,7 +120,7 @@ fn host_memory() -> u64 {
     if unsafe { libc::sysinfo(&mut info) } != 0 {
         return u64::MAX;
     }
-    u64::from(info.totalram).saturating_mul(u64::from(info.mem_unit))
+    info.totalram.saturating_mul(u64::from(info.mem_unit))
 }
 
 fn open_input(what: &'static str, path: &Path) -> Result<(File, u64), MachineError> {
@@ -164,23 +167,28 @@ pub fn validate(config: &VmConfig) -> Result<(), MachineError> {
 }
 
 /// Loads kernel and initrd and writes every boot structure into `mem`.
-fn load_guest(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<(regs::EntryMode, &'static str), MachineError> {
+fn load_guest(
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+) -> Result<(regs::EntryMode, &'static str), MachineError> {
     let (loaded, name): (LoadedKernel, String) = match &config.kernel {
         KernelSource::Path(path) => {
             let (mut file, _) = open_input("kernel", path)?;
-            let loaded = boot::load_kernel(mem, &mut file).map_err(|source| MachineError::Kernel {
-                path: path.display().to_string(),
-                source,
-            })?;
+            let loaded =
+                boot::load_kernel(mem, &mut file).map_err(|source| MachineError::Kernel {
+                    path: path.display().to_string(),
+                    source,
+                })?;
             (loaded, path.display().to_string())
         }
         KernelSource::Builtin(image) => {
-            let loaded = boot::load_kernel(mem, &mut SliceReader::new(image)).map_err(|source| {
-                MachineError::Kernel {
-                    path: "builtin".into(),
-                    source,
-                }
-            })?;
+            let loaded =
+                boot::load_kernel(mem, &mut SliceReader::new(image)).map_err(|source| {
+                    MachineError::Kernel {
+                        path: "builtin".into(),
+                        source,
+                    }
+                })?;
             (loaded, "builtin".into())
         }
     };
@@ -188,7 +196,9 @@ fn load_guest(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<(regs::EntryMo
         Some(path) => Some(open_input("initrd", path)?),
         None => None,
     };
-    let initrd = initrd_file.as_mut().map(|(file, size)| Initrd { file, size: *size });
+    let initrd = initrd_file
+        .as_mut()
+        .map(|(file, size)| Initrd { file, size: *size });
     let entry = boot::setup_boot(mem, config.memory, &loaded, &config.cmdline, initrd)
         .map_err(|source| MachineError::Boot { path: name, source })?;
     mptable::setup_mptable(mem, config.cpus).map_err(MachineError::Mptable)?;
@@ -224,7 +234,8 @@ fn add_legacy_devices(
     let serial = match sink {
         Some(sink) => {
             let irq = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
-            vm.register_irqfd(&irq, COM1_GSI).map_err(MachineError::Vm)?;
+            vm.register_irqfd(&irq, COM1_GSI)
+                .map_err(MachineError::Vm)?;
             let dev = Arc::new(Mutex::new(SerialConsole::new(irq, sink)));
             registry
                 .add(
@@ -283,7 +294,12 @@ fn create_vcpus(
     let mut vcpus = Vec::with_capacity(config.cpus);
     for index in 0..config.cpus {
         let fd = vm.create_vcpu(index).map_err(MachineError::Vm)?;
-        let cpuid = cpuid::vcpu_cpuid(vm.supported_cpuid(), index as u8, config.cpus as u8, &config.cpuid_hide);
+        let cpuid = cpuid::vcpu_cpuid(
+            vm.supported_cpuid(),
+            index as u8,
+            config.cpus as u8,
+            &config.cpuid_hide,
+        );
         fd.set_cpuid2(&cpuid)
             .map_err(|source| MachineError::Cpuid { index, source })?;
         let regs_err = |source| MachineError::VcpuRegs { index, source };
@@ -320,7 +336,10 @@ pub fn run(config: &VmConfig) -> Result<RunReport, MachineError> {
     let serial = add_legacy_devices(&vm, &mut registry, &stop, sink)?;
     let vcpus = create_vcpus(&vm, config, &mem, entry, (&pio, &mmio), &stop)?;
 
-    let stdin_to = match (&serial, config.serial_input && config.serial == SerialOutput::Stdio) {
+    let stdin_to = match (
+        &serial,
+        config.serial_input && config.serial == SerialOutput::Stdio,
+    ) {
         (Some(s), true) => Some(s.clone()),
         _ => None,
     };

@@ -48,7 +48,11 @@ impl fmt::Display for Resource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Resource::Pio { base, len } => {
-                write!(f, "I/O ports {base:#x}-{:#x}", u32::from(*base) + u32::from(*len) - 1)
+                write!(
+                    f,
+                    "I/O ports {base:#x}-{:#x}",
+                    u32::from(*base) + u32::from(*len) - 1
+                )
             }
             Resource::Mmio { base, len } => {
                 write!(f, "MMIO {base:#x}-{:#x}", base.saturating_add(len - 1))
@@ -283,14 +287,30 @@ mod tests {
         r.add(
             "serial0",
             dev(),
-            vec![Resource::Pio { base: 0x3f8, len: 8 }, Resource::Gsi(4)],
+            vec![
+                Resource::Pio {
+                    base: 0x3f8,
+                    len: 8,
+                },
+                Resource::Gsi(4),
+            ],
         )
         .unwrap();
         let err = r
-            .add("uart-b", dev(), vec![Resource::Pio { base: 0x3fc, len: 8 }])
+            .add(
+                "uart-b",
+                dev(),
+                vec![Resource::Pio {
+                    base: 0x3fc,
+                    len: 8,
+                }],
+            )
             .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("\"uart-b\"") && msg.contains("\"serial0\""), "{msg}");
+        assert!(
+            msg.contains("\"uart-b\"") && msg.contains("\"serial0\""),
+            "{msg}"
+        );
         assert!(msg.contains("0x3fc") && msg.contains("0x3f8"), "{msg}");
         // GSIs, PCI slots and MMIO conflict too.
         assert!(r.add("x", dev(), vec![Resource::Gsi(4)]).is_err());
@@ -299,10 +319,24 @@ mod tests {
         assert!(r
             .add("q", dev(), vec![Resource::PciSlot { bus: 0, slot: 3 }])
             .is_err());
-        r.add("m", dev(), vec![Resource::Mmio { base: 0xd000_0000, len: 0x1000 }])
-            .unwrap();
+        r.add(
+            "m",
+            dev(),
+            vec![Resource::Mmio {
+                base: 0xd000_0000,
+                len: 0x1000,
+            }],
+        )
+        .unwrap();
         assert!(r
-            .add("n", dev(), vec![Resource::Mmio { base: 0xd000_0fff, len: 1 }])
+            .add(
+                "n",
+                dev(),
+                vec![Resource::Mmio {
+                    base: 0xd000_0fff,
+                    len: 1
+                }]
+            )
             .is_err());
         // A refused device leaves nothing behind.
         assert!(r.resources("uart-b").is_none());
@@ -328,7 +362,10 @@ mod tests {
         let claims = vec![
             Resource::Pio { base: 0x60, len: 1 },
             Resource::Pio { base: 0x64, len: 1 },
-            Resource::Mmio { base: 0xd000_0000, len: 0x1000 },
+            Resource::Mmio {
+                base: 0xd000_0000,
+                len: 0x1000,
+            },
             Resource::Gsi(1),
             Resource::PciSlot { bus: 0, slot: 1 },
         ];
@@ -356,15 +393,18 @@ mod tests {
             Err(RegistryError::DuplicateName { .. })
         ));
         assert!(matches!(
-            r.add(
-                "b",
-                dev(),
-                vec![Resource::Gsi(3), Resource::Gsi(3)]
-            ),
+            r.add("b", dev(), vec![Resource::Gsi(3), Resource::Gsi(3)]),
             Err(RegistryError::SelfConflict { .. })
         ));
         assert!(matches!(
-            r.add("c", dev(), vec![Resource::Pio { base: 0xffff, len: 2 }]),
+            r.add(
+                "c",
+                dev(),
+                vec![Resource::Pio {
+                    base: 0xffff,
+                    len: 2
+                }]
+            ),
             Err(RegistryError::InvalidClaim { .. })
         ));
         assert!(matches!(

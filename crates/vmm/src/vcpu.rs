@@ -49,7 +49,8 @@ fn install_kick_handler() -> Result<(), VcpuError> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
     ONCE.call_once(|| {
-        result = register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::SignalHandler);
+        result =
+            register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::SignalHandler);
     });
     result
 }
@@ -112,6 +113,7 @@ impl Vcpu {
             }
         }
         KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+        log::debug!("vCPU {} stopped at rip={:#x}", self.index, self.rip());
     }
 
     /// Runs the vCPU until one exit is handled; returns a reason to stop.
@@ -130,11 +132,14 @@ impl Vcpu {
         };
         match exit {
             VcpuExit::IoOut(port, data) => {
-                self.pio.write(u64::from(port), data);
+                if !self.pio.write(u64::from(port), data) {
+                    log::trace!("unhandled PIO write {port:#x} {data:02x?}");
+                }
                 None
             }
             VcpuExit::IoIn(port, data) => {
                 if !self.pio.read(u64::from(port), data) {
+                    log::trace!("unhandled PIO read {port:#x}");
                     data.fill(0xff);
                 }
                 None
@@ -221,7 +226,10 @@ impl Vcpu {
         }
         let mut out = Vec::new();
         for i in 0..15u64 {
-            match self.mem.read_obj::<u8>(GuestAddress(t.physical_address + i)) {
+            match self
+                .mem
+                .read_obj::<u8>(GuestAddress(t.physical_address + i))
+            {
                 // Stop at the page end rather than guess the next page's frame.
                 Ok(b) if (linear + i) & 0xfff >= linear & 0xfff || i == 0 => out.push(b),
                 _ => break,

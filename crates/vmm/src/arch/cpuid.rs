@@ -151,8 +151,7 @@ const KVM_CPUID_FLAG_SIGNIFCANT_INDEX: u32 = 1;
 
 /// Whether an entry answers `leaf`/`subleaf`.
 fn matches(e: &kvm_cpuid_entry2, leaf: u32, subleaf: u32) -> bool {
-    e.function == leaf
-        && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == subleaf)
+    e.function == leaf && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == subleaf)
 }
 
 /// Bits needed to number `n` items.
@@ -166,7 +165,12 @@ fn bits_for(n: u32) -> u32 {
 
 /// Fixes up the entries for vCPU `apic_id` of `cpus`, one core per vCPU in
 /// a single package, then clears `hidden` bits.
-pub fn fixup_entries(entries: &mut [kvm_cpuid_entry2], apic_id: u8, cpus: u8, hidden: &[FeatureBit]) {
+pub fn fixup_entries(
+    entries: &mut [kvm_cpuid_entry2],
+    apic_id: u8,
+    cpus: u8,
+    hidden: &[FeatureBit],
+) {
     let cpus32 = u32::from(cpus.max(1));
     for e in entries.iter_mut() {
         match e.function {
@@ -253,7 +257,12 @@ mod tests {
     fn parses_names_and_raw_bits() {
         assert_eq!(
             "AVX2".parse::<FeatureBit>().unwrap(),
-            FeatureBit { leaf: 7, subleaf: 0, reg: Reg::Ebx, bit: 5 }
+            FeatureBit {
+                leaf: 7,
+                subleaf: 0,
+                reg: Reg::Ebx,
+                bit: 5
+            }
         );
         assert_eq!(
             "0x7.0.ebx:5".parse::<FeatureBit>().unwrap(),
@@ -263,14 +272,27 @@ mod tests {
             "1.ecx:21".parse::<FeatureBit>().unwrap(),
             "x2apic".parse::<FeatureBit>().unwrap()
         );
-        for bad in ["", "avx9", "1.ecx:32", "1.exx:3", "1.0.ecx", "zz.ecx:1", "1.0.ecx:1.2"] {
+        for bad in [
+            "",
+            "avx9",
+            "1.ecx:32",
+            "1.exx:3",
+            "1.0.ecx",
+            "zz.ecx:1",
+            "1.0.ecx:1.2",
+        ] {
             assert!(bad.parse::<FeatureBit>().is_err(), "{bad}");
         }
     }
 
     #[test]
     fn sets_apic_id_topology_and_hypervisor_bit() {
-        let mut e = vec![entry(1, 0, 0), entry(0xb, 0, 1), entry(0xb, 1, 1), entry(0xb, 2, 1)];
+        let mut e = vec![
+            entry(1, 0, 0),
+            entry(0xb, 0, 1),
+            entry(0xb, 1, 1),
+            entry(0xb, 2, 1),
+        ];
         fixup_entries(&mut e, 2, 3, &[]);
         assert_eq!(e[0].ebx >> 24, 2);
         assert_eq!((e[0].ebx >> 16) & 0xff, 3);

@@ -1,7 +1,9 @@
 //! Initial vCPU state for the boot entries: segments, control registers,
 //! MSRs, FPU and local APIC LINT pins.
 
-use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
+use kvm_bindings::{
+    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
+};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
@@ -101,7 +103,10 @@ const EFER_LMA: u64 = 1 << 10;
 fn write_gdt(mem: &GuestMemoryMmap, gdt: &[u64]) -> Result<(), RegsError> {
     for (i, e) in gdt.iter().enumerate() {
         mem.write_obj(*e, BOOT_GDT_START.unchecked_add(i as u64 * 8))
-            .map_err(|source| RegsError::GuestMemory { what: "GDT", source })?;
+            .map_err(|source| RegsError::GuestMemory {
+                what: "GDT",
+                source,
+            })?;
     }
     Ok(())
 }
@@ -112,8 +117,10 @@ fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
         what: "page tables",
         source,
     };
-    mem.write_obj(PDPTE_START.0 | 0x03, PML4_START).map_err(err)?;
-    mem.write_obj(PDE_START.0 | 0x03, PDPTE_START).map_err(err)?;
+    mem.write_obj(PDPTE_START.0 | 0x03, PML4_START)
+        .map_err(err)?;
+    mem.write_obj(PDE_START.0 | 0x03, PDPTE_START)
+        .map_err(err)?;
     let mut pd = [0u64; 512];
     for (i, e) in pd.iter_mut().enumerate() {
         *e = ((i as u64) << 21) | 0x83;
@@ -270,12 +277,18 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_flat_segments() {
         let cs = segment(&GDT_LINUX64, 2);
-        assert_eq!((cs.base, cs.limit, cs.l, cs.db, cs.g, cs.type_), (0, 0xffff_ffff, 1, 0, 1, 0xb));
+        assert_eq!(
+            (cs.base, cs.limit, cs.l, cs.db, cs.g, cs.type_),
+            (0, 0xffff_ffff, 1, 0, 1, 0xb)
+        );
         assert_eq!(cs.selector, 0x10);
         let cs32 = segment(&GDT_PVH, 1);
         assert_eq!((cs32.l, cs32.db, cs32.limit), (0, 1, 0xffff_ffff));
         let tss = segment(&GDT_PVH, 3);
-        assert_eq!((tss.type_, tss.limit, tss.s, tss.present), (0xb, 0x67, 0, 1));
+        assert_eq!(
+            (tss.type_, tss.limit, tss.s, tss.present),
+            (0xb, 0x67, 0, 1)
+        );
         assert_eq!(GDT_LINUX64[2], 0x00af_9b00_0000_ffff);
         assert_eq!(GDT_PVH[1], 0x00cf_9b00_0000_ffff);
     }

@@ -21,10 +21,16 @@ pub enum Elf32Error {
     #[error("program header table is malformed ({0})")]
     BadProgramHeaders(&'static str),
     #[error("segment {index} ({paddr:#x}+{memsz:#x}) is outside guest RAM or below 1 MiB")]
-    SegmentOutsideRam { index: usize, paddr: u64, memsz: u64 },
+    SegmentOutsideRam {
+        index: usize,
+        paddr: u64,
+        memsz: u64,
+    },
     #[error("segment {index} lies outside the file")]
     SegmentOutsideFile { index: usize },
-    #[error("the 32-bit ELF has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY), so it cannot be booted")]
+    #[error(
+        "the 32-bit ELF has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY), so it cannot be booted"
+    )]
     NoPvhNote,
     #[error("the PVH entry note is malformed")]
     BadPvhNote,
@@ -68,7 +74,11 @@ struct Phdr {
 
 /// Finds the PVH entry in a note segment's bytes.
 fn pvh_entry_in_notes(notes: &[u8]) -> Result<Option<u64>, Elf32Error> {
-    let align4 = |n: usize| n.checked_add(3).map(|v| v & !3).ok_or(Elf32Error::BadPvhNote);
+    let align4 = |n: usize| {
+        n.checked_add(3)
+            .map(|v| v & !3)
+            .ok_or(Elf32Error::BadPvhNote)
+    };
     let mut off = 0usize;
     while off + 12 <= notes.len() {
         let namesz = u32_at(notes, off) as usize;
@@ -81,7 +91,10 @@ fn pvh_entry_in_notes(notes: &[u8]) -> Result<Option<u64>, Elf32Error> {
         let next = desc_start
             .checked_add(align4(descsz)?)
             .ok_or(Elf32Error::BadPvhNote)?;
-        if desc_start.checked_add(descsz).is_none_or(|end| end > notes.len()) {
+        if desc_start
+            .checked_add(descsz)
+            .is_none_or(|end| end > notes.len())
+        {
             return Err(Elf32Error::BadPvhNote);
         }
         let name = &notes[name_start..name_start + namesz];
@@ -104,10 +117,14 @@ pub fn is_elf32(header: &[u8]) -> bool {
 }
 
 /// Loads a 32-bit PVH ELF into `mem`.
-pub fn load<F: Read + Seek + vm_memory::ReadVolatile>(mem: &GuestMemoryMmap, file: &mut F) -> Result<Elf32Image, Elf32Error> {
+pub fn load<F: Read + Seek + vm_memory::ReadVolatile>(
+    mem: &GuestMemoryMmap,
+    file: &mut F,
+) -> Result<Elf32Image, Elf32Error> {
     let mut ehdr = [0u8; 52];
     file.seek(SeekFrom::Start(0)).map_err(Elf32Error::Io)?;
-    file.read_exact(&mut ehdr).map_err(|_| Elf32Error::NotElf32)?;
+    file.read_exact(&mut ehdr)
+        .map_err(|_| Elf32Error::NotElf32)?;
     if !is_elf32(&ehdr) || ehdr[5] != 1 || u16_at(&ehdr, 18) != EM_386 {
         return Err(Elf32Error::NotElf32);
     }
@@ -139,7 +156,11 @@ pub fn load<F: Read + Seek + vm_memory::ReadVolatile>(mem: &GuestMemoryMmap, fil
     let mut entry = None;
     let mut kernel_end = 0u64;
     for (index, ph) in phdrs.iter().enumerate() {
-        if ph.offset.checked_add(ph.filesz).is_none_or(|e| e > file_len) {
+        if ph
+            .offset
+            .checked_add(ph.filesz)
+            .is_none_or(|e| e > file_len)
+        {
             return Err(Elf32Error::SegmentOutsideFile { index });
         }
         match ph.kind {
@@ -156,7 +177,8 @@ pub fn load<F: Read + Seek + vm_memory::ReadVolatile>(mem: &GuestMemoryMmap, fil
                 if ph.memsz > 0 && !mem.check_range(GuestAddress(ph.paddr), ph.memsz as usize) {
                     return Err(outside);
                 }
-                file.seek(SeekFrom::Start(ph.offset)).map_err(Elf32Error::Io)?;
+                file.seek(SeekFrom::Start(ph.offset))
+                    .map_err(Elf32Error::Io)?;
                 mem.read_exact_volatile_from(GuestAddress(ph.paddr), file, ph.filesz as usize)
                     .map_err(|source| Elf32Error::GuestMemory { index, source })?;
                 let zeros = vec![0u8; (ph.memsz - ph.filesz) as usize];
@@ -169,7 +191,8 @@ pub fn load<F: Read + Seek + vm_memory::ReadVolatile>(mem: &GuestMemoryMmap, fil
                     return Err(Elf32Error::BadPvhNote);
                 }
                 let mut notes = vec![0u8; ph.filesz as usize];
-                file.seek(SeekFrom::Start(ph.offset)).map_err(Elf32Error::Io)?;
+                file.seek(SeekFrom::Start(ph.offset))
+                    .map_err(Elf32Error::Io)?;
                 file.read_exact(&mut notes).map_err(Elf32Error::Io)?;
                 entry = pvh_entry_in_notes(&notes)?;
             }

@@ -73,7 +73,9 @@ pub enum LoadedKernel {
 impl LoadedKernel {
     pub fn protocol(&self) -> &'static str {
         match self {
-            LoadedKernel::Linux { header: Some(_), .. } => "bzImage, 64-bit Linux boot protocol",
+            LoadedKernel::Linux {
+                header: Some(_), ..
+            } => "bzImage, 64-bit Linux boot protocol",
             LoadedKernel::Linux { .. } => "ELF vmlinux, 64-bit Linux boot protocol",
             LoadedKernel::Pvh { .. } => "ELF, PVH boot protocol",
         }
@@ -196,7 +198,11 @@ pub fn setup_boot(
 
 /// Where an initrd of `size` bytes goes: page-aligned, as high as `limit`
 /// allows, above `kernel_end`.
-pub(crate) fn place_initrd(size: u64, limit: u64, kernel_end: u64) -> Result<GuestAddress, BootError> {
+pub(crate) fn place_initrd(
+    size: u64,
+    limit: u64,
+    kernel_end: u64,
+) -> Result<GuestAddress, BootError> {
     let err = BootError::InitrdTooLarge {
         size,
         limit,

@@ -1,7 +1,9 @@
 //! Boot parameters: the Linux zero page and the PVH `hvm_start_info`.
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{place_initrd, BootError, Initrd};
@@ -135,8 +137,10 @@ pub fn write_pvh_params(
             type_: e.kind as u32,
             reserved: 0,
         };
-        let at = PVH_MEMMAP_START.unchecked_add((i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64);
-        mem.write_obj(entry, at).map_err(mem_err("PVH memory map"))?;
+        let at = PVH_MEMMAP_START
+            .unchecked_add((i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64);
+        mem.write_obj(entry, at)
+            .map_err(mem_err("PVH memory map"))?;
     }
     if let Some(initrd) = initrd {
         let (addr, size) = load_initrd(mem, initrd, low_ram_end(mem_size), kernel_end)?;
@@ -171,7 +175,8 @@ mod tests {
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.memmap_entries, 3);
         let mut cmd = [0u8; 13];
-        m.read_slice(&mut cmd, GuestAddress(info.cmdline_paddr)).unwrap();
+        m.read_slice(&mut cmd, GuestAddress(info.cmdline_paddr))
+            .unwrap();
         assert_eq!(&cmd, b"exit=3 hello\0");
         let last: hvm_memmap_table_entry = m
             .read_obj(GuestAddress(info.memmap_paddr + 2 * 24))
@@ -200,6 +205,9 @@ mod tests {
             ..Default::default()
         };
         let r = write_linux_params(&m, 32 << 20, Some(hdr), 0, &"x".repeat(17), None);
-        assert!(matches!(r, Err(BootError::CmdlineTooLong { len: 17, max: 16 })));
+        assert!(matches!(
+            r,
+            Err(BootError::CmdlineTooLong { len: 17, max: 16 })
+        ));
     }
 }

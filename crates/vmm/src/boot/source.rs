@@ -3,8 +3,8 @@
 
 use std::io::{self, Read, Seek, SeekFrom};
 
-use vm_memory::{VolatileMemoryError, VolatileSlice};
 use vm_memory::ReadVolatile;
+use vm_memory::{VolatileMemoryError, VolatileSlice};
 
 /// `Read + Seek + ReadVolatile` over a byte slice.
 pub struct SliceReader<'a> {
@@ -49,7 +49,8 @@ impl Seek for SliceReader<'_> {
             SeekFrom::End(d) => (self.data.len() as u64).checked_add_signed(d),
             SeekFrom::Current(d) => (self.pos as u64).checked_add_signed(d),
         };
-        let new = new.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before start"))?;
+        let new =
+            new.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before start"))?;
         self.pos = usize::try_from(new).unwrap_or(usize::MAX);
         Ok(new)
     }

@@ -61,6 +61,9 @@ mod tests {
         let stop = Arc::new(VmStop::new().unwrap());
         let mut dev = DebugExit::new(stop.clone());
         dev.write(0xf4, 0, &0x1234u32.to_le_bytes());
-        assert_eq!(stop.reason(), Some(StopReason::DebugExit { status: 0x1234 }));
+        assert_eq!(
+            stop.reason(),
+            Some(StopReason::DebugExit { status: 0x1234 })
+        );
     }
 }

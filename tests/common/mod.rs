@@ -1,0 +1,127 @@
+//! Helpers shared by the integration tests: running the `ringvm` binary with
+//! a deadline, and the KVM requirement.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `ringvm` binary built for this test run.
+pub fn ringvm_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ringvm"))
+}
+
+/// Whether KVM tests can run. Without /dev/kvm they fail under `CI=true`
+/// and are skipped (with a note) elsewhere.
+pub fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "/dev/kvm is not usable and CI=true: KVM tests must run"
+        );
+        eprintln!("skipping: /dev/kvm is not usable");
+    }
+    ok
+}
+
+/// What a finished `ringvm` run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// The one-line stop reason ringvm prints last on stderr.
+    pub fn stop_line(&self) -> &str {
+        self.stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("ringvm: "))
+            .unwrap_or("")
+    }
+}
+
+/// Runs `ringvm` with `args`, killing it (and failing) after `deadline`.
+pub fn run_ringvm(args: &[&str], deadline: Duration) -> Outcome {
+    run_command(Command::new(ringvm_bin()).args(args), deadline)
+}
+
+pub fn run_command(cmd: &mut Command, deadline: Duration) -> Outcome {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning ringvm");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for ringvm") {
+            break status;
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = String::from_utf8_lossy(&t_out.join().unwrap()).into_owned();
+            let stderr = String::from_utf8_lossy(&t_err.join().unwrap()).into_owned();
+            panic!("ringvm still running after {deadline:?}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Outcome {
+        code: status.code(),
+        stdout: String::from_utf8_lossy(&t_out.join().unwrap()).into_owned(),
+        stderr: String::from_utf8_lossy(&t_err.join().unwrap()).into_owned(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// A scratch directory for one test, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let dir = base.join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn file(&self, name: &str, contents: &[u8]) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, contents).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
