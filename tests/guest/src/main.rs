@@ -1,0 +1,124 @@
+//! ringvm built-in test guest.
+//!
+//! A tiny PVH guest for x86_64 that reports what the VMM gave it (command
+//! line, vCPU count) on COM1 and exits with a status through the debug-exit
+//! port. It is built to execute as few instructions as possible: the boot
+//! path is static data plus a short 32-bit stub (see [`boot`]).
+//!
+//! Output (one line each):
+//!
+//! ```text
+//! ringvm-guest 0.1.0: hello from the built-in guest
+//! cmdline: <command line>
+//! cpus: N (from mptable|from acpi)      or   cpus: 0 (no mptable or acpi)
+//! RINGVM-RESULT mode=boot cpus=N exit=S
+//! ```
+//!
+//! Options: `exit=N` (0..=255, default 0) is the exit status.
+
+#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(test), no_main)]
+// Host unit tests only exercise the pure parsers.
+#![cfg_attr(test, allow(dead_code, unused_imports))]
+
+#[cfg(not(test))]
+mod boot;
+mod cmdline;
+mod exit;
+mod phys;
+mod platform;
+mod port;
+mod pvh;
+mod serial;
+
+use cmdline::Cmdline;
+use platform::Source;
+use serial::Serial;
+
+/// Greeting line, first thing printed.
+const GREETING: &str = concat!(
+    "ringvm-guest ",
+    env!("CARGO_PKG_VERSION"),
+    ": hello from the built-in guest\n"
+);
+
+/// Exit status for a bad command line.
+const STATUS_USAGE: u8 = 1;
+/// Exit status after a panic.
+const STATUS_PANIC: u8 = 3;
+
+/// Rust entry point, called by the boot stub with the guest-physical address
+/// of `hvm_start_info` (from EBX), on the boot stack, in 64-bit mode.
+#[cfg(not(test))]
+#[no_mangle]
+pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
+    let mut out = Serial::init(serial::COM1);
+    out.write_str(GREETING);
+
+    let info = match pvh::StartInfo::read(start_info_paddr) {
+        Ok(info) => info,
+        Err(e) => {
+            out.write_str("warning: no usable hvm_start_info (");
+            match e {
+                pvh::Error::Unreadable => out.write_str("unreadable"),
+                pvh::Error::BadMagic => out.write_str("bad magic"),
+            }
+            out.write_str(")\n");
+            pvh::StartInfo::default()
+        }
+    };
+
+    let raw_cmdline = info.cmdline();
+    out.write_str("cmdline: ");
+    out.write_bytes(raw_cmdline);
+    out.write_str("\n");
+
+    let cpus = platform::count_cpus(info.rsdp_paddr);
+    out.write_str("cpus: ");
+    out.write_dec(cpus.cpus.into());
+    out.write_str(match cpus.source {
+        Source::MpTable => " (from mptable)\n",
+        Source::Acpi => " (from acpi)\n",
+        Source::None => " (no mptable or acpi)\n",
+    });
+
+    let args = Cmdline::new(raw_cmdline);
+    let status = match args.get("exit") {
+        None => 0,
+        Some(value) => match cmdline::parse_u64(value).and_then(|n| u8::try_from(n).ok()) {
+            Some(status) => status,
+            None => {
+                out.write_str("error: bad exit=");
+                out.write_str(value);
+                out.write_str("\n");
+                finish(&mut out, STATUS_USAGE)
+            }
+        },
+    };
+
+    out.write_str("RINGVM-RESULT mode=boot cpus=");
+    out.write_dec(cpus.cpus.into());
+    out.write_str(" exit=");
+    out.write_dec(status.into());
+    out.write_str("\n");
+    finish(&mut out, status)
+}
+
+/// Drains the UART and exits with `status`.
+fn finish(out: &mut Serial, status: u8) -> ! {
+    out.flush();
+    exit::exit(status)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    use core::fmt::Write;
+    let mut out = Serial::attach(serial::COM1);
+    let _ = write!(out, "panic: {}", info.message());
+    if let Some(loc) = info.location() {
+        let _ = write!(out, " at {}:{}:{}", loc.file(), loc.line(), loc.column());
+    }
+    out.write_str("\n");
+    finish(&mut out, STATUS_PANIC)
+}
