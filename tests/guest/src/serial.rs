@@ -118,6 +118,26 @@ impl Serial {
         self.write_bytes(&buf[i..]);
     }
 
+    /// Sends `v` as `0x` followed by lowercase hex digits (no leading
+    /// zeros).
+    pub fn write_hex(&mut self, v: u64) {
+        self.write_str("0x");
+        let digits = (64 - v.leading_zeros()).div_ceil(4).max(1) as usize;
+        self.write_hex_digits(v, digits);
+    }
+
+    /// Sends the low `digits` nibbles of `v` in lowercase hex, zero-padded,
+    /// without a prefix.
+    pub fn write_hex_digits(&mut self, v: u64, digits: usize) {
+        let mut buf = [0u8; 16];
+        let digits = digits.min(16);
+        for (i, b) in buf[..digits].iter_mut().enumerate() {
+            let nibble = (v >> (4 * (digits - 1 - i))) & 0xf;
+            *b = b"0123456789abcdef"[nibble as usize];
+        }
+        self.write_bytes(&buf[..digits]);
+    }
+
     /// Waits until every queued byte has left the transmitter, so that an
     /// immediate power-off or reset does not lose output.
     pub fn flush(&mut self) {

@@ -1,0 +1,88 @@
+//! PCI MSI-X: capability 0x11 and the vector table in a memory BAR.
+//!
+//! Capability layout: +2 message control (bits 10:0 table size - 1, bit 14
+//! function mask, bit 15 enable), +4 table offset | BIR (bits 2:0).
+//! Table entries are 16 bytes: address low, address high, data, vector
+//! control (bit 0 = masked).
+
+use crate::mmio;
+use crate::paging;
+use crate::pci::Function;
+
+/// Capability ID of MSI-X.
+pub const CAP_ID: u8 = 0x11;
+
+const CTRL_ENABLE: u32 = 1 << 15;
+const CTRL_FUNCTION_MASK: u32 = 1 << 14;
+/// Base of the xAPIC MSI address window.
+const MSI_ADDRESS: u32 = 0xfee0_0000;
+
+/// A located, mapped MSI-X table.
+#[derive(Clone, Copy, Debug)]
+pub struct Msix {
+    func: Function,
+    cap: u8,
+    table: u64,
+    /// Number of table entries.
+    pub size: u16,
+}
+
+impl Msix {
+    /// Reads the capability at config offset `cap` and maps its table.
+    /// `bar` resolves a BAR index to its address.
+    pub fn probe(
+        func: Function,
+        cap: u8,
+        bar: impl Fn(u8) -> Result<u64, &'static str>,
+    ) -> Result<Msix, &'static str> {
+        let ctrl = func.read32(cap) >> 16;
+        let size = (ctrl & 0x7ff) as u16 + 1;
+        let loc = func.read32(cap + 4);
+        let table = bar((loc & 7) as u8)?
+            .checked_add(u64::from(loc & !7))
+            .ok_or("MSI-X table address overflows")?;
+        paging::map_uncached(table, u64::from(size) * 16).map_err(|_| "cannot map the MSI-X table")?;
+        Ok(Msix {
+            func,
+            cap,
+            table,
+            size,
+        })
+    }
+
+    fn set_control(&self, set: u32, clear: u32) {
+        let dword = self.func.read32(self.cap);
+        let value = (dword | (set << 16)) & !(clear << 16);
+        // SAFETY: the low half (ID, next pointer) is read-only; only the
+        // enable and function-mask bits change. No vector fires while the
+        // guest keeps interrupts off.
+        unsafe { self.func.write32(self.cap, value) };
+    }
+
+    /// Enables MSI-X with the whole function masked (so no entry fires
+    /// half-programmed).
+    pub fn enable_masked(&self) {
+        self.set_control(CTRL_ENABLE | CTRL_FUNCTION_MASK, 0);
+    }
+
+    /// Clears the function mask: unmasked entries may now fire.
+    pub fn unmask_function(&self) {
+        self.set_control(0, CTRL_FUNCTION_MASK);
+    }
+
+    /// Programs entry `index` (< `size`) for a fixed, edge-triggered
+    /// interrupt on `vector` of the local APIC with ID `apic_id` (physical
+    /// destination mode), and unmasks it.
+    pub fn set_entry(&self, index: u16, apic_id: u8, vector: u8) {
+        debug_assert!(index < self.size);
+        let entry = self.table + u64::from(index) * 16;
+        // SAFETY: the entry lies inside the mapped table (`index < size`);
+        // the message targets the guest's own APIC, not memory.
+        unsafe {
+            mmio::write32(entry, MSI_ADDRESS | (u32::from(apic_id) << 12));
+            mmio::write32(entry + 4, 0);
+            mmio::write32(entry + 8, u32::from(vector));
+            mmio::write32(entry + 12, 0);
+        }
+    }
+}
