@@ -20,7 +20,12 @@ use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_COMMAND_PORT, I8042_DATA_PORT};
 use crate::devices::serial::{ConsoleSink, SerialConsole, COM1_GSI, COM1_LEN, COM1_PORT};
 use crate::devices::SerialOutput;
-use crate::layout::MIN_MEMORY;
+use crate::interrupts::InterruptRouter;
+use crate::layout::{ram_regions, HIGH_RAM_START, MIN_MEMORY};
+use crate::pci::root::{
+    PciConfigIo, PciEcam, ECAM_BUS0_SIZE, ECAM_START, PCI_CONFIG_ADDRESS, PCI_CONFIG_PORTS,
+};
+use crate::pci::{PciDevice, PciRoot};
 use crate::registry::{DeviceRegistry, RegistryError, Resource};
 use crate::stop::{StopReason, VmStop};
 use crate::vcpu::{Vcpu, VcpuError};
@@ -84,6 +89,8 @@ pub enum MachineError {
     EventFd(#[source] std::io::Error),
     #[error("control loop")]
     Control(#[source] ControlError),
+    #[error("PCI")]
+    Pci(#[source] crate::pci::PciRootError),
 }
 
 impl MachineError {
@@ -321,64 +328,185 @@ fn create_vcpus(
     Ok(vcpus)
 }
 
-/// Builds the VM described by `config`, runs it until it stops, and says why.
-pub fn run(config: &VmConfig) -> Result<RunReport, MachineError> {
-    let start = Instant::now();
-    validate(config)?;
-    let mem = create_guest_memory(config.memory).map_err(MachineError::Vm)?;
-    let (entry, protocol) = load_guest(config, &mem)?;
-    let sink = console_sink(&config.serial)?;
+/// Size of the 64-bit PCI BAR window above RAM.
+const MMIO64_SIZE: u64 = 64 << 30;
 
-    let vm = Vm::new(&mem, config.cpus).map_err(MachineError::Vm)?;
-    let stop = Arc::new(VmStop::new().map_err(MachineError::EventFd)?);
-    let (pio, mmio) = (Arc::new(Bus::new()), Arc::new(Bus::new()));
-    let mut registry = DeviceRegistry::new(pio.clone(), mmio.clone());
-    let serial = add_legacy_devices(&vm, &mut registry, &stop, sink)?;
-    let vcpus = create_vcpus(&vm, config, &mem, entry, (&pio, &mmio), &stop)?;
+/// A VM built from a [`VmConfig`] and ready to run: memory loaded, vCPUs
+/// configured, legacy devices on their buses. PCI devices are added with
+/// [`Machine::add_pci_device`] before [`Machine::run`].
+pub struct Machine {
+    start: Instant,
+    mem: GuestMemoryMmap,
+    vm: Vm,
+    stop: Arc<VmStop>,
+    registry: Arc<Mutex<DeviceRegistry>>,
+    router: Arc<InterruptRouter>,
+    pci: Option<Arc<Mutex<PciRoot>>>,
+    serial: Option<Arc<Mutex<SerialConsole>>>,
+    vcpus: Vec<Vcpu>,
+    protocol: &'static str,
+    serial_input: bool,
+    memory_size: u64,
+}
 
-    let stdin_to = match (
-        &serial,
-        config.serial_input && config.serial == SerialOutput::Stdio,
-    ) {
-        (Some(s), true) => Some(s.clone()),
-        _ => None,
-    };
-    let signals = control::Signals::block().map_err(MachineError::Control)?;
-    let mut handles = Vec::with_capacity(vcpus.len());
-    let mut spawn_error = None;
-    for vcpu in vcpus {
-        match vcpu.spawn() {
-            Ok(h) => handles.push(h),
-            Err(e) => {
-                spawn_error = Some(e);
-                stop.request(StopReason::HostError {
-                    message: "could not start every vCPU".into(),
-                });
-                break;
+impl Machine {
+    /// Builds the VM described by `config`.
+    pub fn build(config: &VmConfig) -> Result<Machine, MachineError> {
+        let start = Instant::now();
+        validate(config)?;
+        let mem = create_guest_memory(config.memory).map_err(MachineError::Vm)?;
+        let (entry, protocol) = load_guest(config, &mem)?;
+        let sink = console_sink(&config.serial)?;
+
+        let vm = Vm::new(&mem, config.cpus).map_err(MachineError::Vm)?;
+        let stop = Arc::new(VmStop::new().map_err(MachineError::EventFd)?);
+        let (pio, mmio) = (Arc::new(Bus::new()), Arc::new(Bus::new()));
+        let mut registry = DeviceRegistry::new(pio.clone(), mmio.clone());
+        let serial = add_legacy_devices(&vm, &mut registry, &stop, sink)?;
+        let vcpus = create_vcpus(&vm, config, &mem, entry, (&pio, &mmio), &stop)?;
+        let router = InterruptRouter::new(vm.fd().clone());
+        Ok(Machine {
+            start,
+            mem,
+            vm,
+            stop,
+            registry: Arc::new(Mutex::new(registry)),
+            router,
+            pci: None,
+            serial,
+            vcpus,
+            protocol,
+            serial_input: config.serial_input && config.serial == SerialOutput::Stdio,
+            memory_size: config.memory,
+        })
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    pub fn vm_fd(&self) -> &Arc<kvm_ioctls::VmFd> {
+        self.vm.fd()
+    }
+
+    /// The owner of GSI routes, for MSI vectors.
+    pub fn interrupts(&self) -> &Arc<InterruptRouter> {
+        &self.router
+    }
+
+    /// The VM's stop channel (devices report fatal host errors through it).
+    pub fn stop_handle(&self) -> &Arc<VmStop> {
+        &self.stop
+    }
+
+    pub fn registry(&self) -> &Arc<Mutex<DeviceRegistry>> {
+        &self.registry
+    }
+
+    /// The PCI root, created with its config ports and ECAM on first use.
+    fn pci_root(&mut self) -> Result<Arc<Mutex<PciRoot>>, MachineError> {
+        if let Some(root) = &self.pci {
+            return Ok(root.clone());
+        }
+        let high_end = ram_regions(self.memory_size)
+            .last()
+            .map(|(a, l)| a.0 + l)
+            .unwrap_or(HIGH_RAM_START)
+            .max(HIGH_RAM_START);
+        let mmio64 = high_end.next_multiple_of(1 << 30);
+        let root = Arc::new(Mutex::new(PciRoot::new(
+            self.registry.clone(),
+            mmio64,
+            MMIO64_SIZE,
+        )));
+        let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        reg.add(
+            "pci-config-io",
+            Some(Arc::new(Mutex::new(PciConfigIo(root.clone())))),
+            vec![Resource::Pio {
+                base: PCI_CONFIG_ADDRESS,
+                len: PCI_CONFIG_PORTS,
+            }],
+        )
+        .map_err(MachineError::Registry)?;
+        reg.add(
+            "pci-ecam",
+            Some(Arc::new(Mutex::new(PciEcam(root.clone())))),
+            vec![Resource::Mmio {
+                base: ECAM_START,
+                len: ECAM_BUS0_SIZE,
+            }],
+        )
+        .map_err(MachineError::Registry)?;
+        drop(reg);
+        self.pci = Some(root.clone());
+        Ok(root)
+    }
+
+    /// Plugs a PCI device into bus 0; returns its slot.
+    pub fn add_pci_device(
+        &mut self,
+        name: &str,
+        dev: Arc<Mutex<dyn PciDevice>>,
+    ) -> Result<u8, MachineError> {
+        let root = self.pci_root()?;
+        let slot = root
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add_device(name, dev)
+            .map_err(MachineError::Pci)?;
+        Ok(slot)
+    }
+
+    /// Runs the VM until it stops, and says why.
+    pub fn run(self) -> Result<RunReport, MachineError> {
+        let stop = self.stop.clone();
+        let stdin_to = match (&self.serial, self.serial_input) {
+            (Some(s), true) => Some(s.clone()),
+            _ => None,
+        };
+        let signals = control::Signals::block().map_err(MachineError::Control)?;
+        let mut handles = Vec::with_capacity(self.vcpus.len());
+        let mut spawn_error = None;
+        for vcpu in self.vcpus {
+            match vcpu.spawn() {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    spawn_error = Some(e);
+                    stop.request(StopReason::HostError {
+                        message: "could not start every vCPU".into(),
+                    });
+                    break;
+                }
             }
         }
-    }
-    let loop_result = control::wait_for_stop(&stop, &signals, stdin_to.as_ref());
-    let elapsed = start.elapsed();
-    if let Err(e) = &loop_result {
-        stop.request(StopReason::HostError {
-            message: e.to_string(),
+        let loop_result = control::wait_for_stop(&stop, &signals, stdin_to.as_ref());
+        let elapsed = self.start.elapsed();
+        if let Err(e) = &loop_result {
+            stop.request(StopReason::HostError {
+                message: e.to_string(),
+            });
+        }
+        control::stop_vcpus(handles);
+        if let Some(s) = &self.serial {
+            s.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        }
+        drop(signals);
+        if let Some(e) = spawn_error {
+            return Err(MachineError::Vcpu(e));
+        }
+        let reason = stop.reason().unwrap_or(StopReason::HostError {
+            message: "VM stopped without a reason".into(),
         });
+        Ok(RunReport {
+            reason,
+            protocol: self.protocol,
+            elapsed,
+        })
     }
-    control::stop_vcpus(handles);
-    if let Some(s) = &serial {
-        s.lock().unwrap_or_else(|e| e.into_inner()).flush();
-    }
-    drop(signals);
-    if let Some(e) = spawn_error {
-        return Err(MachineError::Vcpu(e));
-    }
-    let reason = stop.reason().unwrap_or(StopReason::HostError {
-        message: "VM stopped without a reason".into(),
-    });
-    Ok(RunReport {
-        reason,
-        protocol,
-        elapsed,
-    })
+}
+
+/// Builds the VM described by `config`, runs it until it stops, and says why.
+pub fn run(config: &VmConfig) -> Result<RunReport, MachineError> {
+    Machine::build(config)?.run()
 }

@@ -240,6 +240,62 @@ impl DeviceRegistry {
         Ok(entry)
     }
 
+    /// Adds one more claim to device `name` (a PCI BAR being decoded). A
+    /// bus range goes on the bus with the device's bus interface.
+    pub fn claim(&mut self, name: &str, claim: Resource) -> Result<(), RegistryError> {
+        if !self.devices.contains_key(name) {
+            return Err(RegistryError::NoSuchDevice { name: name.into() });
+        }
+        if let Some((owner, held)) = self.holder_of(&claim) {
+            return Err(RegistryError::Conflict {
+                new: name.into(),
+                claim,
+                owner: owner.into(),
+                held,
+            });
+        }
+        let entry = &self.devices[name];
+        let inserted = match (claim, &entry.bus_device) {
+            (Resource::Pio { base, len }, Some(dev)) => {
+                self.pio.insert(base.into(), len.into(), dev.clone())
+            }
+            (Resource::Mmio { base, len }, Some(dev)) => self.mmio.insert(base, len, dev.clone()),
+            (Resource::Pio { .. } | Resource::Mmio { .. }, None) => {
+                return Err(RegistryError::NoBusDevice { name: name.into() })
+            }
+            _ => Ok(()),
+        };
+        inserted.map_err(|source| RegistryError::Bus {
+            name: name.into(),
+            source,
+        })?;
+        if let Some(e) = self.devices.get_mut(name) {
+            e.resources.push(claim);
+        }
+        Ok(())
+    }
+
+    /// Releases one claim of device `name`; returns whether it was held.
+    pub fn release(&mut self, name: &str, claim: Resource) -> bool {
+        let Some(entry) = self.devices.get_mut(name) else {
+            return false;
+        };
+        let Some(pos) = entry.resources.iter().position(|r| *r == claim) else {
+            return false;
+        };
+        entry.resources.remove(pos);
+        match claim {
+            Resource::Pio { base, .. } => {
+                self.pio.remove(base.into());
+            }
+            Resource::Mmio { base, .. } => {
+                self.mmio.remove(base);
+            }
+            _ => {}
+        }
+        true
+    }
+
     /// The claims of the device called `name`.
     pub fn resources(&self, name: &str) -> Option<&[Resource]> {
         self.devices.get(name).map(|e| e.resources.as_slice())
@@ -380,6 +436,54 @@ mod tests {
         r.add("other", dev(), claims).unwrap();
         assert!(matches!(
             r.remove("i8042"),
+            Err(RegistryError::NoSuchDevice { .. })
+        ));
+    }
+
+    #[test]
+    fn claims_can_be_added_and_released_one_at_a_time() {
+        let mut r = registry();
+        r.add("pci0", dev(), vec![Resource::PciSlot { bus: 0, slot: 1 }])
+            .unwrap();
+        r.add(
+            "other",
+            dev(),
+            vec![Resource::Mmio {
+                base: 0x2000,
+                len: 0x1000,
+            }],
+        )
+        .unwrap();
+        let bar = Resource::Mmio {
+            base: 0x1000,
+            len: 0x1000,
+        };
+        r.claim("pci0", bar).unwrap();
+        let mut b = [0u8];
+        assert!(r.mmio_bus().read(0x1800, &mut b));
+        let moved = Resource::Mmio {
+            base: 0x1800,
+            len: 0x1000,
+        };
+        assert!(matches!(
+            r.claim("pci0", moved),
+            Err(RegistryError::Conflict { .. })
+        ));
+        assert!(r.release("pci0", bar));
+        assert!(!r.release("pci0", bar));
+        assert!(!r.mmio_bus().read(0x1800, &mut b));
+        assert!(matches!(
+            r.claim(
+                "pci0",
+                Resource::Mmio {
+                    base: 0x2800,
+                    len: 0x1000
+                }
+            ),
+            Err(RegistryError::Conflict { .. })
+        ));
+        assert!(matches!(
+            r.claim("nobody", bar),
             Err(RegistryError::NoSuchDevice { .. })
         ));
     }

@@ -4,6 +4,8 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
 };
+use std::sync::Arc;
+
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -50,7 +52,7 @@ const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 /// A KVM VM with memory, irqchip and PIT set up.
 pub struct Vm {
     kvm: Kvm,
-    fd: VmFd,
+    fd: Arc<VmFd>,
     supported_cpuid: CpuId,
 }
 
@@ -93,12 +95,12 @@ impl Vm {
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         Ok(Vm {
             kvm,
-            fd,
+            fd: Arc::new(fd),
             supported_cpuid,
         })
     }
 
-    pub fn fd(&self) -> &VmFd {
+    pub fn fd(&self) -> &Arc<VmFd> {
         &self.fd
     }
 

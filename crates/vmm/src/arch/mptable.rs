@@ -58,12 +58,15 @@ fn config_table(cpus: usize) -> Vec<u8> {
         entries.extend_from_slice(&[3, kind, 0, 0, BUS_ISA, src_irq, ioapic_id, pin]);
         count += 1;
     };
+    // KVM's in-kernel irqchip wires GSI n to IOAPIC pin n, the PIT
+    // included (GSI 0), so ISA IRQs map to pins one to one; pin 0 also
+    // carries the 8259's ExtINT for virtual-wire mode.
     io_int(IRQ_TYPE_EXTINT, 0, 0);
     for irq in 0..ISA_IRQS {
         if irq == 2 {
-            continue; // the cascade; the timer (IRQ0) takes its pin
+            continue; // the cascade
         }
-        io_int(IRQ_TYPE_INT, irq, if irq == 0 { 2 } else { irq });
+        io_int(IRQ_TYPE_INT, irq, irq);
     }
     // LINT0 is ExtINT, LINT1 NMI, on every local APIC (0xff).
     entries.extend_from_slice(&[4, IRQ_TYPE_EXTINT, 0, 0, BUS_ISA, 0, 0xff, 0]);

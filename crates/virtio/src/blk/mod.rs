@@ -1,0 +1,5 @@
+//! virtio-blk: the device (configuration space, features, lifecycle), its
+//! request parser, and the worker that serves each queue on an io_uring
+//! iothread.
+
+pub mod request;

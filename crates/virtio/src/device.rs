@@ -1,0 +1,70 @@
+//! The device side of virtio: what a device is and how it is started and
+//! stopped.
+//!
+//! Lifecycle (driven by the transport):
+//!
+//! ```text
+//!   created --activate(mem, features, queues)--> active
+//!   active  --reset()--> created   (workers stopped, queues returned)
+//! ```
+//! `activate` is called once the driver set DRIVER_OK with valid queues;
+//! `reset` when the driver writes 0 to the status register or the VM goes
+//! away. After `reset` returns, the device no longer touches guest memory.
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Feature bits common to every device (virtio 1.2 §6).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// One queue handed to a device on activation.
+pub struct QueueInit {
+    pub index: u16,
+    /// The queue as the driver configured it (addresses, size, event idx).
+    pub queue: Queue,
+    /// Signalled when the driver notifies the queue (an ioeventfd).
+    pub kick: EventFd,
+    /// Written to interrupt the driver for this queue (an irqfd behind an
+    /// MSI-X vector), or None when the driver gave the queue no vector.
+    pub interrupt: Option<EventFd>,
+}
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver enabled {got} queues; the device needs {want}")]
+    QueueCount { got: usize, want: usize },
+    #[error("queue {index} is not valid in guest memory")]
+    InvalidQueue { index: u16 },
+    #[error("duplicating an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("starting the device's worker")]
+    Worker(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// A virtio device, independent of its transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (2 = block, 1 = network).
+    fn device_type(&self) -> u32;
+    /// The largest size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Feature bits offered.
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space (most fields are
+    /// read-only; bad writes are ignored with a log line).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts serving `queues` with the negotiated `features`.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        features: u64,
+        queues: Vec<QueueInit>,
+    ) -> Result<(), ActivateError>;
+    /// Stops serving; waits for in-flight requests to complete.
+    fn reset(&mut self);
+}

@@ -1,0 +1,440 @@
+//! The virtio-pci transport, modern (virtio 1.x) interface only.
+//!
+//! BAR0 (64-bit memory) layout:
+//!
+//! | offset | size   | what |
+//! |--------|--------|------|
+//! | 0x0000 | 0x40   | common configuration |
+//! | 0x1000 | 1      | ISR status |
+//! | 0x2000 | 0x1000 | device configuration |
+//! | 0x3000 | 4 × n  | notify: queue `i` at `0x3000 + 4 i` (an ioeventfd each) |
+//! | 0x4000 | 16 × v | MSI-X table |
+//! | 0x6000 | 8 × ⌈v/64⌉ | MSI-X pending-bit array |
+//!
+//! Capabilities: common, notify (multiplier 4), ISR, device, the PCI
+//! configuration access window, and MSI-X with one vector per queue plus one
+//! for configuration changes.
+
+use std::sync::Arc;
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm::interrupts::{InterruptError, InterruptRouter};
+use vmm::pci::config::PciIdentity;
+use vmm::pci::{BarKind, BarRange, PciConfigSpace, PciDevice};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::common::{CommonConfig, StatusChange};
+use crate::device::{QueueInit, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::msix::Msix;
+
+const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
+const VIRTIO_PCI_DEVICE_BASE: u16 = 0x1040;
+const PCI_CAP_ID_VENDOR: u8 = 0x09;
+const PCI_CAP_ID_MSIX: u8 = 0x11;
+const CAP_COMMON: u8 = 1;
+const CAP_NOTIFY: u8 = 2;
+const CAP_ISR: u8 = 3;
+const CAP_DEVICE: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
+
+const BAR0: u8 = 0;
+const BAR0_SIZE: u64 = 0x8000;
+const COMMON_OFFSET: u64 = 0x0000;
+const COMMON_SIZE: u64 = 0x40;
+const ISR_OFFSET: u64 = 0x1000;
+const DEVICE_OFFSET: u64 = 0x2000;
+const DEVICE_SIZE: u64 = 0x1000;
+const NOTIFY_OFFSET: u64 = 0x3000;
+const NOTIFY_MULTIPLIER: u32 = 4;
+const MSIX_TABLE_OFFSET: u64 = 0x4000;
+const MSIX_PBA_OFFSET: u64 = 0x6000;
+
+/// Errors from building the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("allocating MSI-X vectors")]
+    Msix(#[source] InterruptError),
+    #[error("creating a queue notify eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("the device has {0} queues; at most 1024 are supported")]
+    TooManyQueues(usize),
+}
+
+/// Writes one of the virtio vendor capabilities.
+fn vendor_cap(
+    config: &mut PciConfigSpace,
+    cfg_type: u8,
+    offset: u64,
+    length: u64,
+    extra: &[u8],
+) -> u16 {
+    // cap_len counts from cap_vndr: 16 bytes plus any extra.
+    let mut body = vec![(16 + extra.len()) as u8, cfg_type, BAR0, 0, 0, 0];
+    body.extend_from_slice(&(offset as u32).to_le_bytes());
+    body.extend_from_slice(&(length as u32).to_le_bytes());
+    body.extend_from_slice(extra);
+    config.add_capability(PCI_CAP_ID_VENDOR, &body, &[])
+}
+
+/// One virtio device on the PCI bus.
+pub struct VirtioPciDevice {
+    name: String,
+    config: PciConfigSpace,
+    device: Box<dyn VirtioDevice>,
+    common: CommonConfig,
+    msix: Msix,
+    msix_cap: u16,
+    pci_cfg_cap: u16,
+    kicks: Vec<EventFd>,
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    /// Where BAR0 is decoded now (for the notify ioeventfds).
+    bar0: Option<u64>,
+    active: bool,
+}
+
+impl VirtioPciDevice {
+    pub fn new(
+        name: &str,
+        device: Box<dyn VirtioDevice>,
+        vm: Arc<VmFd>,
+        router: &Arc<InterruptRouter>,
+        mem: GuestMemoryMmap,
+    ) -> Result<VirtioPciDevice, TransportError> {
+        let sizes = device.queue_max_sizes();
+        if sizes.len() > 1024 {
+            return Err(TransportError::TooManyQueues(sizes.len()));
+        }
+        let (class, subclass) = match device.device_type() {
+            1 => (0x02, 0x00),
+            2 => (0x01, 0x80),
+            _ => (0xff, 0x00),
+        };
+        let mut config = PciConfigSpace::new(PciIdentity {
+            vendor: VIRTIO_PCI_VENDOR,
+            device: VIRTIO_PCI_DEVICE_BASE + device.device_type() as u16,
+            subsystem_vendor: VIRTIO_PCI_VENDOR,
+            subsystem: 0x1100,
+            class,
+            subclass,
+            prog_if: 0,
+            revision: 1,
+        });
+        config.add_bar(
+            BAR0,
+            BAR0_SIZE,
+            BarKind::Mem64 {
+                prefetchable: false,
+            },
+        );
+        let vectors = sizes.len() as u16 + 1;
+        let msix = Msix::new(router, vectors).map_err(TransportError::Msix)?;
+        let mut msix_body = Vec::new();
+        msix_body.extend_from_slice(&(vectors - 1).to_le_bytes());
+        msix_body.extend_from_slice(&(MSIX_TABLE_OFFSET as u32 | u32::from(BAR0)).to_le_bytes());
+        msix_body.extend_from_slice(&(MSIX_PBA_OFFSET as u32 | u32::from(BAR0)).to_le_bytes());
+        let msix_cap = config.add_capability(PCI_CAP_ID_MSIX, &msix_body, &[]);
+        vendor_cap(&mut config, CAP_COMMON, COMMON_OFFSET, COMMON_SIZE, &[]);
+        vendor_cap(
+            &mut config,
+            CAP_NOTIFY,
+            NOTIFY_OFFSET,
+            4 * sizes.len() as u64,
+            &NOTIFY_MULTIPLIER.to_le_bytes(),
+        );
+        vendor_cap(&mut config, CAP_ISR, ISR_OFFSET, 1, &[]);
+        vendor_cap(&mut config, CAP_DEVICE, DEVICE_OFFSET, DEVICE_SIZE, &[]);
+        // The access window: bar (1), offset (4), length (4) and the data
+        // dword are writable.
+        let pci_cfg_cap = vendor_cap(&mut config, CAP_PCI_CFG, 0, 0, &[0; 4]);
+        let kicks = (0..sizes.len())
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(TransportError::EventFd)?;
+        let common = CommonConfig::new(&sizes, device.features() | VIRTIO_F_VERSION_1);
+        Ok(VirtioPciDevice {
+            name: name.into(),
+            config,
+            device,
+            common,
+            msix,
+            msix_cap,
+            pci_cfg_cap,
+            kicks,
+            vm,
+            mem,
+            bar0: None,
+            active: false,
+        })
+    }
+
+    fn notify_addr(base: u64, queue: usize) -> u64 {
+        base + NOTIFY_OFFSET + queue as u64 * u64::from(NOTIFY_MULTIPLIER)
+    }
+
+    fn unregister_ioeventfds(&mut self, base: u64) {
+        for (i, kick) in self.kicks.iter().enumerate() {
+            let addr = IoEventAddress::Mmio(Self::notify_addr(base, i));
+            if let Err(e) = self.vm.unregister_ioevent(kick, &addr, NoDatamatch) {
+                log::warn!(
+                    "{}: unregistering the ioeventfd of queue {i}: {e}",
+                    self.name
+                );
+            }
+        }
+    }
+
+    fn register_ioeventfds(&mut self, base: u64) {
+        for (i, kick) in self.kicks.iter().enumerate() {
+            let addr = IoEventAddress::Mmio(Self::notify_addr(base, i));
+            if let Err(e) = self.vm.register_ioevent(kick, &addr, NoDatamatch) {
+                log::error!("{}: registering the ioeventfd of queue {i}: {e}", self.name);
+            }
+        }
+    }
+
+    /// Starts the device on DRIVER_OK; a failure sets DEVICE_NEEDS_RESET.
+    fn activate(&mut self) {
+        let features = self.common.driver_features();
+        let event_idx = features & crate::device::VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut queues = Vec::new();
+        for (i, q) in self.common.queues.iter().enumerate() {
+            if !q.queue.ready() {
+                continue;
+            }
+            if !q.queue.is_valid(&self.mem) {
+                log::warn!(
+                    "{}: queue {i} is not valid in guest memory; device needs reset",
+                    self.name
+                );
+                self.common.set_needs_reset();
+                return;
+            }
+            let mut state = q.queue.state();
+            state.event_idx_enabled = event_idx;
+            let queue = match Queue::try_from(state) {
+                Ok(queue) => queue,
+                Err(e) => {
+                    log::warn!("{}: queue {i}: {e}; device needs reset", self.name);
+                    self.common.set_needs_reset();
+                    return;
+                }
+            };
+            let kick = match self.kicks[i].try_clone() {
+                Ok(k) => k,
+                Err(e) => {
+                    log::error!("{}: duplicating the kick eventfd: {e}", self.name);
+                    self.common.set_needs_reset();
+                    return;
+                }
+            };
+            let interrupt = match q.msix_vector {
+                v if v < self.msix.count() => self.msix.eventfd(v).and_then(Result::ok),
+                _ => None,
+            };
+            queues.push(QueueInit {
+                index: i as u16,
+                queue,
+                kick,
+                interrupt,
+            });
+        }
+        match self.device.activate(self.mem.clone(), features, queues) {
+            Ok(()) => self.active = true,
+            Err(e) => {
+                log::warn!("{}: activation failed: {e}; device needs reset", self.name);
+                self.common.set_needs_reset();
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            self.device.reset();
+            self.active = false;
+        }
+        // Kicks that arrived while stopped belong to the old queues.
+        for k in &self.kicks {
+            let _ = k.read();
+        }
+        self.common.reset();
+    }
+
+    fn common_write(&mut self, offset: u64, data: &[u8]) {
+        match self.common.write(offset, data) {
+            StatusChange::None => {}
+            StatusChange::Reset => self.reset(),
+            StatusChange::DriverOk => {
+                if !self.active {
+                    self.activate();
+                }
+            }
+        }
+    }
+
+    fn bar0_read(&mut self, offset: u64, data: &mut [u8]) {
+        match offset {
+            o if o < COMMON_OFFSET + COMMON_SIZE => self.common.read(o, data),
+            ISR_OFFSET => {
+                // No INTx: nothing is ever pending here; reading clears it.
+                data.fill(0);
+            }
+            o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_SIZE).contains(&o) => {
+                self.device.read_config(o - DEVICE_OFFSET, data)
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                self.msix.read_table(o - MSIX_TABLE_OFFSET, data)
+            }
+            o if o >= MSIX_PBA_OFFSET => self.msix.read_pba(o - MSIX_PBA_OFFSET, data),
+            _ => data.fill(0),
+        }
+    }
+
+    fn bar0_write(&mut self, offset: u64, data: &[u8]) {
+        match offset {
+            o if o < COMMON_OFFSET + COMMON_SIZE => self.common_write(o, data),
+            o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_SIZE).contains(&o) => {
+                self.device.write_config(o - DEVICE_OFFSET, data)
+            }
+            o if (NOTIFY_OFFSET..MSIX_TABLE_OFFSET).contains(&o) => {
+                // Reaches us only when the ioeventfd is not registered yet.
+                let q = ((o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                if let Some(k) = self.kicks.get(q) {
+                    let _ = k.write(1);
+                }
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                self.msix.write_table(o - MSIX_TABLE_OFFSET, data)
+            }
+            _ => {}
+        }
+    }
+
+    /// The VIRTIO_PCI_CAP_PCI_CFG window: `(bar, offset, length)` and the
+    /// data field's config offset.
+    fn pci_cfg_window(&self) -> (u8, u32, u32, u16) {
+        let c = self.pci_cfg_cap;
+        let mut bar = [0u8];
+        self.config.read(c + 4, &mut bar);
+        (
+            bar[0],
+            self.config.u32_at(c + 8),
+            self.config.u32_at(c + 12),
+            c + 16,
+        )
+    }
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+        self.config.read(offset, data);
+        // Message control is live state.
+        let ctrl = self.msix_cap + 2;
+        if offset <= ctrl + 1 && offset + data.len() as u16 > ctrl {
+            let v = self.msix.control().to_le_bytes();
+            for (i, b) in data.iter_mut().enumerate() {
+                let o = offset + i as u16;
+                if o == ctrl || o == ctrl + 1 {
+                    *b = v[usize::from(o - ctrl)];
+                }
+            }
+        }
+        let (bar, off, len, data_off) = self.pci_cfg_window();
+        if offset == data_off
+            && bar == BAR0
+            && matches!(len, 1 | 2 | 4)
+            && data.len() >= len as usize
+        {
+            let mut buf = [0u8; 4];
+            self.bar0_read(u64::from(off), &mut buf[..len as usize]);
+            data[..len as usize].copy_from_slice(&buf[..len as usize]);
+        }
+    }
+
+    fn config_write(&mut self, offset: u16, data: &[u8]) {
+        let ctrl = self.msix_cap + 2;
+        if offset == ctrl && data.len() >= 2 {
+            self.msix
+                .write_control(u16::from_le_bytes([data[0], data[1]]));
+            return;
+        }
+        if offset == ctrl + 1 && data.len() == 1 {
+            let low = self.msix.control() as u8;
+            self.msix.write_control(u16::from_le_bytes([low, data[0]]));
+            return;
+        }
+        let c = self.pci_cfg_cap;
+        let (_, _, _, data_off) = self.pci_cfg_window();
+        if offset == data_off {
+            let (bar, off, len, _) = self.pci_cfg_window();
+            if bar == BAR0 && matches!(len, 1 | 2 | 4) && data.len() >= len as usize {
+                self.bar0_write(u64::from(off), &data[..len as usize]);
+            }
+            return;
+        }
+        // The window's bar, offset and length fields are guest-writable.
+        if (c + 4..c + 16).contains(&offset) {
+            let o = offset as usize;
+            let dst = self
+                .config
+                .bytes_mut(offset, data.len().min(c as usize + 16 - o));
+            let n = dst.len();
+            dst.copy_from_slice(&data[..n]);
+            return;
+        }
+        self.config.write(offset, data);
+    }
+
+    fn decoded_bars(&self) -> Vec<BarRange> {
+        self.config.decoded_bars()
+    }
+
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+        if bar == BAR0 {
+            self.bar0_read(offset, data)
+        } else {
+            data.fill(0xff)
+        }
+    }
+
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        if bar == BAR0 {
+            self.bar0_write(offset, data)
+        }
+    }
+
+    fn bars_changed(&mut self, _old: &[BarRange], new: &[BarRange]) {
+        let now = new.iter().find(|b| b.index == BAR0).map(|b| b.addr);
+        if now == self.bar0 {
+            return;
+        }
+        if let Some(old) = self.bar0.take() {
+            self.unregister_ioeventfds(old);
+        }
+        if let Some(base) = now {
+            self.register_ioeventfds(base);
+        }
+        self.bar0 = now;
+    }
+
+    fn set_bar_address(&mut self, index: u8, addr: u64) {
+        self.config.set_bar_addr(index, addr);
+    }
+
+    fn bar_requests(&self) -> Vec<(u8, u64, bool)> {
+        self.config.bar_requests()
+    }
+}
+
+impl Drop for VirtioPciDevice {
+    fn drop(&mut self) {
+        if self.active {
+            self.device.reset();
+        }
+        if let Some(base) = self.bar0.take() {
+            self.unregister_ioeventfds(base);
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! Interrupt routing: the one owner of KVM's GSI routing table.
+//!
+//! GSIs 0–23 keep the in-kernel irqchip's default wiring (PIC and IOAPIC
+//! pins). Every other GSI is an MSI route handed out as an [`MsiVector`]:
+//! an eventfd registered as a KVM irqfd on a GSI whose route carries the
+//! MSI address and data the guest programmed. Routes are written before
+//! irqfds are registered, a masked vector has no irqfd (so writes to its
+//! eventfd stay pending and are delivered on unmask, when the irqfd is
+//! registered again), and dropping a vector frees its GSI.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// GSIs wired to the IOAPIC's pins.
+pub const IOAPIC_PINS: u32 = 24;
+/// Highest GSI we hand out (KVM allows 4096 routes here).
+const MAX_GSI: u32 = 4095;
+
+/// Errors from interrupt routing.
+#[derive(Debug, thiserror::Error)]
+pub enum InterruptError {
+    #[error("all {} MSI GSIs are in use", MAX_GSI + 1 - IOAPIC_PINS)]
+    NoFreeGsi,
+    #[error("KVM_SET_GSI_ROUTING with {routes} routes failed")]
+    SetRouting {
+        routes: usize,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{op} of the irqfd for GSI {gsi} failed")]
+    Irqfd {
+        op: &'static str,
+        gsi: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("creating an interrupt eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// An MSI message as the guest programs it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MsiMessage {
+    pub address: u64,
+    pub data: u32,
+}
+
+/// The routing table's owner.
+pub struct InterruptRouter {
+    vm: Arc<VmFd>,
+    state: Mutex<RouterState>,
+}
+
+#[derive(Default)]
+struct RouterState {
+    next_gsi: u32,
+    free: Vec<u32>,
+    /// Programmed MSI routes by GSI.
+    msi: BTreeMap<u32, MsiMessage>,
+}
+
+fn irqchip_entry(gsi: u32, irqchip: u32, pin: u32) -> kvm_irq_routing_entry {
+    let mut e = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        ..Default::default()
+    };
+    e.u.irqchip.irqchip = irqchip;
+    e.u.irqchip.pin = pin;
+    e
+}
+
+fn msi_entry(gsi: u32, msg: MsiMessage) -> kvm_irq_routing_entry {
+    let mut e = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_MSI,
+        ..Default::default()
+    };
+    e.u.msi.address_lo = msg.address as u32;
+    e.u.msi.address_hi = (msg.address >> 32) as u32;
+    e.u.msi.data = msg.data;
+    e
+}
+
+/// The in-kernel irqchip's default wiring, which a routing update must keep:
+/// GSI n on IOAPIC pin n, and GSIs 0–15 (but 2, the cascade) on the PICs.
+fn default_routes() -> Vec<kvm_irq_routing_entry> {
+    let mut v = Vec::with_capacity(40);
+    for gsi in 0..IOAPIC_PINS {
+        v.push(irqchip_entry(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+        if gsi < 16 && gsi != 2 {
+            let (chip, pin) = if gsi < 8 {
+                (KVM_IRQCHIP_PIC_MASTER, gsi)
+            } else {
+                (KVM_IRQCHIP_PIC_SLAVE, gsi - 8)
+            };
+            v.push(irqchip_entry(gsi, chip, pin));
+        }
+    }
+    v
+}
+
+impl InterruptRouter {
+    pub fn new(vm: Arc<VmFd>) -> Arc<InterruptRouter> {
+        Arc::new(InterruptRouter {
+            vm,
+            state: Mutex::new(RouterState {
+                next_gsi: IOAPIC_PINS,
+                ..Default::default()
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RouterState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes the whole table: default wiring plus every MSI route.
+    fn commit(&self, state: &RouterState) -> Result<(), InterruptError> {
+        let mut entries = default_routes();
+        entries.extend(state.msi.iter().map(|(&gsi, &msg)| msi_entry(gsi, msg)));
+        let routes = entries.len();
+        let table =
+            KvmIrqRouting::from_entries(&entries).map_err(|_| InterruptError::SetRouting {
+                routes,
+                source: kvm_ioctls::Error::new(libc::E2BIG),
+            })?;
+        self.vm
+            .set_gsi_routing(&table)
+            .map_err(|source| InterruptError::SetRouting { routes, source })
+    }
+
+    fn allocate_gsi(&self) -> Result<u32, InterruptError> {
+        let mut s = self.lock();
+        if let Some(gsi) = s.free.pop() {
+            return Ok(gsi);
+        }
+        if s.next_gsi > MAX_GSI {
+            return Err(InterruptError::NoFreeGsi);
+        }
+        s.next_gsi += 1;
+        Ok(s.next_gsi - 1)
+    }
+
+    /// A new, masked and unrouted MSI vector with its own GSI and eventfd.
+    pub fn msi_vector(self: &Arc<Self>) -> Result<MsiVector, InterruptError> {
+        let eventfd = EventFd::new(EFD_NONBLOCK).map_err(InterruptError::EventFd)?;
+        let gsi = self.allocate_gsi()?;
+        Ok(MsiVector {
+            router: self.clone(),
+            gsi,
+            eventfd,
+            message: None,
+            irqfd: false,
+        })
+    }
+
+    fn set_route(&self, gsi: u32, msg: Option<MsiMessage>) -> Result<(), InterruptError> {
+        let mut s = self.lock();
+        let old = match msg {
+            Some(m) => s.msi.insert(gsi, m),
+            None => s.msi.remove(&gsi),
+        };
+        if old == msg {
+            return Ok(());
+        }
+        let result = self.commit(&s);
+        if result.is_err() {
+            // Keep our table equal to KVM's.
+            match old {
+                Some(m) => s.msi.insert(gsi, m),
+                None => s.msi.remove(&gsi),
+            };
+        }
+        result
+    }
+
+    fn free_gsi(&self, gsi: u32) {
+        let mut s = self.lock();
+        if s.msi.remove(&gsi).is_some() {
+            if let Err(e) = self.commit(&s) {
+                log::warn!("removing the route of GSI {gsi}: {e}");
+            }
+        }
+        s.free.push(gsi);
+    }
+
+    /// Number of MSI routes currently programmed.
+    pub fn msi_routes(&self) -> usize {
+        self.lock().msi.len()
+    }
+}
+
+/// One MSI(-X) vector: a GSI, its route and an irqfd eventfd.
+pub struct MsiVector {
+    router: Arc<InterruptRouter>,
+    gsi: u32,
+    eventfd: EventFd,
+    message: Option<MsiMessage>,
+    irqfd: bool,
+}
+
+impl MsiVector {
+    pub fn gsi(&self) -> u32 {
+        self.gsi
+    }
+
+    /// The eventfd a device writes to raise this vector.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.eventfd
+    }
+
+    /// Follows the guest's table entry: `message` (None when the address
+    /// is not a valid MSI target) and whether the vector is masked. The
+    /// route is set before the irqfd is registered.
+    pub fn update(
+        &mut self,
+        message: Option<MsiMessage>,
+        masked: bool,
+    ) -> Result<(), InterruptError> {
+        let deliverable = message.filter(|_| !masked);
+        if deliverable.is_none() && self.irqfd {
+            self.router
+                .vm
+                .unregister_irqfd(&self.eventfd, self.gsi)
+                .map_err(|source| InterruptError::Irqfd {
+                    op: "unregistering",
+                    gsi: self.gsi,
+                    source,
+                })?;
+            self.irqfd = false;
+        }
+        if message != self.message {
+            self.router.set_route(self.gsi, message)?;
+            self.message = message;
+        }
+        if deliverable.is_some() && !self.irqfd {
+            self.router
+                .vm
+                .register_irqfd(&self.eventfd, self.gsi)
+                .map_err(|source| InterruptError::Irqfd {
+                    op: "registering",
+                    gsi: self.gsi,
+                    source,
+                })?;
+            self.irqfd = true;
+        }
+        Ok(())
+    }
+
+    /// Whether an interrupt is pending: raised while the vector had no
+    /// irqfd (masked). Used for the MSI-X PBA.
+    pub fn pending(&self) -> bool {
+        if self.irqfd {
+            return false;
+        }
+        let mut fds = [libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.eventfd),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: polling one valid fd without blocking.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) == 1 }
+    }
+}
+
+impl Drop for MsiVector {
+    fn drop(&mut self) {
+        if self.irqfd {
+            if let Err(e) = self.router.vm.unregister_irqfd(&self.eventfd, self.gsi) {
+                log::warn!("unregistering the irqfd of GSI {}: {e}", self.gsi);
+            }
+        }
+        self.router.free_gsi(self.gsi);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_routes_cover_ioapic_and_pic_but_not_the_cascade() {
+        let r = default_routes();
+        // SAFETY: all entries are irqchip routes, so `irqchip` is the
+        // union member that was written.
+        let pins: Vec<(u32, u32, u32)> = r
+            .iter()
+            .map(|e| unsafe { (e.gsi, e.u.irqchip.irqchip, e.u.irqchip.pin) })
+            .collect();
+        assert_eq!(
+            pins.iter().filter(|p| p.1 == KVM_IRQCHIP_IOAPIC).count(),
+            24
+        );
+        assert_eq!(
+            pins.iter().filter(|p| p.1 != KVM_IRQCHIP_IOAPIC).count(),
+            15
+        );
+        assert!(pins.contains(&(9, KVM_IRQCHIP_PIC_SLAVE, 1)));
+        assert!(!pins.iter().any(|p| p.0 == 2 && p.1 != KVM_IRQCHIP_IOAPIC));
+    }
+}
