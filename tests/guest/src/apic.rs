@@ -52,14 +52,18 @@ fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU; reading it has
     // no side effect.
-    unsafe { core::arch::asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
     u64::from(lo) | (u64::from(hi) << 32)
 }
 
 fn wrmsr(msr: u32, v: u64) {
     // SAFETY: only used to set the global enable bit of IA32_APIC_BASE,
     // keeping its base address.
-    unsafe { core::arch::asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32, options(nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32, options(nostack, preserves_flags))
+    };
 }
 
 impl Lapic {

@@ -24,3 +24,12 @@ pub fn exit(status: u8) -> ! {
         unsafe { core::arch::asm!("cli", "hlt", options(nomem, nostack)) };
     }
 }
+
+/// Stops doing anything, for good, without ending the VM: interrupts off,
+/// halted (with an in-kernel irqchip this never returns to the VMM).
+pub fn halt_forever() -> ! {
+    loop {
+        // SAFETY: disabling interrupts and halting touches no memory.
+        unsafe { core::arch::asm!("cli", "hlt", options(nomem, nostack)) };
+    }
+}

@@ -123,10 +123,8 @@ static IDT: Table = Table(UnsafeCell::new([0; 512]));
 /// The 16-byte interrupt gate for `handler`: selector 0x08, DPL 0, present,
 /// type 0xE (64-bit interrupt gate), no IST.
 const fn gate(handler: u64) -> [u64; 2] {
-    let low = (handler & 0xffff)
-        | (0x08 << 16)
-        | (0x8e00 << 32)
-        | (((handler >> 16) & 0xffff) << 48);
+    let low =
+        (handler & 0xffff) | (0x08 << 16) | (0x8e00 << 32) | (((handler >> 16) & 0xffff) << 48);
     [low, handler >> 32]
 }
 
@@ -135,7 +133,7 @@ const fn gate(handler: u64) -> [u64; 2] {
 /// exception 11 with the vector in the error code.
 pub fn load() {
     let idt = IDT.0.get().cast::<u64>();
-    let mut set = |vector: u8, handler: u64| {
+    let set = |vector: u8, handler: u64| {
         let [low, high] = gate(handler);
         // SAFETY: `vector * 2 + 1 < 512`: inside the table, which nothing
         // else references while it is written (interrupts are off).
@@ -145,7 +143,8 @@ pub fn load() {
         }
     };
     // SAFETY: the stub tables are read-only data defined above.
-    let (exc, irq, spurious) = unsafe { (&ringvm_exc_stubs, &ringvm_irq_stubs, ringvm_spurious_stub) };
+    let (exc, irq, spurious) =
+        unsafe { (&ringvm_exc_stubs, &ringvm_irq_stubs, ringvm_spurious_stub) };
     for (v, &h) in exc.iter().enumerate() {
         set(v as u8, h);
     }
@@ -166,7 +165,9 @@ pub fn load() {
     };
     // SAFETY: the table holds valid gates for every vector that can fire
     // (interrupts are still off), and lives forever.
-    unsafe { core::arch::asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags))
+    };
 }
 
 /// Called by the exception stubs; never returns.

@@ -15,6 +15,10 @@
 //! ```
 //!
 //! Options: `exit=N` (0..=255, default 0) is the exit status.
+//!
+//! With any `blk.*` option the guest runs its second form instead: a
+//! virtio-blk workload over virtio-pci with MSI-X interrupts (see [`blk`]
+//! and README.md). Without one, nothing touches PCI or interrupts.
 
 #![cfg_attr(not(test), no_std)]
 #![cfg_attr(not(test), no_main)]
@@ -22,14 +26,27 @@
 #![cfg_attr(test, allow(dead_code, unused_imports))]
 
 #[cfg(not(test))]
+mod apic;
+mod blk;
+#[cfg(not(test))]
 mod boot;
 mod cmdline;
+mod crc;
 mod exit;
+#[cfg(not(test))]
+mod idt;
+mod mmio;
+mod msix;
+mod paging;
+mod pattern;
+mod pci;
 mod phys;
 mod platform;
 mod port;
 mod pvh;
 mod serial;
+mod tsc;
+mod virtio;
 
 use cmdline::Cmdline;
 use platform::Source;
@@ -83,10 +100,10 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     });
 
     let args = Cmdline::new(raw_cmdline);
-    let status = match args.get("exit") {
-        None => 0,
+    let explicit_status = match args.get("exit") {
+        None => None,
         Some(value) => match cmdline::parse_u64(value).and_then(|n| u8::try_from(n).ok()) {
-            Some(status) => status,
+            Some(status) => Some(status),
             None => {
                 out.write_str("error: bad exit=");
                 out.write_str(value);
@@ -95,6 +112,13 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
             }
         },
     };
+
+    // Second form: a virtio-blk workload. Without `blk.*` options nothing
+    // touches PCI or interrupts.
+    if blk::options::wanted(&args) {
+        blk::run(&mut out, &args, explicit_status);
+    }
+    let status = explicit_status.unwrap_or(0);
 
     out.write_str("RINGVM-RESULT mode=boot cpus=");
     out.write_dec(cpus.cpus.into());
@@ -105,7 +129,7 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
 }
 
 /// Drains the UART and exits with `status`.
-fn finish(out: &mut Serial, status: u8) -> ! {
+pub(crate) fn finish(out: &mut Serial, status: u8) -> ! {
     out.flush();
     exit::exit(status)
 }

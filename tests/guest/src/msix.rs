@@ -33,7 +33,7 @@ impl Msix {
     pub fn probe(
         func: Function,
         cap: u8,
-        bar: impl Fn(u8) -> Result<u64, &'static str>,
+        mut bar: impl FnMut(u8) -> Result<u64, &'static str>,
     ) -> Result<Msix, &'static str> {
         let ctrl = func.read32(cap) >> 16;
         let size = (ctrl & 0x7ff) as u16 + 1;
@@ -41,7 +41,8 @@ impl Msix {
         let table = bar((loc & 7) as u8)?
             .checked_add(u64::from(loc & !7))
             .ok_or("MSI-X table address overflows")?;
-        paging::map_uncached(table, u64::from(size) * 16).map_err(|_| "cannot map the MSI-X table")?;
+        paging::map_uncached(table, u64::from(size) * 16)
+            .map_err(|_| "cannot map the MSI-X table")?;
         Ok(Msix {
             func,
             cap,

@@ -70,7 +70,9 @@ unsafe fn next_table(entry: *mut u64) -> Result<*mut u64, Error> {
     // SAFETY: the caller guarantees `entry` is a valid table slot.
     let e = unsafe { entry.read_volatile() };
     if e & 1 != 0 {
-        return Ok(core::ptr::with_exposed_provenance_mut((e & ADDR_MASK) as usize));
+        return Ok(core::ptr::with_exposed_provenance_mut(
+            (e & ADDR_MASK) as usize,
+        ));
     }
     let table = alloc_table()?;
     // SAFETY: as above; the new table is zeroed, so it maps nothing yet.
@@ -124,7 +126,9 @@ pub fn map_uncached(addr: u64, len: u64) -> Result<(), Error> {
 fn read_cr3() -> u64 {
     let v: u64;
     // SAFETY: reading CR3 has no side effect (ring 0).
-    unsafe { core::arch::asm!("mov {}, cr3", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("mov {}, cr3", out(reg) v, options(nomem, nostack, preserves_flags))
+    };
     v
 }
 

@@ -35,7 +35,10 @@ pub struct Function {
 
 impl Function {
     fn address(self, off: u8) -> u32 {
-        0x8000_0000 | (u32::from(self.dev) << 11) | (u32::from(self.func) << 8) | u32::from(off & 0xfc)
+        0x8000_0000
+            | (u32::from(self.dev) << 11)
+            | (u32::from(self.func) << 8)
+            | u32::from(off & 0xfc)
     }
 
     /// Reads the dword at `off` (rounded down to a dword boundary).

@@ -40,7 +40,9 @@ pub unsafe fn inb(port: u16) -> u8 {
 pub unsafe fn outl(port: u16, value: u32) {
     // SAFETY: `out` only talks to the device at `port`; the caller vouches
     // for the effect of the write. No stack use, flags preserved.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, preserves_flags))
+    }
 }
 
 /// Reads a dword from an I/O port.
@@ -53,6 +55,8 @@ pub unsafe fn inl(port: u16) -> u32 {
     let value: u32;
     // SAFETY: `in` only talks to the device at `port`; the caller vouches
     // for the effect of the read. No stack use, flags preserved.
-    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nostack, preserves_flags)) }
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nostack, preserves_flags))
+    }
     value
 }

@@ -26,18 +26,15 @@ const POLL_LIMIT: u32 = 1 << 20;
 /// else leaf 0x16 (base frequency in MHz), else measured once against PIT
 /// channel 2. `None` when nothing works.
 pub fn frequency() -> Option<u64> {
-    // SAFETY: CPUID is available on every x86-64 CPU.
-    let max = unsafe { __cpuid(0) }.eax;
+    let max = __cpuid(0).eax;
     if max >= 0x15 {
-        // SAFETY: leaf 0x15 exists (max >= 0x15).
-        let l = unsafe { __cpuid(0x15) };
+        let l = __cpuid(0x15);
         if l.eax != 0 && l.ebx != 0 && l.ecx != 0 {
             return Some(u64::from(l.ecx) * u64::from(l.ebx) / u64::from(l.eax));
         }
     }
     if max >= 0x16 {
-        // SAFETY: leaf 0x16 exists (max >= 0x16).
-        let mhz = unsafe { __cpuid(0x16) }.eax & 0xffff;
+        let mhz = __cpuid(0x16).eax & 0xffff;
         if mhz != 0 {
             return Some(u64::from(mhz) * 1_000_000);
         }

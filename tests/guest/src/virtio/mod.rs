@@ -5,6 +5,8 @@
 //! for each structure: COMMON (1), NOTIFY (2, followed by the notify offset
 //! multiplier), ISR (3) and DEVICE (4). The first capability of each type
 //! wins; the BARs must be memory BARs that the VMM or firmware assigned.
+//! Interrupts come through MSI-X, so the ISR structure is not needed and
+//! not required.
 
 pub mod queue;
 
@@ -56,7 +58,6 @@ const COMMON_LEN: u32 = 0x38;
 const CAP_VENDOR: u8 = 0x09;
 const TYPE_COMMON: u8 = 1;
 const TYPE_NOTIFY: u8 = 2;
-const TYPE_ISR: u8 = 3;
 const TYPE_DEVICE: u8 = 4;
 
 /// Polls of device_status while waiting for a reset to finish.
@@ -72,11 +73,9 @@ struct Region {
 /// A probed virtio-pci function.
 #[derive(Clone, Copy, Debug)]
 pub struct Transport {
-    pub func: Function,
     common: Region,
     notify: Region,
     notify_mult: u32,
-    pub isr: Option<u64>,
     device: Region,
     pub msix: Msix,
 }
@@ -88,6 +87,7 @@ impl Transport {
     /// Walks the capability list, resolves and maps the structures and the
     /// MSI-X table. Reads only configuration space and BAR registers.
     pub fn probe(func: Function) -> Result<Transport, &'static str> {
+        // Indexed by cfg_type (slots 0 and 3, ISR, stay empty).
         let mut found: [Option<CapInfo>; 5] = [None; 5];
         let mut msix_cap = None;
         for (at, id) in func.capabilities() {
@@ -96,13 +96,19 @@ impl Transport {
                     let cfg_type = (func.read32(at) >> 24) as u8;
                     let bar = func.read8(at + 4);
                     let slot = match cfg_type {
-                        TYPE_COMMON | TYPE_NOTIFY | TYPE_ISR | TYPE_DEVICE => &mut found[usize::from(cfg_type)],
+                        TYPE_COMMON | TYPE_NOTIFY | TYPE_DEVICE => {
+                            &mut found[usize::from(cfg_type)]
+                        }
                         _ => continue,
                     };
                     if bar > 5 || slot.is_some() {
                         continue;
                     }
-                    let extra = if cfg_type == TYPE_NOTIFY { func.read32(at + 16) } else { 0 };
+                    let extra = if cfg_type == TYPE_NOTIFY {
+                        func.read32(at + 16)
+                    } else {
+                        0
+                    };
                     *slot = Some((bar, func.read32(at + 8), func.read32(at + 12), extra));
                 }
                 msix::CAP_ID if msix_cap.is_none() => msix_cap = Some(at),
@@ -118,30 +124,33 @@ impl Transport {
             }
             Ok(cached.unwrap_or(0))
         };
-        let mut region = |info: Option<CapInfo>, min: u32, missing: &'static str| -> Result<Region, &'static str> {
+        let mut region = |info: Option<CapInfo>,
+                          min: u32,
+                          missing: &'static str|
+         -> Result<Region, &'static str> {
             let (b, offset, len, _) = info.ok_or(missing)?;
             if len < min {
                 return Err("virtio capability region too short");
             }
-            let addr = bar(b)?.checked_add(u64::from(offset)).ok_or("virtio capability overflows")?;
+            let addr = bar(b)?
+                .checked_add(u64::from(offset))
+                .ok_or("virtio capability overflows")?;
             paging::map_uncached(addr, u64::from(len)).map_err(|_| "cannot map a virtio BAR")?;
             Ok(Region { addr, len })
         };
-        let common = region(found[1], COMMON_LEN, "no virtio common configuration capability")?;
+        let common = region(
+            found[1],
+            COMMON_LEN,
+            "no virtio common configuration capability",
+        )?;
         let notify = region(found[2], 2, "no virtio notify capability")?;
         let device = region(found[4], 8, "no virtio device configuration capability")?;
-        let isr = match found[3] {
-            Some(_) => Some(region(found[3], 1, "")?.addr),
-            None => None,
-        };
         let notify_mult = found[2].map_or(0, |c| c.3);
-        let msix = Msix::probe(func, msix_cap.ok_or("no MSI-X capability")?, |i| bar(i))?;
+        let msix = Msix::probe(func, msix_cap.ok_or("no MSI-X capability")?, bar)?;
         Ok(Transport {
-            func,
             common,
             notify,
             notify_mult,
-            isr,
             device,
             msix,
         })
@@ -239,7 +248,13 @@ impl Transport {
     /// Configures and enables queue `index`: `size` entries, rings at the
     /// given guest-physical addresses, interrupts on MSI-X entry `vector`.
     /// Returns the queue's notify register address.
-    pub fn setup_queue(&self, index: u16, size: u16, rings: [u64; 3], vector: u16) -> Result<u64, &'static str> {
+    pub fn setup_queue(
+        &self,
+        index: u16,
+        size: u16,
+        rings: [u64; 3],
+        vector: u16,
+    ) -> Result<u64, &'static str> {
         self.write16(QUEUE_SELECT, index);
         self.write16(QUEUE_SIZE, size);
         self.write16(QUEUE_MSIX_VECTOR, vector);
@@ -250,7 +265,10 @@ impl Transport {
         if got != vector {
             return Err("queue MSI-X vector reads back wrong");
         }
-        for (off, addr) in [QUEUE_DESC, QUEUE_DRIVER, QUEUE_DEVICE].into_iter().zip(rings) {
+        for (off, addr) in [QUEUE_DESC, QUEUE_DRIVER, QUEUE_DEVICE]
+            .into_iter()
+            .zip(rings)
+        {
             // SAFETY: 64-bit fields inside the mapped common structure; the
             // addresses are the driver's own ring memory.
             unsafe { mmio::write64_split(self.common.addr + off, addr) };
