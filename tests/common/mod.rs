@@ -125,3 +125,54 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// CRC-32 (IEEE 802.3, as zlib computes it).
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut table = [0u32; 256];
+    for (i, t) in table.iter_mut().enumerate() {
+        let mut c = i as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+        *t = c;
+    }
+    !data.iter().fold(!0u32, |c, &b| {
+        table[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8)
+    })
+}
+
+/// The `key=value` fields of the guest's `RINGVM-RESULT` line.
+pub fn result_fields(stdout: &str) -> Option<std::collections::BTreeMap<String, String>> {
+    let line = stdout.lines().find(|l| l.starts_with("RINGVM-RESULT"))?;
+    Some(
+        line.split_whitespace()
+            .skip(1)
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+/// QEMU, if installed; under CI=true its absence fails the test.
+pub fn qemu() -> Option<PathBuf> {
+    let p = PathBuf::from("/usr/bin/qemu-system-x86_64");
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "qemu-system-x86_64 missing and CI=true (.ci/run installs qemu-system-x86)"
+    );
+    eprintln!("skipping: qemu-system-x86_64 is not installed");
+    None
+}
+
+#[test]
+fn crc32_matches_zlib() {
+    assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+    assert_eq!(crc32(b""), 0);
+}

@@ -8,7 +8,9 @@ use vmm::arch::cpuid::FeatureBit;
 use vmm::devices::SerialOutput;
 use vmm::{parse_size, KernelSource, VmConfig};
 
+use crate::vm::Plan;
 use crate::BUILTIN_GUEST;
+use virtio::blk::DiskConfig;
 
 /// ringvm: a KVM virtual machine monitor whose device backends run on io_uring.
 ///
@@ -92,6 +94,18 @@ pub struct RunArgs {
     /// (e.g. `0x7.0.ebx:5`). Comma-separated or repeated.
     #[arg(long, value_name = "FEATURE", value_delimiter = ',')]
     pub cpuid_hide: Vec<String>,
+
+    /// A virtio-blk disk (repeatable):
+    /// `path=PATH[,readonly=on][,direct=on][,queues=N][,queue_size=N][,serial=ID][,iothread=I[:J...]]`.
+    /// `direct=on` opens the file with O_DIRECT; `iothread` lists the
+    /// iothreads its queues are spread over (default: all).
+    #[arg(long, value_name = "path=PATH[,...]")]
+    pub disk: Vec<String>,
+
+    /// Number of iothreads, each one thread running an io_uring executor
+    /// that serves the virtio queues assigned to it.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub iothreads: usize,
 }
 
 fn parse_serial(s: &str) -> Result<SerialOutput> {
@@ -113,8 +127,30 @@ impl RunArgs {
             memory: "512M".into(),
             cpus: 1,
             serial: "stdio".into(),
+            iothreads: 1,
             ..Default::default()
         }
+    }
+
+    /// The whole VM plan: machine, disks, iothreads.
+    pub fn to_plan(&self) -> Result<Plan> {
+        let disks = self
+            .disk
+            .iter()
+            .map(|d| DiskConfig::parse(d))
+            .collect::<Result<Vec<_>, _>>()
+            .context("--disk")?;
+        if self.iothreads == 0 || self.iothreads > 64 {
+            bail!(
+                "--iothreads must be between 1 and 64, not {}",
+                self.iothreads
+            );
+        }
+        Ok(Plan {
+            vm: self.to_config()?,
+            disks,
+            iothreads: self.iothreads,
+        })
     }
 
     pub fn to_config(&self) -> Result<VmConfig> {

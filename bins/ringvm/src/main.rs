@@ -2,6 +2,7 @@
 
 mod cli;
 mod logger;
+mod vm;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -10,7 +11,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use cli::{Cli, Command, RunArgs};
 use vmm::config::format_size;
-use vmm::{exit_code, KernelSource, MachineError};
+use vmm::{exit_code, KernelSource, RunReport};
 
 /// The built-in test guest, built from tests/guest by build.rs.
 pub static BUILTIN_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ringvm-guest.elf"));
@@ -28,48 +29,95 @@ fn error_line(err: &anyhow::Error) {
     eprintln!("{line}");
 }
 
-fn run(args: &RunArgs, announce: bool) -> ExitCode {
-    let config = match args.to_config() {
-        Ok(c) => c,
-        Err(e) => {
-            error_line(&e);
-            return exit(exit_code::BAD_INPUT);
-        }
-    };
-    if announce {
-        eprintln!(
-            "ringvm: booting the built-in guest: {} vCPU, {} RAM, serial on stdout, command line {:?}",
-            config.cpus,
-            format_size(config.memory),
-            config.cmdline
-        );
-    }
-    match vmm::run(&config) {
+/// Runs a plan and prints the one-line stop reason; returns the exit code.
+fn run_plan(plan: &vm::Plan) -> i32 {
+    match vm::run(plan) {
         Ok(report) => {
-            let kernel = match &config.kernel {
-                KernelSource::Builtin(_) => "built-in guest".to_string(),
-                KernelSource::Path(p) => p.display().to_string(),
-            };
-            let _ = std::io::stdout().flush();
-            eprintln!(
-                "ringvm: {} (exit code {}; {kernel}, {}; {:.1} ms)",
-                report.reason,
-                report.reason.exit_code(),
-                report.protocol,
-                report.elapsed.as_secs_f64() * 1e3
-            );
-            exit(report.reason.exit_code())
+            print_stop_line(plan, &report);
+            report.reason.exit_code()
         }
-        Err(e) => {
-            let code = if e.is_bad_input() {
+        Err(f) => {
+            error_line(&f.error);
+            if f.bad_input {
                 exit_code::BAD_INPUT
             } else {
                 exit_code::HOST_ERROR
-            };
-            error_line(&anyhow::Error::new::<MachineError>(e));
-            exit(code)
+            }
         }
     }
+}
+
+fn print_stop_line(plan: &vm::Plan, report: &RunReport) {
+    let kernel = match &plan.vm.kernel {
+        KernelSource::Builtin(_) => "built-in guest".to_string(),
+        KernelSource::Path(p) => p.display().to_string(),
+    };
+    let _ = std::io::stdout().flush();
+    eprintln!(
+        "ringvm: {} (exit code {}; {kernel}, {}; {:.1} ms)",
+        report.reason,
+        report.reason.exit_code(),
+        report.protocol,
+        report.elapsed.as_secs_f64() * 1e3
+    );
+}
+
+fn run(args: &RunArgs) -> ExitCode {
+    match args.to_plan() {
+        Ok(plan) => exit(run_plan(&plan)),
+        Err(e) => {
+            error_line(&e);
+            exit(exit_code::BAD_INPUT)
+        }
+    }
+}
+
+/// Bare `ringvm`: the built-in guest writes a pattern to a temporary disk,
+/// then a second VM reads it back and checks it.
+fn demo() -> ExitCode {
+    const DISK_SIZE: u64 = 16 << 20;
+    let path = std::env::temp_dir().join(format!("ringvm-demo-{}.img", std::process::id()));
+    let created = std::fs::File::create(&path).and_then(|f| f.set_len(DISK_SIZE));
+    if let Err(e) = created {
+        error_line(
+            &anyhow::Error::new(e)
+                .context(format!("creating the temporary disk {}", path.display())),
+        );
+        return exit(exit_code::HOST_ERROR);
+    }
+    let seed = std::process::id() % 1000 + 1;
+    let mut code = 0;
+    for (pass, mode) in ["write", "verify"].iter().enumerate() {
+        let mut args = RunArgs::builtin_default();
+        args.cmdline = format!("blk.mode={mode} blk.bs=4096 blk.qd=8 blk.len=1M blk.seed={seed}");
+        args.disk = vec![format!("path={}", path.display())];
+        let plan = match args.to_plan() {
+            Ok(p) => p,
+            Err(e) => {
+                error_line(&e);
+                code = exit_code::BAD_INPUT;
+                break;
+            }
+        };
+        eprintln!(
+            "ringvm: pass {} of 2: booting the built-in guest ({} vCPU, {} RAM) with a temporary {} disk at {}: {:?}",
+            pass + 1,
+            plan.vm.cpus,
+            format_size(plan.vm.memory),
+            format_size(DISK_SIZE),
+            path.display(),
+            plan.vm.cmdline
+        );
+        code = run_plan(&plan);
+        if code != 0 {
+            break;
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    if code == 0 {
+        eprintln!("ringvm: the guest wrote 1 MiB through virtio-blk and read it back intact");
+    }
+    exit(code)
 }
 
 fn write_builtin(path: &std::path::Path) -> Result<()> {
@@ -108,8 +156,8 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        None => run(&RunArgs::builtin_default(), true),
-        Some(Command::Run(args)) => run(&args, false),
+        None => demo(),
+        Some(Command::Run(args)) => run(&args),
         Some(Command::BuiltinGuest { output }) => match write_builtin(&output) {
             Ok(()) => {
                 eprintln!(

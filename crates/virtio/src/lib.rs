@@ -10,6 +10,7 @@
 pub mod blk;
 pub mod device;
 pub mod msix;
+pub mod ratelimit;
 pub mod transport;
 
 pub use device::{ActivateError, QueueInit, VirtioDevice};

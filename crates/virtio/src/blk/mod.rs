@@ -2,4 +2,11 @@
 //! request parser, and the worker that serves each queue on an io_uring
 //! iothread.
 
+pub mod config;
 pub mod request;
+
+pub use config::{DiskConfig, DiskConfigError};
+pub mod device;
+mod worker;
+
+pub use device::{BlockDevice, BlockDeviceError};

@@ -354,15 +354,19 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn config_write(&mut self, offset: u16, data: &[u8]) {
+        // Message control may be written as a word at cap+2, a byte, or
+        // within a dword at cap+0 (ID and next pointer are read-only).
         let ctrl = self.msix_cap + 2;
-        if offset == ctrl && data.len() >= 2 {
-            self.msix
-                .write_control(u16::from_le_bytes([data[0], data[1]]));
-            return;
-        }
-        if offset == ctrl + 1 && data.len() == 1 {
-            let low = self.msix.control() as u8;
-            self.msix.write_control(u16::from_le_bytes([low, data[0]]));
+        let end = offset + data.len() as u16;
+        if offset < ctrl + 2 && end > ctrl {
+            let mut v = self.msix.control().to_le_bytes();
+            for (i, b) in data.iter().enumerate() {
+                let o = offset + i as u16;
+                if o == ctrl || o == ctrl + 1 {
+                    v[usize::from(o - ctrl)] = *b;
+                }
+            }
+            self.msix.write_control(u16::from_le_bytes(v));
             return;
         }
         let c = self.pci_cfg_cap;

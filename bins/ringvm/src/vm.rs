@@ -1,0 +1,78 @@
+//! The composition root: a VM from the command line's pieces. It only
+//! assembles: the machine from `vmm`, iothreads from `uring-backend`, disks
+//! from `virtio`.
+
+use std::sync::{Arc, Mutex};
+
+use uring_backend::iothread::IoThread;
+use virtio::blk::{BlockDevice, DiskConfig};
+use virtio::transport::VirtioPciDevice;
+use vmm::machine::Machine;
+use vmm::{RunReport, VmConfig};
+
+/// Ring entries per iothread.
+const IOTHREAD_RING_ENTRIES: u32 = 512;
+
+/// A VM to run.
+pub struct Plan {
+    pub vm: VmConfig,
+    pub disks: Vec<DiskConfig>,
+    pub iothreads: usize,
+}
+
+/// A failure, and whether it is the user's input (exit code 2) rather than
+/// the host.
+pub struct Failure {
+    pub bad_input: bool,
+    pub error: anyhow::Error,
+}
+
+fn host(error: impl Into<anyhow::Error>) -> Failure {
+    Failure {
+        bad_input: false,
+        error: error.into(),
+    }
+}
+
+fn input(error: impl Into<anyhow::Error>) -> Failure {
+    Failure {
+        bad_input: true,
+        error: error.into(),
+    }
+}
+
+/// Builds the VM of `plan`, runs it to its stop and reports why.
+pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
+    let mut machine = Machine::build(&plan.vm).map_err(|e| Failure {
+        bad_input: e.is_bad_input(),
+        error: e.into(),
+    })?;
+    // Iothreads exist only when a device needs them.
+    let iothreads: Vec<Arc<IoThread>> = if plan.disks.is_empty() {
+        Vec::new()
+    } else {
+        (0..plan.iothreads)
+            .map(|i| IoThread::spawn(&format!("iothread{i}"), IOTHREAD_RING_ENTRIES).map(Arc::new))
+            .collect::<Result<_, _>>()
+            .map_err(host)?
+    };
+    for (i, disk) in plan.disks.iter().enumerate() {
+        let name = format!("virtio-blk{i}");
+        let dev = BlockDevice::new(&name, disk, &iothreads).map_err(input)?;
+        let pci = VirtioPciDevice::new(
+            &name,
+            Box::new(dev),
+            machine.vm_fd().clone(),
+            machine.interrupts(),
+            machine.memory().clone(),
+        )
+        .map_err(host)?;
+        machine
+            .add_pci_device(&name, Arc::new(Mutex::new(pci)))
+            .map_err(host)?;
+    }
+    // Devices go down with the machine, before their iothreads.
+    let report = machine.run().map_err(host)?;
+    drop(iothreads);
+    Ok(report)
+}

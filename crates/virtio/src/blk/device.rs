@@ -1,0 +1,309 @@
+//! The virtio-blk device: configuration space, features, and starting and
+//! stopping one worker per queue on the iothreads it was given.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use uring_backend::block::{BlockFile, BlockOpenOptions};
+use uring_backend::iothread::IoThread;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::config::DiskConfig;
+use super::request::{RequestLimits, MAX_DISCARD_SEGMENTS, SECTOR_SHIFT, VIRTIO_BLK_ID_BYTES};
+use super::worker::{serve_queue, QueueCtx};
+use crate::device::{
+    ActivateError, QueueInit, VirtioDevice, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use crate::ratelimit::RateLimitedLog;
+
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+pub const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+const CONFIG_SIZE: usize = 0x3c;
+
+/// Errors from creating a block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockDeviceError {
+    #[error("opening disk {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: uring_backend::block::BlockError,
+    },
+    #[error("disk {path} is smaller than one 512-byte sector")]
+    TooSmall { path: String },
+    #[error("disk {path} names iothread {index}, but there are only {count}")]
+    NoSuchIothread {
+        path: String,
+        index: usize,
+        count: usize,
+    },
+}
+
+/// Counts running queue workers; `reset` waits for zero.
+#[derive(Default)]
+pub struct WorkerCount {
+    running: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl WorkerCount {
+    pub(super) fn started(&self) {
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    }
+
+    pub(super) fn finished(&self) {
+        let mut n = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    fn wait_idle(&self) {
+        let mut n = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        while *n > 0 {
+            n = self.idle.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+struct Active {
+    stop: Arc<AtomicBool>,
+    workers: Arc<WorkerCount>,
+    kicks: Vec<EventFd>,
+}
+
+/// A virtio-blk device over a raw file or block device.
+pub struct BlockDevice {
+    name: String,
+    disk: BlockFile,
+    config: DiskConfig,
+    capacity: u64,
+    features: u64,
+    config_space: [u8; CONFIG_SIZE],
+    /// Which iothread serves each queue.
+    queue_threads: Vec<Arc<IoThread>>,
+    active: Option<Active>,
+    log: Arc<RateLimitedLog>,
+}
+
+impl BlockDevice {
+    /// Opens the disk; `iothreads` are all the VM's iothreads, and the
+    /// disk's `iothread=` list (or all of them) serves its queues in turn.
+    pub fn new(
+        name: &str,
+        config: &DiskConfig,
+        iothreads: &[Arc<IoThread>],
+    ) -> Result<BlockDevice, BlockDeviceError> {
+        let path = config.path.display().to_string();
+        let disk = BlockFile::open(
+            &config.path,
+            BlockOpenOptions {
+                readonly: config.readonly,
+                direct: config.direct,
+            },
+        )
+        .map_err(|source| BlockDeviceError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let capacity = disk.size() >> SECTOR_SHIFT;
+        if capacity == 0 {
+            return Err(BlockDeviceError::TooSmall { path });
+        }
+        let pool: Vec<usize> = if config.iothreads.is_empty() {
+            (0..iothreads.len()).collect()
+        } else {
+            config.iothreads.clone()
+        };
+        if let Some(&index) = pool.iter().find(|&&i| i >= iothreads.len()) {
+            return Err(BlockDeviceError::NoSuchIothread {
+                path,
+                index,
+                count: iothreads.len(),
+            });
+        }
+        if pool.is_empty() {
+            return Err(BlockDeviceError::NoSuchIothread {
+                path,
+                index: 0,
+                count: 0,
+            });
+        }
+        let queue_threads = (0..usize::from(config.queues))
+            .map(|q| iothreads[pool[q % pool.len()]].clone())
+            .collect();
+        let discard = disk.supports_discard();
+        let mut features = VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_FLUSH
+            | VIRTIO_BLK_F_WRITE_ZEROES;
+        if config.queues > 1 {
+            features |= VIRTIO_BLK_F_MQ;
+        }
+        if config.readonly {
+            features |= VIRTIO_BLK_F_RO;
+        }
+        if discard {
+            features |= VIRTIO_BLK_F_DISCARD;
+        }
+        let mut dev = BlockDevice {
+            name: name.into(),
+            disk,
+            config: config.clone(),
+            capacity,
+            features,
+            config_space: [0; CONFIG_SIZE],
+            queue_threads,
+            active: None,
+            log: Arc::new(RateLimitedLog::new(name)),
+        };
+        dev.build_config_space();
+        Ok(dev)
+    }
+
+    fn build_config_space(&mut self) {
+        let c = &mut self.config_space;
+        let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
+        put(0x00, &self.capacity.to_le_bytes());
+        // seg_max: a chain holds the header and status besides the data.
+        put(0x0c, &u32::from(self.config.queue_size - 2).to_le_bytes());
+        put(0x14, &512u32.to_le_bytes());
+        put(0x22, &self.config.queues.to_le_bytes());
+        let max_sectors = u32::MAX >> SECTOR_SHIFT;
+        put(0x24, &max_sectors.to_le_bytes());
+        put(0x28, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+        put(0x2c, &1u32.to_le_bytes());
+        put(0x30, &max_sectors.to_le_bytes());
+        put(0x34, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+        put(0x38, &[1]);
+    }
+
+    fn limits(&self) -> RequestLimits {
+        RequestLimits {
+            capacity_sectors: self.capacity,
+            readonly: self.config.readonly,
+            discard: self.features & VIRTIO_BLK_F_DISCARD != 0,
+            write_zeroes: true,
+        }
+    }
+
+    fn id(&self) -> [u8; VIRTIO_BLK_ID_BYTES] {
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
+        if let Some(s) = &self.config.serial {
+            let n = s.len().min(VIRTIO_BLK_ID_BYTES);
+            id[..n].copy_from_slice(&s.as_bytes()[..n]);
+        }
+        id
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+}
+
+impl VirtioDevice for BlockDevice {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![self.config.queue_size; usize::from(self.config.queues)]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let o = offset as usize;
+        match self.config_space.get(o..o + data.len()) {
+            Some(src) => data.copy_from_slice(src),
+            None => data.fill(0),
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only `writeback` (0x20) is writable in virtio-blk, and only with
+        // VIRTIO_BLK_F_CONFIG_WCE, which we do not offer: ringvm is always
+        // write-through to its backend, with flushes made durable.
+        self.log.warn(format_args!(
+            "ignored write of {} bytes to config offset {offset:#x}",
+            data.len()
+        ));
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        features: u64,
+        queues: Vec<QueueInit>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            self.reset();
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers = Arc::new(WorkerCount::default());
+        let mut kicks = Vec::with_capacity(queues.len());
+        for q in queues {
+            kicks.push(q.kick.try_clone().map_err(ActivateError::EventFd)?);
+            let Some(thread) = self.queue_threads.get(usize::from(q.index)).cloned() else {
+                continue;
+            };
+            let ctx = QueueCtx {
+                index: q.index,
+                guard: QueueCtx::worker_guard(&workers),
+                queue: q.queue,
+                kick: q.kick,
+                interrupt: q.interrupt,
+                mem: mem.clone(),
+                disk: self.disk.clone(),
+                limits: self.limits(),
+                id: self.id(),
+                event_idx: features & VIRTIO_RING_F_EVENT_IDX != 0,
+                stop: stop.clone(),
+                log: self.log.clone(),
+            };
+            // If the job never runs (iothread gone), dropping it drops the
+            // context, which marks the worker finished.
+            thread.run_on(Box::new(move |ex| {
+                let ex2 = ex.clone();
+                ex.spawn(serve_queue(ex2, ctx));
+            }));
+        }
+        self.active = Some(Active {
+            stop,
+            workers,
+            kicks,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        active.stop.store(true, Ordering::SeqCst);
+        for k in &active.kicks {
+            let _ = k.write(1);
+        }
+        active.workers.wait_idle();
+        log::debug!("{}: reset, all queue workers stopped", self.name);
+    }
+}
+
+impl Drop for BlockDevice {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}

@@ -1,0 +1,359 @@
+//! One virtio-blk queue served on an io_uring iothread.
+//!
+//! The queue is a future: it keeps one outstanding read on the queue's
+//! ioeventfd; when the driver kicks, it drains the avail ring inside
+//! virtio-queue's disable/enable-notification loop, parses each chain and
+//! starts its I/O on the iothread's ring. Everything started in one turn of
+//! the executor goes to the kernel with one `io_uring_enter`. Completions
+//! write the status, fill the used ring and, once per turn, interrupt the
+//! driver if the used-event rule says so.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use uring_backend::block::BlockFile;
+use uring_backend::executor::Executor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::device::WorkerCount;
+use super::request::{
+    parse, Request, RequestKind, RequestLimits, SECTOR_SHIFT, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, WRITE_ZEROES_FLAG_UNMAP,
+};
+use crate::ratelimit::RateLimitedLog;
+
+/// Decrements the worker count when the queue's context goes away, whether
+/// the worker ran to its end or never started.
+struct WorkerGuard(Arc<WorkerCount>);
+
+impl Drop for WorkerGuard {
+    fn drop(&mut self) {
+        self.0.finished();
+    }
+}
+
+/// Everything a queue worker needs; moved to its iothread.
+pub struct QueueCtx {
+    pub index: u16,
+    pub guard: WorkerGuardToken,
+    pub queue: Queue,
+    pub kick: EventFd,
+    pub interrupt: Option<EventFd>,
+    pub mem: GuestMemoryMmap,
+    pub disk: BlockFile,
+    pub limits: RequestLimits,
+    pub id: [u8; VIRTIO_BLK_ID_BYTES],
+    pub event_idx: bool,
+    pub stop: Arc<AtomicBool>,
+    pub log: Arc<RateLimitedLog>,
+}
+
+impl QueueCtx {
+    /// Counts a worker as started; it counts as finished when the context
+    /// is dropped, whether or not it ever ran.
+    pub fn worker_guard(workers: &Arc<WorkerCount>) -> WorkerGuardToken {
+        workers.started();
+        WorkerGuardToken {
+            _guard: WorkerGuard(workers.clone()),
+        }
+    }
+}
+
+/// Proof that a worker was counted; goes into [`QueueCtx`].
+pub struct WorkerGuardToken {
+    _guard: WorkerGuard,
+}
+
+/// Queue state shared by the queue task and its request tasks.
+struct Shared {
+    queue: Queue,
+    mem: GuestMemoryMmap,
+    interrupt: Option<EventFd>,
+    inflight: usize,
+    notify_scheduled: bool,
+    index: u16,
+    log: Arc<RateLimitedLog>,
+}
+
+impl Shared {
+    /// Returns a finished chain to the driver.
+    fn complete(&mut self, head: u16, len: u32) {
+        if let Err(e) = self.queue.add_used(&self.mem, head, len) {
+            self.log
+                .warn(format_args!("queue {}: add_used: {e}", self.index));
+        }
+    }
+
+    fn notify_if_needed(&mut self) {
+        self.notify_scheduled = false;
+        let needed = match self.queue.needs_notification(&self.mem) {
+            Ok(n) => n,
+            Err(e) => {
+                self.log.warn(format_args!(
+                    "queue {}: reading used_event: {e}",
+                    self.index
+                ));
+                true
+            }
+        };
+        if needed {
+            if let Some(irq) = &self.interrupt {
+                if let Err(e) = irq.write(1) {
+                    self.log.warn(format_args!(
+                        "queue {}: raising the interrupt: {e}",
+                        self.index
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Coalesces interrupts: at most one check per executor turn.
+fn schedule_notify(ex: &Rc<Executor>, shared: &Rc<RefCell<Shared>>) {
+    let mut s = shared.borrow_mut();
+    if s.notify_scheduled {
+        return;
+    }
+    s.notify_scheduled = true;
+    let shared = shared.clone();
+    ex.defer(move || shared.borrow_mut().notify_if_needed());
+}
+
+/// Serves one queue until the device is reset.
+pub async fn serve_queue(ex: Rc<Executor>, ctx: QueueCtx) {
+    let _guard = ctx.guard;
+    let kick = Arc::new(ctx.kick);
+    let mut queue = ctx.queue;
+    queue.set_event_idx(ctx.event_idx);
+    let shared = Rc::new(RefCell::new(Shared {
+        queue,
+        mem: ctx.mem.clone(),
+        interrupt: ctx.interrupt,
+        inflight: 0,
+        notify_scheduled: false,
+        index: ctx.index,
+        log: ctx.log.clone(),
+    }));
+    let disk = Rc::new(ctx.disk);
+    let id = ctx.id;
+    loop {
+        if let Err(e) = ex.read_eventfd(kick.clone()).await {
+            ctx.log.warn(format_args!(
+                "queue {}: reading the kick eventfd: {e}",
+                ctx.index
+            ));
+            break;
+        }
+        if ctx.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        drain_avail(&ex, &shared, &disk, &ctx.limits, &id);
+    }
+    // Reset: let in-flight requests finish before the queue goes back.
+    while shared.borrow().inflight > 0 {
+        if ex.nop().await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Pops every available chain, inside the disable/enable-notification loop.
+fn drain_avail(
+    ex: &Rc<Executor>,
+    shared: &Rc<RefCell<Shared>>,
+    disk: &Rc<BlockFile>,
+    limits: &RequestLimits,
+    id: &[u8; VIRTIO_BLK_ID_BYTES],
+) {
+    let mem = shared.borrow().mem.clone();
+    loop {
+        if let Err(e) = shared.borrow_mut().queue.disable_notification(&mem) {
+            shared
+                .borrow()
+                .log
+                .warn(format_args!("disabling notifications: {e}"));
+            return;
+        }
+        loop {
+            let popped = {
+                let mut s = shared.borrow_mut();
+                let Some(chain) = s.queue.pop_descriptor_chain(&mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                (head, parse(chain, &mem, limits))
+            };
+            match popped {
+                (head, Ok(req)) => {
+                    shared.borrow_mut().inflight += 1;
+                    let task =
+                        run_request(ex.clone(), shared.clone(), disk.clone(), head, req, *id);
+                    ex.spawn(task);
+                }
+                (head, Err((err, status))) => {
+                    shared.borrow().log.warn(format_args!("bad request: {err}"));
+                    let mut s = shared.borrow_mut();
+                    let len = match status {
+                        Some(addr) if mem.write_obj(err.status(), addr).is_ok() => 1,
+                        _ => 0,
+                    };
+                    s.complete(head, len);
+                    drop(s);
+                    schedule_notify(ex, shared);
+                }
+            }
+        }
+        match shared.borrow_mut().queue.enable_notification(&mem) {
+            Ok(true) => continue,
+            Ok(false) => return,
+            Err(e) => {
+                shared
+                    .borrow()
+                    .log
+                    .warn(format_args!("enabling notifications: {e}"));
+                return;
+            }
+        }
+    }
+}
+
+/// Host iovecs for guest segments; None if one leaves guest memory.
+fn iovecs(mem: &GuestMemoryMmap, segs: &[(GuestAddress, u32)]) -> Option<Vec<libc::iovec>> {
+    segs.iter()
+        .map(|&(addr, len)| {
+            let slice = mem.get_slice(addr, len as usize).ok()?;
+            Some(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: len as usize,
+            })
+        })
+        .collect()
+}
+
+fn io_status(e: &std::io::Error) -> u8 {
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => VIRTIO_BLK_S_UNSUPP,
+        _ => VIRTIO_BLK_S_IOERR,
+    }
+}
+
+/// Carries out one request; returns (status, bytes written to the driver).
+async fn execute(
+    ex: &Rc<Executor>,
+    disk: &BlockFile,
+    mem: &GuestMemoryMmap,
+    req: &Request,
+    id: &[u8; VIRTIO_BLK_ID_BYTES],
+) -> Result<u32, (u8, String)> {
+    let offset = req.sector << SECTOR_SHIFT;
+    let err = |what: &str, e: std::io::Error| {
+        (
+            io_status(&e),
+            format!("{what} at sector {}: {e}", req.sector),
+        )
+    };
+    match &req.kind {
+        RequestKind::Read | RequestKind::Write => {
+            let iov = iovecs(mem, &req.data)
+                .ok_or((VIRTIO_BLK_S_IOERR, "data outside guest memory".to_string()))?;
+            let keep = Box::new(mem.clone());
+            let done = if req.kind == RequestKind::Read {
+                disk.readv(ex, offset, iov, keep)
+                    .await
+                    .map_err(|e| err("read", e))?
+            } else {
+                disk.writev(ex, offset, iov, keep)
+                    .await
+                    .map_err(|e| err("write", e))?
+            };
+            if done as u64 != req.data_len {
+                return Err((
+                    VIRTIO_BLK_S_IOERR,
+                    format!(
+                        "short transfer at sector {}: {done} of {}",
+                        req.sector, req.data_len
+                    ),
+                ));
+            }
+            Ok(if req.kind == RequestKind::Read {
+                req.data_len as u32
+            } else {
+                0
+            })
+        }
+        RequestKind::Flush => {
+            disk.flush(ex).await.map_err(|e| err("flush", e))?;
+            Ok(0)
+        }
+        RequestKind::GetId => {
+            let mut written = 0u32;
+            for &(addr, len) in &req.data {
+                let n = (len as usize).min(VIRTIO_BLK_ID_BYTES - written as usize);
+                mem.write_slice(&id[written as usize..written as usize + n], addr)
+                    .map_err(|e| (VIRTIO_BLK_S_IOERR, format!("writing the ID: {e}")))?;
+                written += n as u32;
+                if written as usize == VIRTIO_BLK_ID_BYTES {
+                    break;
+                }
+            }
+            Ok(written)
+        }
+        RequestKind::Discard(segs) => {
+            for &(sector, sectors, _) in segs {
+                disk.discard(
+                    ex,
+                    sector << SECTOR_SHIFT,
+                    u64::from(sectors) << SECTOR_SHIFT,
+                )
+                .await
+                .map_err(|e| err("discard", e))?;
+            }
+            Ok(0)
+        }
+        RequestKind::WriteZeroes(segs) => {
+            for &(sector, sectors, flags) in segs {
+                disk.write_zeroes(
+                    ex,
+                    sector << SECTOR_SHIFT,
+                    u64::from(sectors) << SECTOR_SHIFT,
+                    flags & WRITE_ZEROES_FLAG_UNMAP != 0,
+                )
+                .await
+                .map_err(|e| err("write-zeroes", e))?;
+            }
+            Ok(0)
+        }
+    }
+}
+
+async fn run_request(
+    ex: Rc<Executor>,
+    shared: Rc<RefCell<Shared>>,
+    disk: Rc<BlockFile>,
+    head: u16,
+    req: Request,
+    id: [u8; VIRTIO_BLK_ID_BYTES],
+) {
+    let mem = shared.borrow().mem.clone();
+    let (status, written) = match execute(&ex, &disk, &mem, &req, &id).await {
+        Ok(n) => (VIRTIO_BLK_S_OK, n),
+        Err((status, msg)) => {
+            shared.borrow().log.warn(format_args!("{msg}"));
+            (status, 0)
+        }
+    };
+    let mut s = shared.borrow_mut();
+    let len = match mem.write_obj(status, req.status) {
+        Ok(()) => written + 1,
+        Err(_) => 0,
+    };
+    s.complete(head, len);
+    s.inflight -= 1;
+    drop(s);
+    schedule_notify(&ex, &shared);
+}

@@ -1,0 +1,313 @@
+//! virtio-blk end to end: the built-in guest's virtio-pci driver against
+//! ringvm's device on io_uring and real files, and the same guest against
+//! QEMU's virtio-blk-pci as an independent check of the driver.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{
+    crc32, kvm_available, qemu, result_fields, run_command, run_ringvm, Outcome, TempDir,
+};
+
+const DEADLINE: Duration = Duration::from_secs(300);
+
+fn disk(dir: &TempDir, name: &str, size: u64) -> PathBuf {
+    let p = dir.path().join(name);
+    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+    p
+}
+
+/// Boots the built-in guest on ringvm with `disks` and `cmdline`.
+fn ringvm_guest(
+    disks: &[String],
+    extra: &[&str],
+    cmdline: &str,
+) -> (Outcome, BTreeMap<String, String>) {
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--kernel".into(),
+        "builtin".into(),
+        "--memory".into(),
+        "128M".into(),
+    ];
+    for d in disks {
+        args.push("--disk".into());
+        args.push(d.clone());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push("--cmdline".into());
+    args.push(cmdline.into());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_ringvm(&argv, DEADLINE);
+    let fields =
+        result_fields(&out.stdout).unwrap_or_else(|| panic!("no RINGVM-RESULT line: {out:#?}"));
+    (out, fields)
+}
+
+fn path_disk(p: &Path) -> String {
+    format!("path={}", p.display())
+}
+
+#[test]
+fn guest_writes_a_pattern_and_a_second_vm_verifies_it() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-wv");
+    let d = disk(&dir, "d0.img", 8 << 20);
+    let (out, f) = ringvm_guest(
+        &[path_disk(&d)],
+        &[],
+        "blk.mode=write blk.bs=4096 blk.qd=4 blk.len=1M blk.seed=7 blk.flush=1",
+    );
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert_eq!(
+        (
+            f["mode"].as_str(),
+            f["errors"].as_str(),
+            f["bytes"].as_str()
+        ),
+        ("write", "0", "1048576"),
+        "{f:?}"
+    );
+    let (out, f) = ringvm_guest(
+        &[path_disk(&d)],
+        &[],
+        "blk.mode=verify blk.bs=4096 blk.qd=4 blk.len=1M blk.seed=7",
+    );
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert_eq!(f["errors"], "0", "{f:?}");
+    // A different seed does not verify: the check can fail.
+    let (out, f) = ringvm_guest(
+        &[path_disk(&d)],
+        &[],
+        "blk.mode=verify blk.bs=4096 blk.qd=4 blk.len=64K blk.seed=8",
+    );
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert_ne!(f["errors"], "0", "{f:?}");
+}
+
+#[test]
+fn guest_crc_equals_the_host_crc_of_the_file() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-crc");
+    let d = dir.path().join("d0.img");
+    let data: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&d, &data).unwrap();
+    for (qd, bs) in [(1, 4096), (8, 16384)] {
+        let cmd = format!("blk.mode=crc blk.bs={bs} blk.qd={qd} blk.offset=4096 blk.len=512K");
+        let (out, f) = ringvm_guest(&[path_disk(&d)], &[], &cmd);
+        assert_eq!(out.code, Some(0), "{out:#?}");
+        assert_eq!(
+            f["crc32"],
+            format!("{:08x}", crc32(&data[4096..4096 + (512 << 10)])),
+            "{f:?}"
+        );
+    }
+}
+
+#[test]
+fn multi_queue_disks_on_several_iothreads() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-mq");
+    let d0 = disk(&dir, "d0.img", 4 << 20);
+    let d1 = disk(&dir, "d1.img", 4 << 20);
+    let disks = [
+        format!("{},queues=4,iothread=0:1", path_disk(&d0)),
+        format!("{},queues=2,serial=second", path_disk(&d1)),
+    ];
+    for dev in 0..2 {
+        let cmd = format!("blk.dev={dev} blk.queues=2 blk.mode=randwrite blk.qd=8 blk.count=200 blk.len=1M blk.seed={}", dev + 3);
+        let (out, f) = ringvm_guest(&disks, &["--iothreads", "2"], &cmd);
+        assert_eq!(out.code, Some(0), "{out:#?}");
+        assert_eq!(
+            (
+                f["errors"].as_str(),
+                f["ops"].as_str(),
+                f["queues"].as_str()
+            ),
+            ("0", "200", "2"),
+            "{f:?}"
+        );
+    }
+    // Sequential write of the whole range on both disks, then verify each
+    // with all of its queues.
+    for (dev, queues) in [(0, 4), (1, 2)] {
+        let cmd = format!(
+            "blk.dev={dev} blk.queues={queues} blk.mode=write blk.qd=16 blk.len=1M blk.seed=11"
+        );
+        let (out, _) = ringvm_guest(&disks, &["--iothreads", "2"], &cmd);
+        assert_eq!(out.code, Some(0), "{out:#?}");
+        let cmd = format!(
+            "blk.dev={dev} blk.queues={queues} blk.mode=verify blk.qd=16 blk.len=1M blk.seed=11"
+        );
+        let (out, f) = ringvm_guest(&disks, &["--iothreads", "2"], &cmd);
+        assert_eq!((out.code, f["errors"].as_str()), (Some(0), "0"), "{out:#?}");
+    }
+}
+
+#[test]
+fn read_only_disk_fails_guest_writes_and_the_vm_carries_on() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-ro");
+    let d = disk(&dir, "ro.img", 1 << 20);
+    let (out, f) = ringvm_guest(
+        &[format!("{},readonly=on", path_disk(&d))],
+        &[],
+        "blk.mode=write blk.qd=2 blk.len=64K blk.seed=1",
+    );
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert_eq!(f["errors"], "16", "every write failed: {f:?}");
+    assert!(
+        std::fs::read(&d).unwrap().iter().all(|&b| b == 0),
+        "nothing reached the file"
+    );
+}
+
+#[test]
+fn acknowledged_and_flushed_writes_survive_killing_the_vmm() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-kill");
+    let d = disk(&dir, "d.img", 2 << 20);
+    // The guest writes, flushes, reports, then spins until killed.
+    let mut child = Command::new(common::ringvm_bin())
+        .args([
+            "run",
+            "--kernel",
+            "builtin",
+            "--memory",
+            "128M",
+            "--disk",
+            &path_disk(&d),
+            "--cmdline",
+        ])
+        .arg("blk.mode=write blk.qd=4 blk.len=256K blk.seed=21 blk.flush=1 blk.hang=1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        assert!(n > 0, "guest output ended before its result line");
+        if line.starts_with("RINGVM-RESULT") {
+            break;
+        }
+    }
+    assert!(line.contains("errors=0"), "{line}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (out, f) = ringvm_guest(
+        &[path_disk(&d)],
+        &[],
+        "blk.mode=verify blk.qd=4 blk.len=256K blk.seed=21",
+    );
+    assert_eq!((out.code, f["errors"].as_str()), (Some(0), "0"), "{out:#?}");
+}
+
+/// The same guest against QEMU's virtio-blk-pci (TCG, SeaBIOS assigns
+/// BARs). QEMU's exit code is (status << 1) | 1.
+fn qemu_guest(
+    qemu: &Path,
+    guest: &Path,
+    disks: &[(&Path, &str)],
+    cmdline: &str,
+) -> (i32, BTreeMap<String, String>) {
+    let mut cmd = Command::new(qemu);
+    cmd.args([
+        "-M",
+        "pc",
+        "-accel",
+        "tcg",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-m",
+        "128M",
+    ])
+    .args([
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-kernel",
+    ])
+    .arg(guest)
+    .args(["-append", cmdline]);
+    for (i, (p, props)) in disks.iter().enumerate() {
+        cmd.arg("-drive")
+            .arg(format!("if=none,id=d{i},file={},format=raw", p.display()));
+        cmd.arg("-device")
+            .arg(format!("virtio-blk-pci,drive=d{i}{props}"));
+    }
+    let out = run_command(&mut cmd, DEADLINE);
+    let f = result_fields(&out.stdout)
+        .unwrap_or_else(|| panic!("no RINGVM-RESULT from QEMU: {out:#?}"));
+    (out.code.unwrap_or(-1), f)
+}
+
+#[test]
+fn the_guest_driver_passes_the_same_workloads_on_qemu_virtio_blk() {
+    let Some(qemu) = qemu() else { return };
+    let dir = TempDir::new("blk-qemu");
+    let guest = dir.path().join("guest.elf");
+    let w = run_ringvm(
+        &["builtin-guest", "--output", guest.to_str().unwrap()],
+        DEADLINE,
+    );
+    assert_eq!(w.code, Some(0));
+    let d = disk(&dir, "q.img", 4 << 20);
+    let (code, f) = qemu_guest(
+        &qemu,
+        &guest,
+        &[(&d, "")],
+        "blk.mode=write blk.qd=8 blk.len=1M blk.seed=5 blk.flush=1",
+    );
+    assert_eq!((code, f["errors"].as_str()), (1, "0"), "{f:?}");
+    let (code, f) = qemu_guest(
+        &qemu,
+        &guest,
+        &[(&d, ",num-queues=4")],
+        "blk.mode=verify blk.queues=4 blk.qd=8 blk.len=1M blk.seed=5",
+    );
+    assert_eq!((code, f["errors"].as_str()), (1, "0"), "{f:?}");
+    let data = std::fs::read(&d).unwrap();
+    let (code, f) = qemu_guest(
+        &qemu,
+        &guest,
+        &[(&d, ",event_idx=off,indirect_desc=off")],
+        "blk.mode=crc blk.qd=4 blk.len=1M",
+    );
+    assert_eq!(code, 1);
+    assert_eq!(
+        f["crc32"],
+        format!("{:08x}", crc32(&data[..1 << 20])),
+        "{f:?}"
+    );
+    // And what QEMU wrote verifies on ringvm.
+    if kvm_available() {
+        let (out, f) = ringvm_guest(
+            &[path_disk(&d)],
+            &[],
+            "blk.mode=verify blk.qd=8 blk.len=1M blk.seed=5",
+        );
+        assert_eq!((out.code, f["errors"].as_str()), (Some(0), "0"), "{out:#?}");
+    }
+}
