@@ -1,0 +1,453 @@
+//! A single-threaded executor driven by one io_uring.
+//!
+//! One turn of [`Executor::run`]:
+//! 1. poll the tasks that are ready (a bounded number),
+//! 2. run the callbacks queued with [`Executor::defer`],
+//! 3. one `io_uring_enter` that submits every SQE queued during the turn
+//!    and, unless a task is already ready again, waits for a completion,
+//! 4. reap every CQE, which completes operations and wakes their tasks.
+//!
+//! Tasks are local (`!Send`); wakers are `Send + Sync` and may be woken from
+//! any thread (see `task.rs`).
+
+mod buffers;
+mod op;
+pub(crate) mod ops;
+mod setup;
+mod task;
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use io_uring::{opcode, types, IoUring};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::slab::Slab;
+use buffers::FixedBuffers;
+use op::OpSlot;
+pub use setup::{Opcodes, RingSetup};
+use task::{Task, TaskWaker, WakeShared};
+
+/// Largest number of task polls in one turn before the executor goes back
+/// to the kernel, so a busy set of tasks cannot starve I/O.
+const POLL_BUDGET: usize = 1024;
+
+/// Errors from setting up or running the executor.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    #[error("creating an io_uring with {entries} entries")]
+    Setup {
+        entries: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("enabling the io_uring after restricting it")]
+    EnableRings(#[source] io::Error),
+    #[error("creating the executor's wake eventfd")]
+    WakeEventFd(#[source] io::Error),
+    #[error("io_uring_enter failed")]
+    Enter(#[source] io::Error),
+    #[error("the executor is already running")]
+    AlreadyRunning,
+    #[error("{count} fixed buffers are more than io_uring allows ({max})")]
+    TooManyBuffers { count: usize, max: usize },
+    #[error("registering {count} fixed buffers ({bytes} bytes)")]
+    RegisterBuffers {
+        count: usize,
+        bytes: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("unregistering fixed buffers")]
+    UnregisterBuffers(#[source] io::Error),
+}
+
+/// Counters for benchmarks; written by the executor's thread only, read
+/// from anywhere.
+#[derive(Debug, Default)]
+pub struct ExecutorStats {
+    turns: AtomicU64,
+    enters: AtomicU64,
+    sqes_submitted: AtomicU64,
+    cqes_reaped: AtomicU64,
+}
+
+/// A copy of [`ExecutorStats`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub turns: u64,
+    pub enters: u64,
+    pub sqes_submitted: u64,
+    pub cqes_reaped: u64,
+}
+
+/// Single writer: a load and a store, no read-modify-write.
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(n),
+        Ordering::Relaxed,
+    );
+}
+
+impl ExecutorStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            turns: self.turns.load(Ordering::Relaxed),
+            enters: self.enters.load(Ordering::Relaxed),
+            sqes_submitted: self.sqes_submitted.load(Ordering::Relaxed),
+            cqes_reaped: self.cqes_reaped.load(Ordering::Relaxed),
+        }
+    }
+
+    fn add_cqes(&self, n: u64) {
+        bump(&self.cqes_reaped, n);
+    }
+}
+
+/// Stops an executor from any thread.
+#[derive(Clone)]
+pub struct StopHandle(Arc<WakeShared>);
+
+impl StopHandle {
+    /// Makes the executor's current (or next) [`Executor::run`] return
+    /// after its current turn.
+    pub fn stop(&self) {
+        self.0.request_stop();
+    }
+}
+
+/// The io_uring executor of one thread.
+pub struct Executor {
+    ring: RefCell<IoUring>,
+    setup: RingSetup,
+    ops: RefCell<Slab<OpSlot>>,
+    /// Ops whose CQE has not arrived yet.
+    inflight: Cell<usize>,
+    tasks: RefCell<Slab<Task>>,
+    shared: Arc<WakeShared>,
+    /// Ready keys being polled this turn.
+    polling: RefCell<VecDeque<u64>>,
+    /// The outstanding read on the wake eventfd, if armed.
+    wake_key: Cell<Option<u64>>,
+    deferred: RefCell<Vec<Box<dyn FnOnce()>>>,
+    buffers: RefCell<FixedBuffers>,
+    stats: Arc<ExecutorStats>,
+    running: Cell<bool>,
+    shutting_down: Cell<bool>,
+}
+
+impl Executor {
+    /// Sets up an io_uring with `entries` submission entries, restricted to
+    /// the executor's opcodes where the kernel allows it. Must be called on
+    /// the thread that will run the executor (the ring is single-issuer).
+    pub fn new(entries: u32) -> Result<Rc<Executor>, ExecutorError> {
+        let (ring, setup) = setup::create(entries)?;
+        let wake_fd = EventFd::new(EFD_NONBLOCK).map_err(ExecutorError::WakeEventFd)?;
+        log::debug!("io_uring executor: {setup:?}");
+        Ok(Rc::new(Executor {
+            ring: RefCell::new(ring),
+            setup,
+            ops: RefCell::new(Slab::new()),
+            inflight: Cell::new(0),
+            tasks: RefCell::new(Slab::new()),
+            shared: Arc::new(WakeShared::new(wake_fd)),
+            polling: RefCell::new(VecDeque::new()),
+            wake_key: Cell::new(None),
+            deferred: RefCell::new(Vec::new()),
+            buffers: RefCell::new(FixedBuffers::default()),
+            stats: Arc::new(ExecutorStats::default()),
+            running: Cell::new(false),
+            shutting_down: Cell::new(false),
+        }))
+    }
+
+    /// How the ring was set up.
+    pub fn setup(&self) -> &RingSetup {
+        &self.setup
+    }
+
+    pub fn stats(&self) -> Arc<ExecutorStats> {
+        self.stats.clone()
+    }
+
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.shared.clone())
+    }
+
+    /// Makes [`Executor::run`] return at the end of this turn.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Number of operations whose completion has not been reaped yet (not
+    /// counting the executor's own read on its wake eventfd).
+    pub fn inflight(&self) -> usize {
+        self.inflight.get() - usize::from(self.wake_key.get().is_some())
+    }
+
+    /// Number of tasks that have not finished.
+    pub fn task_count(&self) -> usize {
+        self.tasks.borrow().len()
+    }
+
+    /// Runs `fut` as a task of this executor.
+    pub fn spawn(&self, fut: impl Future<Output = ()> + 'static) {
+        let key = self.tasks.borrow_mut().insert(Task {
+            future: Some(Box::pin(fut)),
+            waker: None,
+        });
+        let tw = TaskWaker::new(key, self.shared.clone());
+        let waker = Waker::from(tw.clone());
+        if let Some(task) = self.tasks.borrow_mut().get_mut(key) {
+            task.waker = Some((tw, waker));
+        }
+        self.shared.ready().push_back(key);
+    }
+
+    /// Runs `f` after the ready tasks of this turn, before the executor
+    /// goes to the kernel.
+    pub fn defer(&self, f: impl FnOnce() + 'static) {
+        self.deferred.borrow_mut().push(Box::new(f));
+    }
+
+    /// Runs tasks and I/O until [`Executor::stop`] or a [`StopHandle`]
+    /// asks it to return.
+    pub fn run(&self) -> Result<(), ExecutorError> {
+        if self.running.replace(true) {
+            return Err(ExecutorError::AlreadyRunning);
+        }
+        let result = self.run_loop();
+        self.shared.stop.store(false, Ordering::SeqCst);
+        self.running.set(false);
+        result
+    }
+
+    fn stopping(&self) -> bool {
+        self.shared.stop.load(Ordering::SeqCst)
+    }
+
+    fn run_loop(&self) -> Result<(), ExecutorError> {
+        if self.wake_key.get().is_none() {
+            self.arm_wake();
+        }
+        while !self.stopping() {
+            bump(&self.stats.turns, 1);
+            self.poll_ready();
+            self.run_deferred();
+            if self.stopping() {
+                break;
+            }
+            // Announce the sleep, then look at the ready queue (see
+            // `TaskWaker::wake_by_ref` for the other side).
+            self.shared.sleeping.store(true, Ordering::SeqCst);
+            let idle = self.shared.ready().is_empty() && !self.stopping();
+            let entered = self.enter(usize::from(idle));
+            self.shared.sleeping.store(false, Ordering::SeqCst);
+            entered.map_err(ExecutorError::Enter)?;
+            self.reap();
+        }
+        Ok(())
+    }
+
+    /// One `io_uring_enter`: submits everything queued and waits for
+    /// `want` completions. Interruptions and a full completion queue are
+    /// not errors: the caller reaps and comes back.
+    fn enter(&self, want: usize) -> io::Result<usize> {
+        bump(&self.stats.enters, 1);
+        let res = self.ring.borrow().submit_and_wait(want);
+        match res {
+            Ok(n) => {
+                bump(&self.stats.sqes_submitted, n as u64);
+                Ok(n)
+            }
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                ) =>
+            {
+                Ok(0)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn poll_ready(&self) {
+        let mut budget = POLL_BUDGET;
+        let mut polling = self.polling.borrow_mut();
+        loop {
+            {
+                let mut ready = self.shared.ready();
+                if ready.is_empty() {
+                    return;
+                }
+                std::mem::swap(&mut *ready, &mut *polling);
+            }
+            while let Some(key) = polling.pop_front() {
+                if budget == 0 {
+                    // Leave the rest, in order, for the next turn.
+                    let mut ready = self.shared.ready();
+                    while let Some(k) = polling.pop_back() {
+                        ready.push_front(k);
+                    }
+                    return;
+                }
+                budget -= 1;
+                self.poll_task(key);
+            }
+        }
+    }
+
+    fn poll_task(&self, key: u64) {
+        let taken = {
+            let mut tasks = self.tasks.borrow_mut();
+            let Some(task) = tasks.get_mut(key) else {
+                return;
+            };
+            match (task.future.take(), task.waker.take()) {
+                (Some(f), Some(w)) => (f, w),
+                (f, w) => {
+                    task.future = f;
+                    task.waker = w;
+                    return;
+                }
+            }
+        };
+        let (mut future, (tw, waker)) = taken;
+        tw.clear_queued();
+        let mut cx = Context::from_waker(&waker);
+        let done = future.as_mut().poll(&mut cx).is_ready();
+        if done {
+            let finished = self.tasks.borrow_mut().remove(key);
+            drop(finished);
+            drop(future);
+        } else if let Some(task) = self.tasks.borrow_mut().get_mut(key) {
+            task.future = Some(future);
+            task.waker = Some((tw, waker));
+        }
+    }
+
+    fn run_deferred(&self) {
+        loop {
+            let batch = std::mem::take(&mut *self.deferred.borrow_mut());
+            if batch.is_empty() {
+                return;
+            }
+            for f in batch {
+                f();
+            }
+        }
+    }
+
+    /// Keeps one read outstanding on the wake eventfd, so that a wake from
+    /// another thread ends a blocked `io_uring_enter`.
+    fn arm_wake(&self) {
+        if self.shutting_down.get() {
+            return;
+        }
+        let fd = self.shared.fd.clone();
+        let owned = Box::new((fd, 0u64));
+        let res = self.submit_detached(owned, |(fd, buf)| {
+            opcode::Read::new(
+                types::Fd(std::os::fd::AsRawFd::as_raw_fd(&**fd)),
+                (buf as *mut u64).cast(),
+                8,
+            )
+            .build()
+        });
+        match res {
+            Ok(key) => self.wake_key.set(Some(key)),
+            Err(e) => log::warn!("arming the executor's wake eventfd: {e}"),
+        }
+    }
+
+    fn wake_rearm_ok(&self, res: i32) -> bool {
+        if res >= 0 || res == -libc::EINTR || res == -libc::EAGAIN {
+            return true;
+        }
+        if res != -libc::ECANCELED {
+            log::warn!(
+                "reading the executor's wake eventfd: {}",
+                io::Error::from_raw_os_error(-res)
+            );
+        }
+        false
+    }
+
+    /// Drops every task, cancels every operation still in the kernel and
+    /// waits for their completions, so that nothing the kernel may still
+    /// touch is freed. Breaks the `Rc` cycles of tasks that hold the
+    /// executor. Called by `Drop`, and by iothreads after `run`.
+    pub fn shutdown(&self) {
+        self.shutting_down.set(true);
+        loop {
+            let keys = self.tasks.borrow().keys();
+            if keys.is_empty() {
+                break;
+            }
+            for key in keys {
+                let task = self.tasks.borrow_mut().remove(key);
+                drop(task);
+            }
+        }
+        self.deferred.borrow_mut().clear();
+        self.shared.ready().clear();
+        let pending: Vec<u64> = {
+            let ops = self.ops.borrow();
+            ops.keys()
+        };
+        for key in pending {
+            let waiting = matches!(
+                self.ops.borrow_mut().get_mut(key).map(|s| &s.state),
+                Some(op::OpState::Pending(_) | op::OpState::Detached)
+            );
+            if waiting {
+                self.cancel(key);
+            }
+        }
+        self.wake_key.set(None);
+        while self.inflight.get() > 0 {
+            if let Err(e) = self.enter(1) {
+                log::error!(
+                    "io_uring_enter while draining: {e}; leaking {} in-flight ops",
+                    self.inflight.get()
+                );
+                let ops = std::mem::replace(&mut *self.ops.borrow_mut(), Slab::new());
+                std::mem::forget(ops);
+                self.inflight.set(0);
+                break;
+            }
+            self.reap();
+        }
+        self.shutting_down.set(false);
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A future that is ready on its second poll: lets other ready tasks and
+/// I/O run.
+pub fn yield_now() -> impl Future<Output = ()> {
+    let mut yielded = false;
+    std::future::poll_fn(move |cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,93 @@
+//! Tests that need the executor's internals.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::rc::Rc;
+
+use io_uring::{opcode, types};
+
+use super::Executor;
+
+fn block_on<T: 'static>(ex: &Rc<Executor>, fut: impl Future<Output = T> + 'static) -> T {
+    let out = Rc::new(RefCell::new(None));
+    let (o, ex2) = (out.clone(), ex.clone());
+    ex.spawn(async move {
+        *o.borrow_mut() = Some(fut.await);
+        ex2.stop();
+    });
+    ex.run().expect("run");
+    let v = out.borrow_mut().take();
+    v.expect("the task finished")
+}
+
+#[test]
+fn restricted_ring_refuses_other_opcodes() {
+    let ex = Executor::new(8).expect("executor");
+    if !ex.setup().restricted {
+        eprintln!("note: this kernel does not restrict rings; nothing to check");
+        return;
+    }
+    assert!(ex.setup().opcodes.readv && ex.setup().opcodes.nop);
+    let ex2 = ex.clone();
+    let res = block_on(&ex, async move {
+        // Close is not among the executor's opcodes.
+        let op = ex2.submit_op(Box::new(()), |_| opcode::Close::new(types::Fd(-1)).build());
+        op.await.0
+    });
+    assert_eq!(res, -libc::EACCES);
+    // Buffer registration is still allowed.
+    let buf = crate::memory::IoBuf::new(4096);
+    match ex.register_buffers(&[(buf.as_ptr(), buf.len())]) {
+        Ok(()) => ex.unregister_buffers().expect("unregister"),
+        Err(super::ExecutorError::RegisterBuffers { source, .. }) => {
+            assert_ne!(
+                source.raw_os_error(),
+                Some(libc::EACCES),
+                "restrictions must allow registration"
+            )
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn completed_but_uncollected_ops_are_freed_when_dropped() {
+    let ex = Executor::new(8).expect("executor");
+    let ex2 = ex.clone();
+    block_on(&ex, async move {
+        let token = Rc::new(());
+        let weak = Rc::downgrade(&token);
+        let op = ex2.submit_op(Box::new(token), |_| opcode::Nop::new().build());
+        // Let the nop complete without polling its future.
+        ex2.nop().await.expect("nop");
+        while ex2.inflight() > 0 {
+            ex2.nop().await.expect("nop");
+        }
+        assert!(weak.upgrade().is_some(), "the result waits for its future");
+        drop(op);
+        assert!(weak.upgrade().is_none());
+        assert_eq!(
+            ex2.ops.borrow().len(),
+            usize::from(ex2.wake_key.get().is_some())
+        );
+    });
+}
+
+#[test]
+fn many_ops_in_one_turn_overflow_the_submission_queue_gracefully() {
+    // 4 SQ entries; 64 nops queued in one turn force early submissions.
+    let ex = Executor::new(4).expect("executor");
+    let ex2 = ex.clone();
+    let results = block_on(&ex, async move {
+        let futs: Vec<_> = (0..64).map(|_| ex2.nop()).collect();
+        let mut ok = 0;
+        for f in futs {
+            if f.await.is_ok() {
+                ok += 1;
+            }
+        }
+        ok
+    });
+    assert_eq!(results, 64);
+    assert_eq!(ex.inflight(), 0);
+}
