@@ -106,6 +106,11 @@ pub struct RunArgs {
     /// that serves the virtio queues assigned to it.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub iothreads: usize,
+
+    /// When the VM stops, print each iothread's CPU time and io_uring
+    /// counters (turns, io_uring_enter calls, SQEs, CQEs) on stderr.
+    #[arg(long)]
+    pub iothread_stats: bool,
 }
 
 fn parse_serial(s: &str) -> Result<SerialOutput> {
@@ -150,6 +155,7 @@ impl RunArgs {
             vm: self.to_config()?,
             disks,
             iothreads: self.iothreads,
+            iothread_stats: self.iothread_stats,
         })
     }
 

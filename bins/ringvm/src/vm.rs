@@ -18,6 +18,8 @@ pub struct Plan {
     pub vm: VmConfig,
     pub disks: Vec<DiskConfig>,
     pub iothreads: usize,
+    /// Print each iothread's CPU time and ring counters when the VM stops.
+    pub iothread_stats: bool,
 }
 
 /// A failure, and whether it is the user's input (exit code 2) rather than
@@ -73,6 +75,20 @@ pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
     }
     // Devices go down with the machine, before their iothreads.
     let report = machine.run().map_err(host)?;
+    if plan.iothread_stats {
+        for t in &iothreads {
+            let s = t.stats();
+            eprintln!(
+                "ringvm: {}: cpu_us={} turns={} io_uring_enter={} sqes={} cqes={}",
+                t.name(),
+                t.cpu_time().as_micros(),
+                s.turns,
+                s.enters,
+                s.sqes_submitted,
+                s.cqes_reaped
+            );
+        }
+    }
     drop(iothreads);
     Ok(report)
 }

@@ -1,6 +1,6 @@
 //! The `--disk` option, shared by `ringvm run` and the `ringvm-blk` daemon:
-//! `path=PATH[,readonly=on|off][,direct=on|off][,queues=N][,queue_size=N]
-//! [,serial=ID][,iothread=I[:J...]]`.
+//! `path=PATH[,readonly=on|off][,direct=on|off][,fixed_buffers=on|off]
+//! [,queues=N][,queue_size=N][,serial=ID][,iothread=I[:J...]]`.
 
 use std::path::PathBuf;
 
@@ -22,6 +22,9 @@ pub struct DiskConfig {
     pub serial: Option<String>,
     /// The iothreads its queues go to, round-robin; empty = all, spread.
     pub iothreads: Vec<usize>,
+    /// Register guest RAM with each serving iothread's io_uring as fixed
+    /// buffers (pins, and so allocates, all of guest RAM).
+    pub fixed_buffers: bool,
 }
 
 /// Errors in a `--disk` value.
@@ -29,7 +32,7 @@ pub struct DiskConfig {
 pub enum DiskConfigError {
     #[error("--disk needs path=PATH")]
     NoPath,
-    #[error("unknown --disk key {0:?} (expected path, readonly, direct, queues, queue_size, serial, iothread)")]
+    #[error("unknown --disk key {0:?} (expected path, readonly, direct, fixed_buffers, queues, queue_size, serial, iothread)")]
     UnknownKey(String),
     #[error("--disk {key}={value:?}: {why}")]
     BadValue {
@@ -65,6 +68,7 @@ impl DiskConfig {
             queue_size: DEFAULT_QUEUE_SIZE,
             serial: None,
             iothreads: Vec::new(),
+            fixed_buffers: false,
         };
         let mut seen: Vec<&str> = Vec::new();
         let mut have_path = false;
@@ -86,6 +90,7 @@ impl DiskConfig {
                 }
                 "readonly" => cfg.readonly = on_off("readonly", v)?,
                 "direct" => cfg.direct = on_off("direct", v)?,
+                "fixed_buffers" => cfg.fixed_buffers = on_off("fixed_buffers", v)?,
                 "queues" => {
                     cfg.queues = v
                         .parse()

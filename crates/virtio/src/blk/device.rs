@@ -271,6 +271,7 @@ impl VirtioDevice for BlockDevice {
                 limits: self.limits(),
                 id: self.id(),
                 event_idx: features & VIRTIO_RING_F_EVENT_IDX != 0,
+                fixed_buffers: self.config.fixed_buffers,
                 stop: stop.clone(),
                 log: self.log.clone(),
             };

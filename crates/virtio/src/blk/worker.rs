@@ -16,7 +16,7 @@ use std::sync::Arc;
 use uring_backend::block::BlockFile;
 use uring_backend::executor::Executor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::WorkerCount;
@@ -48,6 +48,8 @@ pub struct QueueCtx {
     pub limits: RequestLimits,
     pub id: [u8; VIRTIO_BLK_ID_BYTES],
     pub event_idx: bool,
+    /// Use guest RAM registered as io_uring fixed buffers.
+    pub fixed_buffers: bool,
     pub stop: Arc<AtomicBool>,
     pub log: Arc<RateLimitedLog>,
 }
@@ -141,6 +143,9 @@ pub async fn serve_queue(ex: Rc<Executor>, ctx: QueueCtx) {
     }));
     let disk = Rc::new(ctx.disk);
     let id = ctx.id;
+    if ctx.fixed_buffers {
+        register_guest_memory(&ex, &ctx.mem, &ctx.log);
+    }
     loop {
         if let Err(e) = ex.read_eventfd(kick.clone()).await {
             ctx.log.warn(format_args!(
@@ -159,6 +164,24 @@ pub async fn serve_queue(ex: Rc<Executor>, ctx: QueueCtx) {
         if ex.nop().await.is_err() {
             break;
         }
+    }
+}
+
+/// Registers guest RAM with this iothread's ring, once per executor; on
+/// refusal the queue works with ordinary vectored I/O.
+fn register_guest_memory(ex: &Rc<Executor>, mem: &GuestMemoryMmap, log: &RateLimitedLog) {
+    let regions: Vec<(*mut u8, usize)> =
+        mem.iter().map(|r| (r.as_ptr(), r.len() as usize)).collect();
+    if regions
+        .iter()
+        .all(|&(p, l)| ex.fixed_index_for(p, l.min(1)).is_some())
+    {
+        return;
+    }
+    if let Err(e) = ex.register_buffers(&regions) {
+        log.warn(format_args!(
+            "guest RAM not registered as fixed buffers, using vectored I/O: {e}"
+        ));
     }
 }
 

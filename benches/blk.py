@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""virtio-blk benchmark: the built-in guest's randread/randwrite at QD1 and
+QD32 on a memory-backed file, on ringvm and on QEMU (virtio-blk-pci,
+aio=io_uring, one iothread), both on this host's KVM.
+
+Reports guest-side ops/s and the iothread's CPU time per request: ringvm's
+from its own thread clock (--iothread-stats), QEMU's by sampling its
+iothread's /proc stat while it runs.
+
+    cargo build --release && benches/blk.py [SECONDS]
+"""
+import os, re, subprocess, sys, tempfile, threading, time
+
+SECS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ringvm = os.path.join(root, "target", "x86_64-unknown-linux-gnu", "release", "ringvm")
+qemu = "/usr/bin/qemu-system-x86_64"
+disk = "/dev/shm/ringvm-bench.img"
+TICK = os.sysconf("SC_CLK_TCK")
+
+def result(text):
+    line = next((l for l in text.splitlines() if l.startswith("RINGVM-RESULT")), None)
+    if line is None:
+        raise SystemExit("no RINGVM-RESULT line:\n" + text[-2000:])
+    return dict(kv.split("=", 1) for kv in line.split()[1:])
+
+def cmdline(mode, qd):
+    return f"blk.mode={mode} blk.qd={qd} blk.bs=4096 blk.secs={SECS} blk.len=256M blk.seed=3"
+
+def run_ringvm(mode, qd):
+    errf = tempfile.TemporaryFile(mode="w+")
+    p = subprocess.Popen([ringvm, "run", "--kernel", "builtin", "--memory", "256M", "--disk", f"path={disk}",
+                          "--iothread-stats", "--cmdline", cmdline(mode, qd)], stdout=subprocess.PIPE, stderr=errf, text=True)
+    out, sampled_us = sampled(p, "iothread0")
+    errf.seek(0)
+    own_us = int(re.search(r"cpu_us=(\d+)", errf.read()).group(1))
+    # The thread's own clock is exact; io_uring workers come from sampling.
+    return int(result(out)["ops"]), max(own_us, sampled_us)
+
+def thread_cpu_us(pid, name):
+    """CPU of the thread called `name` plus the process's io_uring workers
+    (iou-wrk-*), which do the iothread's blocking I/O."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total, found = 0, False
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        comm = st[st.index("(") + 1:st.rindex(")")]
+        if comm == name or comm.startswith("iou-wrk"):
+            fields = st[st.rindex(")") + 2:].split()
+            total += (int(fields[11]) + int(fields[12])) * 1_000_000 // TICK
+            found |= comm == name
+    return total if found else None
+
+def sampled(p, name):
+    """Runs until `p` exits, sampling the thread's CPU; returns stdout and
+    the last sample."""
+    last = [0]
+    def sample():
+        while p.poll() is None:
+            v = thread_cpu_us(p.pid, name)
+            if v is not None:
+                last[0] = max(last[0], v)
+            time.sleep(0.01)
+    t = threading.Thread(target=sample)
+    t.start()
+    out = p.stdout.read()
+    p.wait()
+    t.join()
+    return out, last[0]
+
+def run_qemu(mode, qd, guest):
+    p = subprocess.Popen([qemu, "-M", "pc", "-accel", "kvm", "-m", "256M", "-name", "bench,debug-threads=on", "-smp", "1", "-nodefaults", "-no-user-config",
+                          "-nographic", "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                          "-object", "iothread,id=io0",
+                          "-drive", f"if=none,id=d0,file={disk},format=raw,aio=io_uring,cache.direct=off",
+                          "-device", "virtio-blk-pci,drive=d0,iothread=io0",
+                          "-kernel", guest, "-append", cmdline(mode, qd)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out, cpu_us = sampled(p, "IO io0")
+    return int(result(out)["ops"]), cpu_us
+
+def main():
+    if not os.path.exists(ringvm):
+        sys.exit("build first: cargo build --release")
+    with open(disk, "wb") as f:
+        f.truncate(256 << 20)
+    guest = os.path.join(tempfile.mkdtemp(), "guest.elf")
+    subprocess.run([ringvm, "builtin-guest", "--output", guest], check=True, stderr=subprocess.DEVNULL)
+    print(f"{'vmm':<8} {'mode':<10} {'qd':>3} {'ops/s':>9} {'iothread CPU/req':>17}   ({SECS} s each, 4 KiB, {disk})")
+    rows = []
+    for mode in ("randread", "randwrite"):
+        for qd in (1, 32):
+            for name, fn in (("ringvm", lambda: run_ringvm(mode, qd)), ("qemu", lambda: run_qemu(mode, qd, guest))):
+                if name == "qemu" and not os.path.exists(qemu):
+                    continue
+                ops, cpu_us = fn()
+                per = cpu_us / ops if ops else float("nan")
+                rows.append((name, mode, qd, per))
+                print(f"{name:<8} {mode:<10} {qd:>3} {ops / SECS:9.0f} {per:14.2f} us")
+    os.unlink(disk)
+    for mode in ("randread", "randwrite"):
+        for qd in (1, 32):
+            r = {n: p for n, m, q, p in rows if m == mode and q == qd}
+            if "qemu" in r and r["qemu"] > 0:
+                print(f"{mode} qd{qd}: ringvm/qemu CPU per request = {r['ringvm'] / r['qemu']:.2f}")
+
+main()
