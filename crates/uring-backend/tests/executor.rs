@@ -307,3 +307,23 @@ fn fsync_and_fallocate_reach_the_file() {
     });
     assert_eq!(std::fs::metadata(file.path()).expect("stat").len(), 1 << 20);
 }
+
+#[test]
+fn a_task_that_keeps_yielding_does_not_starve_io() {
+    let ex = Executor::new(8).expect("executor");
+    let flag = Rc::new(std::cell::Cell::new(false));
+    let (ex2, f) = (ex.clone(), flag.clone());
+    ex.spawn(async move {
+        while !f.get() {
+            yield_now().await;
+        }
+        ex2.stop();
+    });
+    let (ex3, f) = (ex.clone(), flag.clone());
+    ex.spawn(async move {
+        ex3.nop().await.expect("nop");
+        f.set(true);
+    });
+    ex.run().expect("run");
+    assert!(flag.get());
+}

@@ -60,7 +60,10 @@ fn stop_joins_the_thread_after_dropping_its_tasks() {
     rx.recv().expect("task started");
     assert!(!dropped.load(Ordering::SeqCst));
     t.stop().expect("stop");
-    assert!(dropped.load(Ordering::SeqCst), "the task outlived its iothread");
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the task outlived its iothread"
+    );
 }
 
 #[test]
@@ -88,12 +91,18 @@ fn cpu_time_grows_with_work_on_the_thread() {
     }));
     rx.recv().expect("job ran");
     let after = t.cpu_time();
-    assert!(after >= before + Duration::from_millis(20), "{before:?} -> {after:?}");
+    assert!(
+        after >= before + Duration::from_millis(20),
+        "{before:?} -> {after:?}"
+    );
     t.stop().expect("stop");
 }
 
 fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid timespec to write.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     assert_eq!(rc, 0);

@@ -171,3 +171,69 @@ fn read_only_disk_refuses_writes_with_ioerr() {
     drop(drv);
     std::fs::remove_file(&path).unwrap();
 }
+
+/// A tmpfs of `size` bytes mounted for one test, unmounted on drop.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(size: &str) -> Option<SmallFs> {
+        let dir = std::env::temp_dir().join(format!("ringvm-smallfs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "cannot mount a tmpfs and CI=true"
+            );
+            eprintln!("skipping: cannot mount a tmpfs (not root?)");
+            return None;
+        }
+        Some(SmallFs(dir))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn backend_enospc_becomes_ioerr_and_the_device_carries_on() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(fs) = SmallFs::mount("64k") else {
+        return;
+    };
+    // A 1 MiB sparse disk on a 64 KiB file system.
+    let path = fs.0.join("disk.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let threads = vec![Arc::new(IoThread::spawn("contract-nospc", 64).unwrap())];
+    let cfg = DiskConfig::parse(&format!("path={}", path.display())).unwrap();
+    let vm = TestVm::new();
+    let mut drv = Driver::new(
+        &vm,
+        Box::new(BlockDevice::new("blk-nospc", &cfg, &threads).unwrap()),
+    );
+    drv.init_all().unwrap();
+    let block = [0x77u8; 4096];
+    let statuses: Vec<u8> = (0..64).map(|i| drv.blk_write(0, i * 8, &block)).collect();
+    assert_eq!(statuses[0], 0, "the first write fits");
+    assert!(
+        statuses.contains(&1),
+        "a full file system gives IOERR: {statuses:?}"
+    );
+    // Writes that were acknowledged are on disk; the device still reads.
+    let (st, back) = drv.blk_read(0, 0, 4096);
+    assert_eq!((st, back), (0, block.to_vec()));
+    drop(drv);
+}

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::IoUring;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::slab::Slab;
@@ -290,12 +290,13 @@ impl Executor {
                 std::mem::swap(&mut *ready, &mut *polling);
             }
             while let Some(key) = polling.pop_front() {
-                if budget == 0 {
-                    // Leave the rest, in order, for the next turn.
+                if budget == 0 || self.stopping() {
+                    // Leave the rest, in order, for the next turn or run.
                     let mut ready = self.shared.ready();
                     while let Some(k) = polling.pop_back() {
                         ready.push_front(k);
                     }
+                    ready.push_front(key);
                     return;
                 }
                 budget -= 1;
@@ -351,16 +352,8 @@ impl Executor {
         if self.shutting_down.get() {
             return;
         }
-        let fd = self.shared.fd.clone();
-        let owned = Box::new((fd, 0u64));
-        let res = self.submit_detached(owned, |(fd, buf)| {
-            opcode::Read::new(
-                types::Fd(std::os::fd::AsRawFd::as_raw_fd(&**fd)),
-                (buf as *mut u64).cast(),
-                8,
-            )
-            .build()
-        });
+        let owned = ops::EventFdRead::new(self.shared.fd.clone());
+        let res = self.submit_detached(owned, ops::EventFdRead::entry);
         match res {
             Ok(key) => self.wake_key.set(Some(key)),
             Err(e) => log::warn!("arming the executor's wake eventfd: {e}"),

@@ -34,9 +34,30 @@ struct Fixed<F> {
     _keepalive: Box<dyn IoMemory>,
 }
 
-struct EventFdRead {
+/// An 8-byte eventfd read. The counter lands in a `Vec`'s heap buffer,
+/// which stays put while the op's box moves into the op table.
+pub(super) struct EventFdRead {
     fd: Arc<EventFd>,
-    value: u64,
+    buf: Vec<u8>,
+}
+
+impl EventFdRead {
+    pub(super) fn new(fd: Arc<EventFd>) -> Box<EventFdRead> {
+        Box::new(EventFdRead {
+            fd,
+            buf: vec![0; 8],
+        })
+    }
+
+    pub(super) fn entry(&mut self) -> squeue::Entry {
+        opcode::Read::new(fd_of(&*self.fd), self.buf.as_mut_ptr(), 8).build()
+    }
+
+    fn value(&self) -> u64 {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&self.buf[..8]);
+        u64::from_ne_bytes(v)
+    }
 }
 
 fn fd_of(fd: &impl AsRawFd) -> types::Fd {
@@ -82,14 +103,15 @@ impl Executor {
 
     /// Reads an eventfd's counter (8 bytes), waiting until it is non-zero.
     pub fn read_eventfd(&self, fd: Arc<EventFd>) -> impl Future<Output = io::Result<u64>> + '_ {
-        let owned = Box::new(EventFdRead { fd, value: 0 });
-        let op = self.op_if(self.setup.opcodes.read, owned, |r| {
-            opcode::Read::new(fd_of(&*r.fd), (&mut r.value as *mut u64).cast(), 8).build()
-        });
+        let op = self.op_if(
+            self.setup.opcodes.read,
+            EventFdRead::new(fd),
+            EventFdRead::entry,
+        );
         async move {
             let (res, owned) = op.await;
             match to_len(res)? {
-                8 => Ok(owned.value),
+                8 => Ok(owned.value()),
                 n => Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!("eventfd read returned {n} bytes"),

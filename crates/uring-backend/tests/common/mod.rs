@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use uring_backend::Executor;
 
+pub mod loopdev;
+
 /// Runs `fut` as a task and the executor until it finishes.
 pub fn block_on<T: 'static>(ex: &Rc<Executor>, fut: impl Future<Output = T> + 'static) -> T {
     let out = Rc::new(RefCell::new(None));
