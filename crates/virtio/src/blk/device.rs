@@ -6,6 +6,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use uring_backend::block::{BlockFile, BlockOpenOptions};
 use uring_backend::iothread::IoThread;
+use virtio_queue::QueueState;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -74,10 +75,14 @@ impl WorkerCount {
     }
 }
 
+/// Where each queue worker leaves its queue when it stops.
+pub(super) type ReturnedQueues = Arc<Mutex<Vec<(u16, QueueState)>>>;
+
 struct Active {
     stop: Arc<AtomicBool>,
     workers: Arc<WorkerCount>,
     kicks: Vec<EventFd>,
+    returned: ReturnedQueues,
 }
 
 /// A virtio-blk device over a raw file or block device.
@@ -210,6 +215,32 @@ impl BlockDevice {
     pub fn capacity(&self) -> u64 {
         self.capacity
     }
+
+    /// The open disk.
+    pub fn disk(&self) -> &BlockFile {
+        &self.disk
+    }
+
+    /// Stops serving like [`VirtioDevice::reset`] (in-flight requests
+    /// complete first) and returns each stopped queue, by index, in the
+    /// state its worker left it: `next_avail` and `next_used` are where a
+    /// later activation (or a vhost-user front-end) must resume. A queue
+    /// whose worker never ran is missing; its state is what was handed in.
+    pub fn stop_queues(&mut self) -> Vec<(u16, QueueState)> {
+        let Some(active) = self.active.take() else {
+            return Vec::new();
+        };
+        active.stop.store(true, Ordering::SeqCst);
+        for k in &active.kicks {
+            let _ = k.write(1);
+        }
+        active.workers.wait_idle();
+        log::debug!("{}: reset, all queue workers stopped", self.name);
+        let mut queues =
+            std::mem::take(&mut *active.returned.lock().unwrap_or_else(|e| e.into_inner()));
+        queues.sort_by_key(|(index, _)| *index);
+        queues
+    }
 }
 
 impl VirtioDevice for BlockDevice {
@@ -254,6 +285,7 @@ impl VirtioDevice for BlockDevice {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let workers = Arc::new(WorkerCount::default());
+        let returned = ReturnedQueues::default();
         let mut kicks = Vec::with_capacity(queues.len());
         for q in queues {
             kicks.push(q.kick.try_clone().map_err(ActivateError::EventFd)?);
@@ -274,6 +306,7 @@ impl VirtioDevice for BlockDevice {
                 fixed_buffers: self.config.fixed_buffers,
                 stop: stop.clone(),
                 log: self.log.clone(),
+                returned: returned.clone(),
             };
             // If the job never runs (iothread gone), dropping it drops the
             // context, which marks the worker finished.
@@ -286,20 +319,13 @@ impl VirtioDevice for BlockDevice {
             stop,
             workers,
             kicks,
+            returned,
         });
         Ok(())
     }
 
     fn reset(&mut self) {
-        let Some(active) = self.active.take() else {
-            return;
-        };
-        active.stop.store(true, Ordering::SeqCst);
-        for k in &active.kicks {
-            let _ = k.write(1);
-        }
-        active.workers.wait_idle();
-        log::debug!("{}: reset, all queue workers stopped", self.name);
+        self.stop_queues();
     }
 }
 

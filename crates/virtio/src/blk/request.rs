@@ -223,7 +223,7 @@ where
     chain
         .filter(|d| d.is_write_only() && d.len() > 0)
         .last()
-        .map(|d| d.addr().unchecked_add(u64::from(d.len()) - 1))
+        .and_then(|d| d.addr().checked_add(u64::from(d.len()) - 1))
         .filter(|a| mem.address_in_range(*a))
 }
 

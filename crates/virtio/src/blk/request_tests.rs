@@ -416,3 +416,25 @@ fn arbitrary_descriptor_soup_never_panics() {
         }
     }
 }
+
+#[test]
+fn writable_descriptor_wrapping_the_address_space_does_not_panic() {
+    // Found by the blk_request fuzz target: the fallback status address was
+    // computed with an unchecked add.
+    let m = mem();
+    header(&m, 0x10_0000, VIRTIO_BLK_T_IN, 0);
+    let e = parse_chain(
+        &m,
+        &[d(0x10_0000, 16, 0), d(u64::MAX - 8, 100, F_WRITE)],
+        limits(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.0,
+        RequestError::OutsideGuestMemory {
+            addr: u64::MAX - 8,
+            len: 100
+        }
+    );
+    assert_eq!(e.1, None, "no status byte inside guest memory");
+}

@@ -19,7 +19,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::WorkerCount;
+use super::device::{ReturnedQueues, WorkerCount};
 use super::request::{
     parse, Request, RequestKind, RequestLimits, SECTOR_SHIFT, VIRTIO_BLK_ID_BYTES,
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, WRITE_ZEROES_FLAG_UNMAP,
@@ -52,6 +52,8 @@ pub struct QueueCtx {
     pub fixed_buffers: bool,
     pub stop: Arc<AtomicBool>,
     pub log: Arc<RateLimitedLog>,
+    /// Receives the queue, in its final state, when the worker stops.
+    pub returned: ReturnedQueues,
 }
 
 impl QueueCtx {
@@ -165,6 +167,11 @@ pub async fn serve_queue(ex: Rc<Executor>, ctx: QueueCtx) {
             break;
         }
     }
+    let queue = shared.borrow().queue.state();
+    ctx.returned
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((ctx.index, queue));
 }
 
 /// Registers guest RAM with this iothread's ring, once per executor; on
