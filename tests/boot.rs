@@ -88,14 +88,46 @@ fn bare_ringvm_boots_the_builtin_guest_and_says_what_it_did() {
         out.stdout.contains("hello from the built-in guest"),
         "{out:#?}"
     );
+    // Two VMs on one temporary disk: the first writes, the second verifies.
     assert!(
-        out.stderr.contains("booting the built-in guest"),
+        out.stderr
+            .contains("pass 1 of 2: booting the built-in guest"),
         "{out:#?}"
     );
     assert!(
-        out.stop_line()
-            .contains("guest exited with status 0 (exit code 0"),
+        out.stderr
+            .contains("pass 2 of 2: booting the built-in guest"),
         "{out:#?}"
+    );
+    let results: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("RINGVM-RESULT"))
+        .collect();
+    assert_eq!(results.len(), 2, "{out:#?}");
+    assert!(
+        results[0].contains("mode=write") && results[0].contains("errors=0"),
+        "{results:?}"
+    );
+    assert!(
+        results[1].contains("mode=verify") && results[1].contains("errors=0"),
+        "{results:?}"
+    );
+    assert_eq!(
+        out.stderr
+            .matches("guest exited with status 0 (exit code 0")
+            .count(),
+        2,
+        "{out:#?}"
+    );
+    assert!(out.stop_line().contains("read it back intact"), "{out:#?}");
+    let disk = out
+        .stderr
+        .split_once(" disk at ")
+        .map(|(_, r)| r.split(':').next().unwrap_or(""));
+    assert!(
+        disk.is_some_and(|d| !std::path::Path::new(d).exists()),
+        "the temporary disk is removed"
     );
 }
 
