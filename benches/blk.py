@@ -33,9 +33,15 @@ def run_ringvm(mode, qd):
                           "--iothread-stats", "--cmdline", cmdline(mode, qd)], stdout=subprocess.PIPE, stderr=errf, text=True)
     out, sampled_us = sampled(p, "iothread0")
     errf.seek(0)
-    own_us = int(re.search(r"cpu_us=(\d+)", errf.read()).group(1))
+    err = errf.read()
+    own_us = int(re.search(r"cpu_us=(\d+)", err).group(1))
+    turns = int(re.search(r"turns=(\d+)", err).group(1))
+    ops = int(result(out)["ops"])
     # The thread's own clock is exact; io_uring workers come from sampling.
-    return int(result(out)["ops"]), max(own_us, sampled_us)
+    total = max(own_us, sampled_us)
+    print(f"         (ringvm iothread alone {own_us / ops:.2f} us/req, io_uring workers "
+          f"{(total - own_us) / ops:.2f} us/req, {ops / max(turns, 1):.1f} req per executor turn)")
+    return ops, total
 
 def thread_cpu_us(pid, name):
     """CPU of the thread called `name` plus the process's io_uring workers

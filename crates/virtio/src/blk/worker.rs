@@ -75,7 +75,9 @@ pub struct WorkerGuardToken {
 /// Queue state shared by the queue task and its request tasks.
 struct Shared {
     queue: Queue,
-    mem: GuestMemoryMmap,
+    /// Shared by every request of the queue (cloning the memory itself
+    /// would copy its region list each time).
+    mem: Rc<GuestMemoryMmap>,
     interrupt: Option<EventFd>,
     inflight: usize,
     notify_scheduled: bool,
@@ -86,7 +88,7 @@ struct Shared {
 impl Shared {
     /// Returns a finished chain to the driver.
     fn complete(&mut self, head: u16, len: u32) {
-        if let Err(e) = self.queue.add_used(&self.mem, head, len) {
+        if let Err(e) = self.queue.add_used(&*self.mem, head, len) {
             self.log
                 .warn(format_args!("queue {}: add_used: {e}", self.index));
         }
@@ -94,7 +96,7 @@ impl Shared {
 
     fn notify_if_needed(&mut self) {
         self.notify_scheduled = false;
-        let needed = match self.queue.needs_notification(&self.mem) {
+        let needed = match self.queue.needs_notification(&*self.mem) {
             Ok(n) => n,
             Err(e) => {
                 self.log.warn(format_args!(
@@ -136,7 +138,7 @@ pub async fn serve_queue(ex: Rc<Executor>, ctx: QueueCtx) {
     queue.set_event_idx(ctx.event_idx);
     let shared = Rc::new(RefCell::new(Shared {
         queue,
-        mem: ctx.mem.clone(),
+        mem: Rc::new(ctx.mem.clone()),
         interrupt: ctx.interrupt,
         inflight: 0,
         notify_scheduled: false,
@@ -200,9 +202,10 @@ fn drain_avail(
     limits: &RequestLimits,
     id: &[u8; VIRTIO_BLK_ID_BYTES],
 ) {
-    let mem = shared.borrow().mem.clone();
+    let mem_rc = shared.borrow().mem.clone();
+    let mem: &GuestMemoryMmap = &mem_rc;
     loop {
-        if let Err(e) = shared.borrow_mut().queue.disable_notification(&mem) {
+        if let Err(e) = shared.borrow_mut().queue.disable_notification(mem) {
             shared
                 .borrow()
                 .log
@@ -212,11 +215,11 @@ fn drain_avail(
         loop {
             let popped = {
                 let mut s = shared.borrow_mut();
-                let Some(chain) = s.queue.pop_descriptor_chain(&mem) else {
+                let Some(chain) = s.queue.pop_descriptor_chain(mem) else {
                     break;
                 };
                 let head = chain.head_index();
-                (head, parse(chain, &mem, limits))
+                (head, parse(chain, mem, limits))
             };
             match popped {
                 (head, Ok(req)) => {
@@ -238,7 +241,7 @@ fn drain_avail(
                 }
             }
         }
-        match shared.borrow_mut().queue.enable_notification(&mem) {
+        match shared.borrow_mut().queue.enable_notification(mem) {
             Ok(true) => continue,
             Ok(false) => return,
             Err(e) => {
@@ -276,7 +279,7 @@ fn io_status(e: &std::io::Error) -> u8 {
 async fn execute(
     ex: &Rc<Executor>,
     disk: &BlockFile,
-    mem: &GuestMemoryMmap,
+    mem: &Rc<GuestMemoryMmap>,
     req: &Request,
     id: &[u8; VIRTIO_BLK_ID_BYTES],
 ) -> Result<u32, (u8, String)> {
@@ -291,7 +294,7 @@ async fn execute(
         RequestKind::Read | RequestKind::Write => {
             let iov = iovecs(mem, &req.data)
                 .ok_or((VIRTIO_BLK_S_IOERR, "data outside guest memory".to_string()))?;
-            let keep = Box::new(mem.clone());
+            let keep = Box::new(Rc::clone(mem));
             let done = if req.kind == RequestKind::Read {
                 disk.readv(ex, offset, iov, keep)
                     .await
