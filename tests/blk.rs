@@ -311,3 +311,32 @@ fn the_guest_driver_passes_the_same_workloads_on_qemu_virtio_blk() {
         assert_eq!((out.code, f["errors"].as_str()), (Some(0), "0"), "{out:#?}");
     }
 }
+
+#[test]
+fn o_direct_disk_round_trips() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-direct");
+    let d = disk(&dir, "direct.img", 4 << 20);
+    let direct = format!("{},direct=on", path_disk(&d));
+    let (out, f) = ringvm_guest(
+        &[direct.clone()],
+        &[],
+        "blk.mode=write blk.qd=8 blk.len=1M blk.seed=17 blk.flush=1",
+    );
+    assert_eq!((out.code, f["errors"].as_str()), (Some(0), "0"), "{out:#?}");
+    // Read back without O_DIRECT, and with it at 512-byte granularity.
+    let (out, f) = ringvm_guest(
+        &[path_disk(&d)],
+        &[],
+        "blk.mode=verify blk.qd=8 blk.len=1M blk.seed=17",
+    );
+    assert_eq!((out.code, f["errors"].as_str()), (Some(0), "0"), "{out:#?}");
+    let (out, f) = ringvm_guest(
+        &[direct],
+        &[],
+        "blk.mode=verify blk.qd=4 blk.bs=512 blk.len=64K blk.seed=17",
+    );
+    assert_eq!((out.code, f["errors"].as_str()), (Some(0), "0"), "{out:#?}");
+}

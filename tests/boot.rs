@@ -188,7 +188,11 @@ fn builtin_guest_elf_written_out_boots_from_a_file() {
     assert_eq!(&bytes[..5], b"\x7fELF\x02");
     // Its .bss (DMA pool, stack) must not be file bytes: loading them would
     // cost start-up time and resident memory.
-    assert!(bytes.len() < 512 << 10, "built-in guest ELF is {} bytes", bytes.len());
+    assert!(
+        bytes.len() < 512 << 10,
+        "built-in guest ELF is {} bytes",
+        bytes.len()
+    );
     let out = run_ringvm(
         &[
             "run",

@@ -137,6 +137,21 @@ fn virtio_blk_serves_io_through_the_transport_and_survives_reset() {
         "completions raised the queue's MSI-X vector"
     );
 
+    // Discard and write-zeroes make ranges read back as zeroes.
+    assert_ne!(drv.device_features() & (1 << 14), 0, "WRITE_ZEROES offered");
+    assert_eq!(drv.blk_write(0, 64, &pattern), 0);
+    assert_eq!(drv.blk_ranges(0, 13, 64, 8, 0), 0);
+    assert_eq!(drv.blk_read(0, 64, 4096), (0, vec![0; 4096]));
+    if drv.device_features() & (1 << 13) != 0 {
+        assert_eq!(drv.blk_write(0, 128, &pattern), 0);
+        assert_eq!(drv.blk_ranges(0, 11, 128, 8, 0), 0);
+        assert_eq!(drv.blk_read(0, 128, 4096), (0, vec![0; 4096]));
+    }
+    // A range past the end is IOERR.
+    assert_eq!(drv.blk_ranges(0, 13, 2040, 16, 1), 1);
+    let on_disk = std::fs::read(&path).unwrap();
+    assert!(on_disk[64 * 512..72 * 512].iter().all(|&b| b == 0));
+
     // Reset with the disk in use, then start again.
     drv.reset();
     drv.init_all().unwrap();

@@ -388,6 +388,20 @@ impl Driver {
         out
     }
 
+    /// DISCARD (11) or WRITE_ZEROES (13) of one range.
+    pub fn blk_ranges(&mut self, q: u16, kind: u32, sector: u64, sectors: u32, flags: u32) -> u8 {
+        let h = self.header(kind, 0);
+        let seg = BUFFERS + 0x800;
+        self.mem.write_obj(sector, GuestAddress(seg)).unwrap();
+        self.mem.write_obj(sectors, GuestAddress(seg + 8)).unwrap();
+        self.mem.write_obj(flags, GuestAddress(seg + 12)).unwrap();
+        self.submit(
+            q,
+            &[(h, 16, false), (seg, 16, false), (BUFFERS + 0x100, 1, true)],
+        );
+        self.status_byte()
+    }
+
     pub fn blk_raw_type(&mut self, q: u16, kind: u32) -> u8 {
         let h = self.header(kind, 0);
         self.submit(q, &[(h, 16, false), (BUFFERS + 0x100, 1, true)]);
