@@ -303,6 +303,57 @@ fn an_instruction_kvm_cannot_emulate_is_reported_with_rip_and_bytes() {
 }
 
 #[test]
+fn a_guest_halted_with_interrupts_off_is_reported_dead() {
+    if !kvm_available() {
+        return;
+    }
+    // cli; hlt on the BSP, the AP never started: nothing can wake them.
+    let out = boot_elf32("dead", &[0xfa, 0xf4, 0xeb, 0xfd], &["--cpus", "2"]);
+    assert_eq!(out.code, Some(107), "{out:#?}");
+    assert!(
+        out.stop_line().contains("halted with interrupts disabled"),
+        "{out:#?}"
+    );
+}
+
+#[test]
+fn a_guest_waiting_for_interrupts_is_not_dead() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("idle");
+    // sti; hlt; jmp back: idle, wakeable, alive.
+    let kernel = dir.file(
+        "idle.elf",
+        &build_test_image(&[0xfb, 0xf4, 0xeb, 0xfd], 0x10_0000),
+    );
+    let child = std::process::Command::new(common::ringvm_bin())
+        .args([
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "16M",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Several halt probes pass before the signal.
+    std::thread::sleep(Duration::from_millis(4500));
+    // SAFETY: sending SIGTERM to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(106),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn sigterm_stops_a_spinning_smp_guest_and_every_vcpu_thread() {
     if !kvm_available() {
         return;

@@ -13,8 +13,6 @@
 //! (options, a missing disk) prints one error line and exits with 2; other
 //! failures exit with 1.
 
-mod backend;
-
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -26,13 +24,11 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use log::{LevelFilter, Log, Metadata, Record};
 use uring_backend::iothread::IoThread;
-use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost::vhost_user::Listener;
 use vhost_user_backend::ShutdownHandle;
 use virtio::blk::{BlockDevice, DiskConfig};
 use virtio::VirtioDevice;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-use backend::Session;
 
 const BAD_INPUT: u8 = 2;
 const IOTHREAD_RING_ENTRIES: u32 = 256;
@@ -203,32 +199,20 @@ fn wait_for_connection(listener: &Listener, stop: &Stop) -> Result<bool> {
 /// Serves front-ends one after another until a stop is requested.
 fn serve(listener: &mut Listener, device: &Arc<Mutex<BlockDevice>>, stop: &Stop) -> Result<()> {
     while wait_for_connection(listener, stop)? {
-        let session = Session::new(device.clone());
-        let mut daemon = session
-            .new_daemon("vhost-user-blk")
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .context("creating the vhost-user handler")?;
-        if let Err(e) = daemon.start(listener) {
-            log::warn!("accepting a front-end: {e}");
-            session.disconnect();
-            continue;
-        }
-        log::info!("front-end connected");
-        stop.set_connection(daemon.shutdown_handle());
-        if stop.requested() {
-            daemon.request_shutdown();
-        }
-        match daemon.wait() {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => log::info!("front-end disconnected"),
-            // A malformed message ends the connection, not the daemon.
-            Err(e) => log::warn!("front-end connection ended: {e}"),
-        }
+        ringvm_blk::serve_connection(listener, device, |handle| {
+            stop.set_connection(handle);
+            if stop.requested() {
+                if let Some(h) = stop
+                    .connection
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                {
+                    h.shutdown();
+                }
+            }
+        })?;
         stop.set_connection(None);
-        drop(daemon);
-        session.disconnect();
     }
     Ok(())
 }

@@ -33,7 +33,8 @@ Exit codes:
   103   a vCPU triple-faulted
   104   KVM internal error, e.g. an instruction KVM cannot emulate
   105   host-side error (KVM, threads, I/O) after the VM was built
-  106   ringvm was stopped by SIGINT, SIGTERM or SIGHUP";
+  106   ringvm was stopped by SIGINT, SIGTERM or SIGHUP
+  107   the guest halted with interrupts disabled on every vCPU (dead)";
 
 #[derive(Subcommand, Debug)]
 pub enum Command {

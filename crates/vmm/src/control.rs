@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::devices::SerialConsole;
 use crate::stop::{StopReason, VmStop};
-use crate::vcpu::VcpuHandle;
+use crate::vcpu::{HaltWatch, VcpuHandle};
 
 /// Errors from the control loop.
 #[derive(Debug, thiserror::Error)]
@@ -84,14 +84,20 @@ impl Drop for Signals {
     }
 }
 
+/// How often a quiet control thread checks whether the guest is dead.
+const HALT_PROBE_MS: i32 = 1000;
+
 /// Waits until the VM stops; meanwhile forwards stdin to `serial_input`
 /// and turns termination signals into a stop.
 pub fn wait_for_stop(
     stop: &VmStop,
     signals: &Signals,
     serial_input: Option<&Arc<Mutex<SerialConsole>>>,
+    vcpus: (&HaltWatch, &[VcpuHandle]),
 ) -> Result<(), ControlError> {
     let mut stdin_open = serial_input.is_some();
+    let (halt, handles) = vcpus;
+    let mut dead_probes = 0;
     let mut buf = [0u8; 64];
     while !stop.is_stopping() {
         let mut fds = [
@@ -112,13 +118,27 @@ pub fn wait_for_stop(
             },
         ];
         // SAFETY: `fds` is a valid array of pollfd for its length.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, HALT_PROBE_MS) };
         if n < 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
             return Err(ControlError::Poll(err));
+        }
+        if n == 0 {
+            // Quiet for a while: is the guest dead? Two probes in a row
+            // must find every vCPU unable to run.
+            dead_probes = if halt.all_dead() { dead_probes + 1 } else { 0 };
+            if dead_probes >= 2 {
+                stop.request(StopReason::Halted);
+                break;
+            }
+            halt.request_probe();
+            for h in handles {
+                h.kick();
+            }
+            continue;
         }
         if fds[1].revents != 0 {
             if let Some(signal) = signals.read() {

@@ -28,7 +28,7 @@ use crate::pci::root::{
 use crate::pci::{PciDevice, PciRoot};
 use crate::registry::{DeviceRegistry, RegistryError, Resource};
 use crate::stop::{StopReason, VmStop};
-use crate::vcpu::{Vcpu, VcpuError};
+use crate::vcpu::{HaltWatch, Vcpu, VcpuError};
 use crate::vm::{create_guest_memory, Vm, VmError};
 
 /// Errors that keep a VM from starting. [`MachineError::is_bad_input`]
@@ -299,6 +299,7 @@ fn create_vcpus(
     stop: &Arc<VmStop>,
 ) -> Result<Vec<Vcpu>, MachineError> {
     let mut vcpus = Vec::with_capacity(config.cpus);
+    let halt = HaltWatch::new(config.cpus);
     for index in 0..config.cpus {
         let fd = vm.create_vcpu(index).map_err(MachineError::Vm)?;
         let cpuid = cpuid::vcpu_cpuid(
@@ -323,6 +324,7 @@ fn create_vcpus(
             mmio: buses.1.clone(),
             stop: stop.clone(),
             mem: mem.clone(),
+            halt: halt.clone(),
         });
     }
     Ok(vcpus)
@@ -466,6 +468,11 @@ impl Machine {
             _ => None,
         };
         let signals = control::Signals::block().map_err(MachineError::Control)?;
+        let halt = self
+            .vcpus
+            .first()
+            .map(|v| v.halt.clone())
+            .unwrap_or_else(|| HaltWatch::new(0));
         let mut handles = Vec::with_capacity(self.vcpus.len());
         let mut spawn_error = None;
         for vcpu in self.vcpus {
@@ -480,7 +487,8 @@ impl Machine {
                 }
             }
         }
-        let loop_result = control::wait_for_stop(&stop, &signals, stdin_to.as_ref());
+        let loop_result =
+            control::wait_for_stop(&stop, &signals, stdin_to.as_ref(), (&halt, &handles));
         let elapsed = self.start.elapsed();
         if let Err(e) = &loop_result {
             stop.request(StopReason::HostError {

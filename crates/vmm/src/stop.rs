@@ -31,6 +31,9 @@ pub enum StopReason {
     HostError { message: String },
     /// ringvm was asked to stop by a signal.
     Signal { signal: i32 },
+    /// Every vCPU is halted with interrupts disabled (or, for APs, was
+    /// never started): the guest can never run again.
+    Halted,
 }
 
 /// Exit codes. 0..=99 are the guest's own debug-exit status.
@@ -45,6 +48,7 @@ pub mod exit_code {
     pub const INTERNAL_ERROR: i32 = 104;
     pub const HOST_ERROR: i32 = 105;
     pub const SIGNAL: i32 = 106;
+    pub const HALTED: i32 = 107;
 }
 
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
@@ -61,6 +65,7 @@ impl StopReason {
             StopReason::InternalError { .. } => exit_code::INTERNAL_ERROR,
             StopReason::HostError { .. } => exit_code::HOST_ERROR,
             StopReason::Signal { .. } => exit_code::SIGNAL,
+            StopReason::Halted => exit_code::HALTED,
         }
     }
 }
@@ -96,6 +101,7 @@ impl fmt::Display for StopReason {
             }
             StopReason::HostError { message } => write!(f, "host error: {message}"),
             StopReason::Signal { signal } => write!(f, "stopped by signal {signal}"),
+            StopReason::Halted => write!(f, "guest halted with interrupts disabled on every vCPU"),
         }
     }
 }
@@ -170,6 +176,7 @@ mod tests {
                 message: String::new(),
             },
             StopReason::Signal { signal: 15 },
+            StopReason::Halted,
         ];
         let mut codes: Vec<i32> = reasons.iter().map(StopReason::exit_code).collect();
         codes.push(exit_code::BAD_INPUT);

@@ -2,6 +2,7 @@
 //! gets a thread out of `KVM_RUN` when the VM stops.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 
@@ -55,6 +56,44 @@ fn install_kick_handler() -> Result<(), VcpuError> {
     result
 }
 
+/// Lets the control thread find a guest that can never run again: every
+/// vCPU halted with interrupts disabled, or (an AP) still waiting for a
+/// startup IPI. Nothing but an NMI could wake such a guest, and nothing
+/// here sends one.
+pub struct HaltWatch {
+    probe: Vec<AtomicBool>,
+    dead: Vec<AtomicBool>,
+}
+
+const KVM_MP_STATE_UNINITIALIZED: u32 = 1;
+const KVM_MP_STATE_INIT_RECEIVED: u32 = 2;
+const KVM_MP_STATE_HALTED: u32 = 3;
+const RFLAGS_IF: u64 = 1 << 9;
+
+impl HaltWatch {
+    pub fn new(vcpus: usize) -> Arc<HaltWatch> {
+        Arc::new(HaltWatch {
+            probe: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+            dead: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+        })
+    }
+
+    /// Asks every vCPU to report its state at its next exit (the caller
+    /// kicks them).
+    pub fn request_probe(&self) {
+        for (p, d) in self.probe.iter().zip(&self.dead) {
+            d.store(false, Ordering::SeqCst);
+            p.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether every vCPU answered the last probe and none can run again.
+    pub fn all_dead(&self) -> bool {
+        self.probe.iter().all(|p| !p.load(Ordering::SeqCst))
+            && self.dead.iter().all(|d| d.load(Ordering::SeqCst))
+    }
+}
+
 /// Everything a vCPU thread needs.
 pub struct Vcpu {
     pub index: usize,
@@ -63,6 +102,7 @@ pub struct Vcpu {
     pub mmio: Arc<Bus>,
     pub stop: Arc<VmStop>,
     pub mem: GuestMemoryMmap,
+    pub halt: Arc<HaltWatch>,
 }
 
 /// A running vCPU thread.
@@ -122,6 +162,11 @@ impl Vcpu {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
+                if self.halt.probe[self.index].load(Ordering::SeqCst) {
+                    let dead = self.cannot_run_again();
+                    self.halt.dead[self.index].store(dead, Ordering::SeqCst);
+                    self.halt.probe[self.index].store(false, Ordering::SeqCst);
+                }
                 return None;
             }
             Err(e) => {
@@ -175,6 +220,15 @@ impl Vcpu {
             other => Some(StopReason::HostError {
                 message: format!("unexpected KVM exit on vCPU {}: {other:?}", self.index),
             }),
+        }
+    }
+
+    /// Halted with interrupts off, or an AP never started.
+    fn cannot_run_again(&self) -> bool {
+        match self.fd.get_mp_state().map(|m| m.mp_state) {
+            Ok(KVM_MP_STATE_HALTED) => self.fd.get_regs().is_ok_and(|r| r.rflags & RFLAGS_IF == 0),
+            Ok(KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED) => self.index != 0,
+            _ => false,
         }
     }
 
