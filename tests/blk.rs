@@ -321,7 +321,7 @@ fn o_direct_disk_round_trips() {
     let d = disk(&dir, "direct.img", 4 << 20);
     let direct = format!("{},direct=on", path_disk(&d));
     let (out, f) = ringvm_guest(
-        &[direct.clone()],
+        std::slice::from_ref(&direct),
         &[],
         "blk.mode=write blk.qd=8 blk.len=1M blk.seed=17 blk.flush=1",
     );

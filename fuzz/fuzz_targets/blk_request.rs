@@ -25,7 +25,11 @@ fuzz_target!(|input: &[u8]| {
         .map(|c| {
             let addr = u64::from_le_bytes(c[0..8].try_into().unwrap());
             // Most addresses land in the data window so parsing goes deep.
-            let addr = if addr & 1 == 0 { DATA + (addr >> 1) % 0x1000 } else { addr };
+            let addr = if addr & 1 == 0 {
+                DATA + (addr >> 1) % 0x1000
+            } else {
+                addr
+            };
             let len = u32::from_le_bytes(c[8..12].try_into().unwrap()) % 0x2000;
             let flags = u16::from_le_bytes(c[12..14].try_into().unwrap());
             let next = u16::from_le_bytes(c[14..16].try_into().unwrap()) % 16;
@@ -40,8 +44,15 @@ fuzz_target!(|input: &[u8]| {
     if vq.add_desc_chains(&descs, 0).is_err() {
         return;
     }
-    let limits = RequestLimits { capacity_sectors: 4096, readonly: input[0] & 0x80 != 0, discard: true, write_zeroes: true };
-    let Ok(mut q) = vq.create_queue::<virtio_queue::Queue>() else { return };
+    let limits = RequestLimits {
+        capacity_sectors: 4096,
+        readonly: input[0] & 0x80 != 0,
+        discard: true,
+        write_zeroes: true,
+    };
+    let Ok(mut q) = vq.create_queue::<virtio_queue::Queue>() else {
+        return;
+    };
     use virtio_queue::QueueT;
     while let Some(chain) = q.pop_descriptor_chain(&mem) {
         let _ = parse(chain, &mem, &limits);

@@ -56,7 +56,9 @@ use virtio::blk::BlockDevice;
 use virtio::device::{QueueInit, VIRTIO_F_VERSION_1};
 use virtio::VirtioDevice;
 use virtio_queue::{Error as QueueError, Queue, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -383,6 +385,30 @@ impl Session {
     }
 }
 
+/// Refuses a memory table with a region that extends past the end of its
+/// file: the front-end's mistake (or malice) must not kill the daemon with
+/// SIGBUS when a worker touches the missing pages.
+fn check_regions(mem: &GuestMemoryMmap) -> io::Result<()> {
+    for region in mem.iter() {
+        let Some(fo) = region.file_offset() else {
+            continue;
+        };
+        let size = fo.file().metadata()?.len();
+        let end = fo.start().checked_add(region.len());
+        if end.is_none_or(|end| end > size) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a memory region ({:#x} bytes at file offset {:#x}) extends past its file ({size:#x} bytes)",
+                    region.len(),
+                    fo.start()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The [`VhostUserBackend`] of one session.
 #[derive(Clone)]
 pub struct BlkBackend(Arc<Session>);
@@ -416,6 +442,9 @@ impl VhostUserBackend for BlkBackend {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            // ADD_MEM_REG/REM_MEM_REG end in `update_memory` as
+            // SET_MEM_TABLE does (libblkio requires this feature).
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
     fn reset_device(&self) {
@@ -442,6 +471,17 @@ impl VhostUserBackend for BlkBackend {
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
         let snapshot = (*mem.memory()).clone();
+        if let Err(e) = check_regions(&snapshot) {
+            // Touching such a region would raise SIGBUS: serve nothing
+            // until a valid table comes.
+            {
+                let mut st = lock(&self.0.state);
+                st.mem = None;
+                st.mem_generation += 1;
+            }
+            self.0.sync();
+            return Err(e);
+        }
         {
             let mut st = lock(&self.0.state);
             st.mem = Some(snapshot);

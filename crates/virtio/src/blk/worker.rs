@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use uring_backend::block::BlockFile;
-use uring_backend::executor::Executor;
+use uring_backend::executor::{yield_now, Executor};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -161,7 +161,19 @@ pub async fn serve_queue(ex: Rc<Executor>, ctx: QueueCtx) {
         if ctx.stop.load(Ordering::SeqCst) {
             break;
         }
-        drain_avail(&ex, &shared, &disk, &ctx.limits, &id);
+        // A driver can keep the avail ring non-empty forever (a used ring
+        // laid over the avail index makes every completion look like a new
+        // request): take at most a queue's worth per pass, then let other
+        // tasks run and look at `stop` again.
+        while drain_avail(&ex, &shared, &disk, &ctx.limits, &id) == Drained::MoreLeft {
+            yield_now().await;
+            if ctx.stop.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        if ctx.stop.load(Ordering::SeqCst) {
+            break;
+        }
     }
     // Reset: let in-flight requests finish before the queue goes back.
     while shared.borrow().inflight > 0 {
@@ -195,24 +207,36 @@ fn register_guest_memory(ex: &Rc<Executor>, mem: &GuestMemoryMmap, log: &RateLim
 }
 
 /// Pops every available chain, inside the disable/enable-notification loop.
+/// Whether a pass over the avail ring emptied it.
+#[derive(Debug, PartialEq, Eq)]
+enum Drained {
+    Empty,
+    MoreLeft,
+}
+
 fn drain_avail(
     ex: &Rc<Executor>,
     shared: &Rc<RefCell<Shared>>,
     disk: &Rc<BlockFile>,
     limits: &RequestLimits,
     id: &[u8; VIRTIO_BLK_ID_BYTES],
-) {
+) -> Drained {
     let mem_rc = shared.borrow().mem.clone();
     let mem: &GuestMemoryMmap = &mem_rc;
+    let mut budget = usize::from(shared.borrow().queue.size()).max(1);
     loop {
         if let Err(e) = shared.borrow_mut().queue.disable_notification(mem) {
             shared
                 .borrow()
                 .log
                 .warn(format_args!("disabling notifications: {e}"));
-            return;
+            return Drained::Empty;
         }
         loop {
+            if budget == 0 {
+                return Drained::MoreLeft;
+            }
+            budget -= 1;
             let popped = {
                 let mut s = shared.borrow_mut();
                 let Some(chain) = s.queue.pop_descriptor_chain(mem) else {
@@ -243,13 +267,13 @@ fn drain_avail(
         }
         match shared.borrow_mut().queue.enable_notification(mem) {
             Ok(true) => continue,
-            Ok(false) => return,
+            Ok(false) => return Drained::Empty,
             Err(e) => {
                 shared
                     .borrow()
                     .log
                     .warn(format_args!("enabling notifications: {e}"));
-                return;
+                return Drained::Empty;
             }
         }
     }
