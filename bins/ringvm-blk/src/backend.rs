@@ -148,10 +148,9 @@ impl BlkVring {
 }
 
 fn into_eventfd(f: File) -> EventFd {
-    // SAFETY: `into_raw_fd` hands over the only owner of an open fd, which
-    // the EventFd then owns. Should the front-end have sent something other
-    // than an eventfd, reads and writes of it fail (or return a wrong
-    // length) and the worker reports that; nothing is memory-unsafe.
+    // A non-eventfd from the front-end only makes reads and writes of it
+    // fail, which the worker reports; nothing is memory-unsafe.
+    // SAFETY: `into_raw_fd` hands over the fd's only owner to the EventFd.
     unsafe { EventFd::from_raw_fd(f.into_raw_fd()) }
 }
 

@@ -289,11 +289,12 @@ mod tests {
     #[test]
     fn default_routes_cover_ioapic_and_pic_but_not_the_cascade() {
         let r = default_routes();
-        // SAFETY: all entries are irqchip routes, so `irqchip` is the
-        // union member that was written.
         let pins: Vec<(u32, u32, u32)> = r
             .iter()
-            .map(|e| unsafe { (e.gsi, e.u.irqchip.irqchip, e.u.irqchip.pin) })
+            .map(|e| {
+                // SAFETY: every default route is an irqchip route.
+                unsafe { (e.gsi, e.u.irqchip.irqchip, e.u.irqchip.pin) }
+            })
             .collect();
         assert_eq!(
             pins.iter().filter(|p| p.1 == KVM_IRQCHIP_IOAPIC).count(),

@@ -297,9 +297,9 @@ fn create_vcpus(
     entry: regs::EntryMode,
     buses: (&Arc<Bus>, &Arc<Bus>),
     stop: &Arc<VmStop>,
+    halt: &Arc<HaltWatch>,
 ) -> Result<Vec<Vcpu>, MachineError> {
     let mut vcpus = Vec::with_capacity(config.cpus);
-    let halt = HaltWatch::new(config.cpus);
     for index in 0..config.cpus {
         let fd = vm.create_vcpu(index).map_err(MachineError::Vm)?;
         let cpuid = cpuid::vcpu_cpuid(
@@ -346,6 +346,7 @@ pub struct Machine {
     pci: Option<Arc<Mutex<PciRoot>>>,
     serial: Option<Arc<Mutex<SerialConsole>>>,
     vcpus: Vec<Vcpu>,
+    halt: Arc<HaltWatch>,
     protocol: &'static str,
     serial_input: bool,
     memory_size: u64,
@@ -365,7 +366,8 @@ impl Machine {
         let (pio, mmio) = (Arc::new(Bus::new()), Arc::new(Bus::new()));
         let mut registry = DeviceRegistry::new(pio.clone(), mmio.clone());
         let serial = add_legacy_devices(&vm, &mut registry, &stop, sink)?;
-        let vcpus = create_vcpus(&vm, config, &mem, entry, (&pio, &mmio), &stop)?;
+        let halt = HaltWatch::new(config.cpus);
+        let vcpus = create_vcpus(&vm, config, &mem, entry, (&pio, &mmio), &stop, &halt)?;
         let router = InterruptRouter::new(vm.fd().clone());
         Ok(Machine {
             start,
@@ -377,6 +379,7 @@ impl Machine {
             pci: None,
             serial,
             vcpus,
+            halt,
             protocol,
             serial_input: config.serial_input && config.serial == SerialOutput::Stdio,
             memory_size: config.memory,
@@ -468,11 +471,6 @@ impl Machine {
             _ => None,
         };
         let signals = control::Signals::block().map_err(MachineError::Control)?;
-        let halt = self
-            .vcpus
-            .first()
-            .map(|v| v.halt.clone())
-            .unwrap_or_else(|| HaltWatch::new(0));
         let mut handles = Vec::with_capacity(self.vcpus.len());
         let mut spawn_error = None;
         for vcpu in self.vcpus {
@@ -488,7 +486,7 @@ impl Machine {
             }
         }
         let loop_result =
-            control::wait_for_stop(&stop, &signals, stdin_to.as_ref(), (&halt, &handles));
+            control::wait_for_stop(&stop, &signals, stdin_to.as_ref(), (&self.halt, &handles));
         let elapsed = self.start.elapsed();
         if let Err(e) = &loop_result {
             stop.request(StopReason::HostError {

@@ -192,9 +192,8 @@ extern "C" fn ringvm_exception(vector: u64, error: u64, rip: u64, cr2: u64) -> !
 /// recognition by one instruction, so an interrupt that became pending
 /// before the `sti` still wakes the `hlt`. Returns with interrupts off.
 pub fn wait_for_interrupt() {
-    // SAFETY: the IDT is loaded and the handlers only bump counters and
-    // write EOI; no Rust state is touched in interrupt context. Not
-    // `nomem`: the asm is a compiler barrier for what the handlers and the
-    // device wrote meanwhile.
+    // Not `nomem`: the asm is a compiler barrier for what the handlers and
+    // the device wrote meanwhile.
+    // SAFETY: the IDT is loaded; handlers only bump counters and write EOI.
     unsafe { core::arch::asm!("sti", "hlt", "cli", options(nostack)) };
 }

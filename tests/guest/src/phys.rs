@@ -51,10 +51,9 @@ pub fn bytes(addr: u64, len: usize) -> Option<&'static [u8]> {
         return None;
     }
     let ptr = core::ptr::with_exposed_provenance::<u8>(addr as usize);
-    // SAFETY: the range is non-null, below 4 GiB and thus mapped (identity
-    // map, RW, never unmapped), and outside every Rust object of this image,
-    // so no `&mut` can alias it. Loader/firmware data is not written while
-    // the guest runs. u8 has no alignment or validity requirements.
+    // Loader/firmware data is not written while the guest runs.
+    // SAFETY: non-null, identity-mapped below 4 GiB, outside every Rust
+    // object (no aliasing `&mut`); u8 has no alignment or validity needs.
     Some(unsafe { core::slice::from_raw_parts(ptr, len) })
 }
 

@@ -65,11 +65,10 @@ impl Executor {
         if !self.buffers.borrow().ranges.is_empty() {
             self.unregister_buffers()?;
         }
-        // SAFETY: the kernel only reads the iovec array during the call; it
-        // pins the pages behind each iovec (failing with EFAULT for unmapped
-        // ones), so later fixed I/O never touches memory that is not mapped.
         // Fixed reads and writes only target ranges that their keepalive
         // vouches for (see `ops.rs`).
+        // SAFETY: the kernel reads the iovecs during the call and pins their
+        // pages (EFAULT for unmapped ones), so fixed I/O only hits mapped memory.
         let res = unsafe { self.ring.borrow().submitter().register_buffers(&iovecs) };
         if let Err(source) = res {
             return Err(ExecutorError::RegisterBuffers {

@@ -82,9 +82,9 @@ impl Queue {
         // ring/avail_event, each rounded up to whole words.
         for (off, bytes) in [(0, 16 * n), (AVAIL_OFF, 6 + 2 * n), (USED_OFF, 6 + 8 * n)] {
             if size != 0 {
-                // SAFETY: the ranges lie inside this queue's 12 KiB; the
-                // device does not use the memory now (before the queue is
-                // enabled, or after a reset) and no reference to it exists.
+                // The device does not use this memory now (before the queue
+                // is enabled, or after a reset).
+                // SAFETY: inside this queue's 12 KiB, and no reference to it exists.
                 let words =
                     unsafe { core::slice::from_raw_parts_mut(mem.add(off / 8), bytes.div_ceil(8)) };
                 crate::pattern::fill(words, 0);
