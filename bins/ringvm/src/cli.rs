@@ -11,6 +11,7 @@ use vmm::{parse_size, KernelSource, VmConfig};
 use crate::vm::Plan;
 use crate::BUILTIN_GUEST;
 use virtio::blk::DiskConfig;
+use virtio::net::NetConfig;
 
 /// ringvm: a KVM virtual machine monitor whose device backends run on io_uring.
 ///
@@ -103,6 +104,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "path=PATH[,...]")]
     pub disk: Vec<String>,
 
+    /// A virtio-net device (repeatable): `tap=NAME[,mac=MAC][,queues=N]`
+    /// attaches to an existing TAP (created with `multi_queue` for N > 1);
+    /// `ip=A.B.C.D,mask=A.B.C.D[,mac=MAC][,queues=N]` creates a TAP and
+    /// gives the host side that address. Also `queue_size=N` and
+    /// `iothread=I[:J...]`.
+    #[arg(long, value_name = "tap=NAME|ip=IP,mask=MASK[,...]")]
+    pub net: Vec<String>,
+
     /// Number of iothreads, each one thread running an io_uring executor
     /// that serves the virtio queues assigned to it.
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -146,6 +155,12 @@ impl RunArgs {
             .map(|d| DiskConfig::parse(d))
             .collect::<Result<Vec<_>, _>>()
             .context("--disk")?;
+        let nets = self
+            .net
+            .iter()
+            .map(|n| NetConfig::parse(n))
+            .collect::<Result<Vec<_>, _>>()
+            .context("--net")?;
         if self.iothreads == 0 || self.iothreads > 64 {
             bail!(
                 "--iothreads must be between 1 and 64, not {}",
@@ -155,6 +170,7 @@ impl RunArgs {
         Ok(Plan {
             vm: self.to_config()?,
             disks,
+            nets,
             iothreads: self.iothreads,
             iothread_stats: self.iothread_stats,
         })

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use uring_backend::iothread::IoThread;
 use virtio::blk::{BlockDevice, DiskConfig};
+use virtio::net::{NetConfig, NetDevice};
 use virtio::transport::VirtioPciDevice;
 use vmm::machine::Machine;
 use vmm::{RunReport, VmConfig};
@@ -17,6 +18,7 @@ const IOTHREAD_RING_ENTRIES: u32 = 512;
 pub struct Plan {
     pub vm: VmConfig,
     pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
     pub iothreads: usize,
     /// Print each iothread's CPU time and ring counters when the VM stops.
     pub iothread_stats: bool,
@@ -50,7 +52,7 @@ pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
         error: e.into(),
     })?;
     // Iothreads exist only when a device needs them.
-    let iothreads: Vec<Arc<IoThread>> = if plan.disks.is_empty() {
+    let iothreads: Vec<Arc<IoThread>> = if plan.disks.is_empty() && plan.nets.is_empty() {
         Vec::new()
     } else {
         (0..plan.iothreads)
@@ -61,6 +63,23 @@ pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
     for (i, disk) in plan.disks.iter().enumerate() {
         let name = format!("virtio-blk{i}");
         let dev = BlockDevice::new(&name, disk, &iothreads).map_err(input)?;
+        let pci = VirtioPciDevice::new(
+            &name,
+            Box::new(dev),
+            machine.vm_fd().clone(),
+            machine.interrupts(),
+            machine.memory().clone(),
+        )
+        .map_err(host)?;
+        machine
+            .add_pci_device(&name, Arc::new(Mutex::new(pci)))
+            .map_err(host)?;
+    }
+    let mut net_stats = Vec::new();
+    for (i, net) in plan.nets.iter().enumerate() {
+        let name = format!("virtio-net{i}");
+        let dev = NetDevice::new(&name, net, &iothreads).map_err(input)?;
+        net_stats.push((name.clone(), dev.stats_handle()));
         let pci = VirtioPciDevice::new(
             &name,
             Box::new(dev),
@@ -87,6 +106,11 @@ pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
                 s.sqes_submitted,
                 s.cqes_reaped
             );
+        }
+    }
+    if plan.iothread_stats {
+        for (name, stats) in &net_stats {
+            eprintln!("ringvm: {name}: {}", stats.summary());
         }
     }
     drop(iothreads);

@@ -10,7 +10,9 @@
 pub mod blk;
 pub mod device;
 pub mod msix;
+pub mod net;
 pub mod ratelimit;
 pub mod transport;
+pub mod workers;
 
 pub use device::{ActivateError, QueueInit, VirtioDevice};

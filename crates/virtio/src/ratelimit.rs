@@ -22,6 +22,11 @@ impl RateLimitedLog {
         }
     }
 
+    /// The device name lines are prefixed with.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Logs `msg` at warn level unless this device logged too much lately.
     pub fn warn(&self, msg: std::fmt::Arguments<'_>) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());

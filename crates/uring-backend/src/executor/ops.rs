@@ -101,6 +101,26 @@ impl Executor {
         async move { to_unit(op.await.0) }
     }
 
+    /// Cancels every operation of this ring on `fd` and completes when
+    /// the kernel has processed the cancellation, with the number of
+    /// operations cancelled. The cancelled operations' own futures then
+    /// complete with `ECANCELED` (or with their result, if they finished
+    /// first): await them to know the kernel is done with their buffers.
+    pub fn cancel_fd<F: AsRawFd + 'static>(
+        &self,
+        fd: F,
+    ) -> impl Future<Output = io::Result<usize>> + '_ {
+        let op = self.op_if(self.setup.opcodes.async_cancel, Box::new(fd), |f| {
+            opcode::AsyncCancel2::new(types::CancelBuilder::fd(fd_of(&*f)).all()).build()
+        });
+        async move {
+            match op.await.0 {
+                res if res == -libc::ENOENT => Ok(0),
+                res => to_len(res),
+            }
+        }
+    }
+
     /// Reads an eventfd's counter (8 bytes), waiting until it is non-zero.
     pub fn read_eventfd(&self, fd: Arc<EventFd>) -> impl Future<Output = io::Result<u64>> + '_ {
         let op = self.op_if(

@@ -2,7 +2,7 @@
 //! stopping one worker per queue on the iothreads it was given.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
 use uring_backend::block::{BlockFile, BlockOpenOptions};
 use uring_backend::iothread::IoThread;
@@ -17,6 +17,7 @@ use crate::device::{
     ActivateError, QueueInit, VirtioDevice, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::ratelimit::RateLimitedLog;
+use crate::workers::WorkerCount;
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -45,34 +46,6 @@ pub enum BlockDeviceError {
         index: usize,
         count: usize,
     },
-}
-
-/// Counts running queue workers; `reset` waits for zero.
-#[derive(Default)]
-pub struct WorkerCount {
-    running: Mutex<usize>,
-    idle: Condvar,
-}
-
-impl WorkerCount {
-    pub(super) fn started(&self) {
-        *self.running.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-    }
-
-    pub(super) fn finished(&self) {
-        let mut n = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            self.idle.notify_all();
-        }
-    }
-
-    fn wait_idle(&self) {
-        let mut n = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        while *n > 0 {
-            n = self.idle.wait(n).unwrap_or_else(|e| e.into_inner());
-        }
-    }
 }
 
 /// Where each queue worker leaves its queue when it stops.

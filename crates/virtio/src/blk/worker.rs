@@ -19,22 +19,13 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::{ReturnedQueues, WorkerCount};
+use super::device::ReturnedQueues;
 use super::request::{
     parse, Request, RequestKind, RequestLimits, SECTOR_SHIFT, VIRTIO_BLK_ID_BYTES,
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, WRITE_ZEROES_FLAG_UNMAP,
 };
 use crate::ratelimit::RateLimitedLog;
-
-/// Decrements the worker count when the queue's context goes away, whether
-/// the worker ran to its end or never started.
-struct WorkerGuard(Arc<WorkerCount>);
-
-impl Drop for WorkerGuard {
-    fn drop(&mut self) {
-        self.0.finished();
-    }
-}
+use crate::workers::{WorkerCount, WorkerGuardToken};
 
 /// Everything a queue worker needs; moved to its iothread.
 pub struct QueueCtx {
@@ -60,16 +51,8 @@ impl QueueCtx {
     /// Counts a worker as started; it counts as finished when the context
     /// is dropped, whether or not it ever ran.
     pub fn worker_guard(workers: &Arc<WorkerCount>) -> WorkerGuardToken {
-        workers.started();
-        WorkerGuardToken {
-            _guard: WorkerGuard(workers.clone()),
-        }
+        WorkerGuardToken::new(workers)
     }
-}
-
-/// Proof that a worker was counted; goes into [`QueueCtx`].
-pub struct WorkerGuardToken {
-    _guard: WorkerGuard,
 }
 
 /// Queue state shared by the queue task and its request tasks.

@@ -269,23 +269,33 @@ impl Driver {
     /// Posts a chain of (addr, len, writable) buffers on `q`, kicks, and
     /// waits for it to come back; returns the used length.
     fn submit(&mut self, q: u16, bufs: &[(u64, u32, bool)]) -> u32 {
+        self.post(q, 0, bufs);
+        self.wait_used(q, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("request on queue {q} never completed"))
+            .1
+    }
+
+    /// Writes a chain into descriptors `first..` of `q`, makes it available
+    /// and kicks, without waiting.
+    pub fn post(&mut self, q: u16, first: u16, bufs: &[(u64, u32, bool)]) {
         let base = RINGS + u64::from(q) * 0x4000;
         let size = self.queue_sizes[usize::from(q)];
         for (i, &(addr, len, wr)) in bufs.iter().enumerate() {
             let last = i + 1 == bufs.len();
+            let index = first + i as u16;
             let flags: u16 = if last { 0 } else { 1 } | if wr { 2 } else { 0 };
-            let d = base + i as u64 * 16;
+            let d = base + u64::from(index) * 16;
             self.mem.write_obj(addr, GuestAddress(d)).unwrap();
             self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
             self.mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
             self.mem
-                .write_obj(if last { 0u16 } else { i as u16 + 1 }, GuestAddress(d + 14))
+                .write_obj(if last { 0u16 } else { index + 1 }, GuestAddress(d + 14))
                 .unwrap();
         }
         let idx = self.avail_idx[usize::from(q)];
         self.mem
             .write_obj(
-                0u16,
+                first,
                 GuestAddress(base + 0x1000 + 4 + u64::from(idx % size) * 2),
             )
             .unwrap();
@@ -295,24 +305,43 @@ impl Driver {
             .unwrap();
         self.avail_idx[usize::from(q)] = idx.wrapping_add(1);
         self.w(0x3000 + u64::from(q) * 4, &q.to_le_bytes());
+    }
+
+    /// Waits up to `timeout` for the next used entry of `q`: (id, len).
+    pub fn wait_used(&mut self, q: u16, timeout: Duration) -> Option<(u32, u32)> {
+        let base = RINGS + u64::from(q) * 0x4000;
+        let size = self.queue_sizes[usize::from(q)];
         let start = Instant::now();
         loop {
             let used: u16 = self.mem.read_obj(GuestAddress(base + 0x2002)).unwrap();
-            if used != self.used_seen[usize::from(q)] {
-                let slot = self.used_seen[usize::from(q)] % size;
-                self.used_seen[usize::from(q)] = used;
-                return self
+            let seen = self.used_seen[usize::from(q)];
+            if used != seen {
+                let slot = u64::from(seen % size);
+                self.used_seen[usize::from(q)] = seen.wrapping_add(1);
+                let id = self
                     .mem
-                    .read_obj(GuestAddress(base + 0x2004 + u64::from(slot) * 8 + 4))
+                    .read_obj(GuestAddress(base + 0x2004 + slot * 8))
                     .unwrap();
+                let len = self
+                    .mem
+                    .read_obj(GuestAddress(base + 0x2004 + slot * 8 + 4))
+                    .unwrap();
+                return Some((id, len));
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "request on queue {q} never completed"
-            );
+            if start.elapsed() >= timeout {
+                return None;
+            }
             std::thread::sleep(Duration::from_micros(200));
         }
     }
+
+    /// Guest memory, for buffers.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Scratch buffers start here in guest memory.
+    pub const BUFFERS: u64 = BUFFERS;
 
     fn header(&mut self, kind: u32, sector: u64) -> u64 {
         let h = BUFFERS;

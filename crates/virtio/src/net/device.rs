@@ -1,0 +1,478 @@
+//! The virtio-net device: configuration space, features, the queue layout
+//! (RX/TX pairs, then the control queue) and starting and stopping the
+//! queue tasks on the iothreads it was given.
+
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use uring_backend::iothread::IoThread;
+use uring_backend::net::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
+use uring_backend::net::{Tap, TapError, VNET_HDR_LEN};
+use virtio_queue::{Queue, QueueState};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::config::NetConfig;
+use super::ctrl::{CtrlFeatures, RxFilter};
+use super::{ctrlq, rx, tx};
+use crate::device::{
+    ActivateError, QueueInit, VirtioDevice, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use crate::ratelimit::RateLimitedLog;
+use crate::workers::{WorkerCount, WorkerGuardToken};
+
+pub const VIRTIO_ID_NET: u32 = 1;
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+pub const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
+pub const VIRTIO_NET_F_CTRL_RX: u64 = 1 << 18;
+pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+pub const VIRTIO_NET_F_CTRL_MAC_ADDR: u64 = 1 << 23;
+const VIRTIO_NET_S_LINK_UP: u16 = 1;
+const CONFIG_SIZE: usize = 12;
+/// The largest frame without segmentation offload: Ethernet header, 1500
+/// bytes of payload and a VLAN tag.
+const MAX_PLAIN_FRAME: u64 = 14 + 1500 + 4;
+/// The largest frame with TSO: a 64 KiB IP packet plus headers.
+const MAX_TSO_FRAME: u64 = 65_550;
+
+/// Errors from creating a network device.
+#[derive(Debug, thiserror::Error)]
+pub enum NetDeviceError {
+    #[error("opening the TAP")]
+    Tap(#[source] TapError),
+    #[error("creating an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("the network device names iothread {index}, but there are only {count}")]
+    NoSuchIothread { index: usize, count: usize },
+}
+
+/// Counters of one device (all queue pairs).
+#[derive(Debug, Default)]
+pub struct NetStats {
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    /// Frames that did not fit the guest's buffers or were not frames.
+    pub rx_dropped: AtomicU64,
+    /// Frames the guest's MAC filter refused.
+    pub rx_filtered: AtomicU64,
+    pub rx_bad_chains: AtomicU64,
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Frames refused before reaching the TAP (malformed, too long).
+    pub tx_dropped: AtomicU64,
+    /// Frames the TAP refused.
+    pub tx_errors: AtomicU64,
+    pub ctrl_errors: AtomicU64,
+}
+
+impl NetStats {
+    /// One line of `key=value` counters.
+    pub fn summary(&self) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "rx_packets={} rx_bytes={} rx_dropped={} rx_filtered={} rx_bad_chains={} tx_packets={} tx_bytes={} tx_dropped={} tx_errors={} ctrl_errors={}",
+            g(&self.rx_packets),
+            g(&self.rx_bytes),
+            g(&self.rx_dropped),
+            g(&self.rx_filtered),
+            g(&self.rx_bad_chains),
+            g(&self.tx_packets),
+            g(&self.tx_bytes),
+            g(&self.tx_dropped),
+            g(&self.tx_errors),
+            g(&self.ctrl_errors),
+        )
+    }
+}
+
+/// State every queue task of a device shares.
+pub struct NetShared {
+    pub(super) tap: Tap,
+    pub(super) filter: Mutex<RxFilter>,
+    /// The filter accepts everything (promiscuous): RX skips it.
+    pub(super) filter_open: AtomicBool,
+    pub(super) active_pairs: AtomicU16,
+    pub(super) stop: AtomicBool,
+    pub(super) tap_dead: AtomicBool,
+    /// One per pair: wakes its RX task (stop, or queue pairs changed).
+    pub(super) wakes: Vec<Arc<EventFd>>,
+    pub(super) stats: Arc<NetStats>,
+    pub(super) log: Arc<RateLimitedLog>,
+    returned: Mutex<Vec<(u16, QueueState)>>,
+}
+
+impl NetShared {
+    /// A queue task hands its queue back when it stops.
+    pub(super) fn returned(&self, index: u16, state: QueueState) {
+        self.returned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((index, state));
+    }
+
+    /// The TAP is gone (deleted, or failing for good): say so once; the
+    /// VM keeps running and the device drops what it cannot send.
+    pub(super) fn tap_gone(&self, pair: usize, e: &std::io::Error) {
+        if !self.tap_dead.swap(true, Ordering::SeqCst) {
+            log::error!(
+                "{}: TAP {} is gone (queue {pair}: {e}); the network device stays up without a link, dropping frames",
+                self.log.name(),
+                self.tap.name()
+            );
+        }
+    }
+
+    /// Makes `pairs` queue pairs active: attaches their TAP queues and
+    /// detaches the others, then wakes every RX task to look again.
+    pub(super) fn set_active_pairs(&self, pairs: u16) -> Result<(), TapError> {
+        for i in 0..self.tap.queue_count() {
+            self.tap.set_queue_enabled(i, i < usize::from(pairs))?;
+        }
+        self.active_pairs.store(pairs, Ordering::SeqCst);
+        for w in &self.wakes {
+            let _ = w.write(1);
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> &NetStats {
+        &self.stats
+    }
+}
+
+/// What one queue task gets.
+pub(super) struct PairCtx {
+    pub guard: WorkerGuardToken,
+    pub shared: Arc<NetShared>,
+    pub pair: usize,
+    pub index: u16,
+    pub queue: Queue,
+    pub kick: EventFd,
+    pub interrupt: Option<EventFd>,
+    pub mem: GuestMemoryMmap,
+    pub event_idx: bool,
+    pub mrg: bool,
+    /// Largest frame plus its header, in this queue's direction.
+    pub max_frame: u64,
+    pub ctrl: CtrlFeatures,
+}
+
+struct Active {
+    shared: Arc<NetShared>,
+    workers: Arc<WorkerCount>,
+    kicks: Vec<EventFd>,
+}
+
+/// A virtio-net device over a TAP.
+pub struct NetDevice {
+    name: String,
+    config: NetConfig,
+    mac: [u8; 6],
+    tap: Tap,
+    features: u64,
+    config_space: [u8; CONFIG_SIZE],
+    pair_threads: Vec<Arc<IoThread>>,
+    active: Option<Active>,
+    log: Arc<RateLimitedLog>,
+    /// Counters over every activation.
+    stats: Arc<NetStats>,
+}
+
+/// A locally administered unicast MAC, different per device and run.
+fn random_mac() -> [u8; 6] {
+    let mut bytes = [0u8; 4];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+            ^ std::process::id();
+        bytes = t.to_le_bytes();
+    }
+    [0x52, 0x54, bytes[0], bytes[1], bytes[2], bytes[3]]
+}
+
+impl NetDevice {
+    /// Opens the TAP; `iothreads` are all the VM's iothreads.
+    pub fn new(
+        name: &str,
+        config: &NetConfig,
+        iothreads: &[Arc<IoThread>],
+    ) -> Result<NetDevice, NetDeviceError> {
+        let pool: Vec<usize> = if config.iothreads.is_empty() {
+            (0..iothreads.len()).collect()
+        } else {
+            config.iothreads.clone()
+        };
+        if let Some(&index) = pool.iter().find(|&&i| i >= iothreads.len()) {
+            return Err(NetDeviceError::NoSuchIothread {
+                index,
+                count: iothreads.len(),
+            });
+        }
+        if pool.is_empty() {
+            return Err(NetDeviceError::NoSuchIothread { index: 0, count: 0 });
+        }
+        let pairs = usize::from(config.queue_pairs);
+        let tap = Tap::open(&config.tap, pairs).map_err(NetDeviceError::Tap)?;
+        log::info!("{name}: TAP {} with {pairs} queue(s)", tap.name());
+        let pair_threads = (0..pairs)
+            .map(|p| iothreads[pool[p % pool.len()]].clone())
+            .collect();
+        let mut features = VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_NET_F_CSUM
+            | VIRTIO_NET_F_GUEST_CSUM
+            | VIRTIO_NET_F_MAC
+            | VIRTIO_NET_F_GUEST_TSO4
+            | VIRTIO_NET_F_GUEST_TSO6
+            | VIRTIO_NET_F_HOST_TSO4
+            | VIRTIO_NET_F_HOST_TSO6
+            | VIRTIO_NET_F_MRG_RXBUF
+            | VIRTIO_NET_F_STATUS
+            | VIRTIO_NET_F_CTRL_VQ
+            | VIRTIO_NET_F_CTRL_RX
+            | VIRTIO_NET_F_CTRL_MAC_ADDR;
+        if pairs > 1 {
+            features |= VIRTIO_NET_F_MQ;
+        }
+        let mac = config.mac.unwrap_or_else(random_mac);
+        let mut dev = NetDevice {
+            name: name.into(),
+            config: config.clone(),
+            mac,
+            tap,
+            features,
+            config_space: [0; CONFIG_SIZE],
+            pair_threads,
+            active: None,
+            log: Arc::new(RateLimitedLog::new(name)),
+            stats: Arc::new(NetStats::default()),
+        };
+        dev.build_config_space();
+        Ok(dev)
+    }
+
+    fn build_config_space(&mut self) {
+        let c = &mut self.config_space;
+        c[0..6].copy_from_slice(&self.mac);
+        c[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        c[8..10].copy_from_slice(&self.config.queue_pairs.to_le_bytes());
+    }
+
+    /// The TAP's interface name.
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The device's counters, readable while it runs.
+    pub fn stats_handle(&self) -> Arc<NetStats> {
+        self.stats.clone()
+    }
+
+    fn pairs(&self) -> usize {
+        usize::from(self.config.queue_pairs)
+    }
+
+    fn start(
+        &mut self,
+        mem: GuestMemoryMmap,
+        features: u64,
+        queues: Vec<QueueInit>,
+    ) -> Result<Active, ActivateError> {
+        let pairs = self.pairs();
+        let mq = features & VIRTIO_NET_F_MQ != 0;
+        let ctrl_index = if mq { 2 * pairs } else { 2 };
+        let has = |f: u64| features & f != 0;
+        let mut offload = 0;
+        if has(VIRTIO_NET_F_GUEST_CSUM) {
+            offload |= TUN_F_CSUM;
+            if has(VIRTIO_NET_F_GUEST_TSO4) {
+                offload |= TUN_F_TSO4;
+            }
+            if has(VIRTIO_NET_F_GUEST_TSO6) {
+                offload |= TUN_F_TSO6;
+            }
+        }
+        // A TAP that went away leaves the device up without a link.
+        let mut tap_ok = true;
+        if let Err(e) = self.tap.set_offload(offload) {
+            log::error!("{}: {e}; the device runs without a link", self.name);
+            tap_ok = false;
+        }
+        let rx_max = VNET_HDR_LEN as u64
+            + if offload & (TUN_F_TSO4 | TUN_F_TSO6) != 0 {
+                MAX_TSO_FRAME
+            } else {
+                MAX_PLAIN_FRAME
+            };
+        let tx_max = VNET_HDR_LEN as u64
+            + if has(VIRTIO_NET_F_HOST_TSO4) || has(VIRTIO_NET_F_HOST_TSO6) {
+                MAX_TSO_FRAME
+            } else {
+                MAX_PLAIN_FRAME
+            };
+        let wakes = (0..pairs)
+            .map(|_| EventFd::new(EFD_NONBLOCK).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ActivateError::EventFd)?;
+        let filter = RxFilter::new(self.mac);
+        let shared = Arc::new(NetShared {
+            tap: self.tap.clone(),
+            filter: Mutex::new(filter),
+            filter_open: AtomicBool::new(true),
+            active_pairs: AtomicU16::new(1),
+            stop: AtomicBool::new(false),
+            tap_dead: AtomicBool::new(!tap_ok),
+            wakes,
+            stats: self.stats.clone(),
+            log: self.log.clone(),
+            returned: Mutex::new(Vec::new()),
+        });
+        // One pair until the driver asks for more (virtio 1.2 §5.1.6.5.5).
+        if let Err(e) = shared.set_active_pairs(1) {
+            if tap_ok {
+                log::error!("{}: {e}; the device runs without a link", self.name);
+            }
+            shared.tap_dead.store(true, Ordering::SeqCst);
+        }
+        let ctrl = CtrlFeatures {
+            rx: has(VIRTIO_NET_F_CTRL_RX),
+            mac_addr: has(VIRTIO_NET_F_CTRL_MAC_ADDR),
+            mq,
+            max_pairs: self.config.queue_pairs,
+        };
+        let workers = Arc::new(WorkerCount::default());
+        let mut kicks = Vec::with_capacity(queues.len());
+        for q in queues {
+            kicks.push(q.kick.try_clone().map_err(ActivateError::EventFd)?);
+            let index = usize::from(q.index);
+            let (pair, role) = if index == ctrl_index && has(VIRTIO_NET_F_CTRL_VQ) {
+                (0, Role::Ctrl)
+            } else if index < 2 * if mq { pairs } else { 1 } {
+                (index / 2, if index % 2 == 0 { Role::Rx } else { Role::Tx })
+            } else {
+                self.log
+                    .warn(format_args!("queue {index} has no use; left idle"));
+                continue;
+            };
+            let ctx = PairCtx {
+                guard: WorkerGuardToken::new(&workers),
+                shared: shared.clone(),
+                pair,
+                index: q.index,
+                queue: q.queue,
+                kick: q.kick,
+                interrupt: q.interrupt,
+                mem: mem.clone(),
+                event_idx: has(VIRTIO_RING_F_EVENT_IDX),
+                mrg: has(VIRTIO_NET_F_MRG_RXBUF),
+                max_frame: if role == Role::Tx { tx_max } else { rx_max },
+                ctrl,
+            };
+            let thread = &self.pair_threads[pair];
+            let wake = shared.wakes[pair].clone();
+            // A job that never runs drops its context, which counts the
+            // worker finished.
+            thread.run_on(Box::new(move |ex| {
+                let ex2 = ex.clone();
+                match role {
+                    Role::Rx => ex.spawn(rx::serve_rx(ex2, ctx, wake)),
+                    Role::Tx => ex.spawn(tx::serve_tx(ex2, ctx)),
+                    Role::Ctrl => ex.spawn(ctrlq::serve_ctrl(ex2, ctx)),
+                }
+            }));
+        }
+        Ok(Active {
+            shared,
+            workers,
+            kicks,
+        })
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Rx,
+    Tx,
+    Ctrl,
+}
+
+impl VirtioDevice for NetDevice {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![self.config.queue_size; 2 * self.pairs() + 1]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let o = offset as usize;
+        match self.config_space.get(o..o + data.len()) {
+            Some(src) => data.copy_from_slice(src),
+            None => data.fill(0),
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The MAC is read-only for VERSION_1 drivers (they set it through
+        // the control queue); nothing else is writable.
+        self.log.warn(format_args!(
+            "ignored write of {} bytes to config offset {offset:#x}",
+            data.len()
+        ));
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        features: u64,
+        queues: Vec<QueueInit>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            self.reset();
+        }
+        self.active = Some(self.start(mem, features, queues)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        active.shared.stop.store(true, Ordering::SeqCst);
+        for k in &active.kicks {
+            let _ = k.write(1);
+        }
+        for w in &active.shared.wakes {
+            let _ = w.write(1);
+        }
+        active.workers.wait_idle();
+        log::debug!("{}: reset, all queue tasks stopped", self.name);
+    }
+}
+
+impl Drop for NetDevice {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
