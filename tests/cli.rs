@@ -206,3 +206,24 @@ fn help_and_version_succeed_and_document_exit_codes() {
     assert_eq!(out.code, Some(0));
     assert!(out.stdout.starts_with("ringvm "), "{}", out.stdout);
 }
+
+#[test]
+fn bad_net_options() {
+    for (value, needle) in [
+        ("", "--net"),
+        ("mac=52:54:00:12:34:56", "tap=NAME"),
+        ("tap=a,ip=10.0.0.1,mask=255.0.0.0", "not both"),
+        ("ip=10.0.0.1", "mask="),
+        ("ip=10.0.0.1,mask=255.0.255.0", "netmask"),
+        ("tap=t0,mac=01:00:5e:00:00:01", "multicast"),
+        ("tap=t0,queues=0", "queue pairs"),
+        ("tap=t0,speed=fast", "unknown --net key"),
+    ] {
+        assert_bad_input(&["run", "--kernel", "builtin", "--net", value], needle);
+    }
+    // An interface that is not a TAP cannot be attached.
+    assert_bad_input(
+        &["run", "--kernel", "builtin", "--net", "tap=lo"],
+        "TAP",
+    );
+}

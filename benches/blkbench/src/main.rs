@@ -27,13 +27,15 @@ struct Args {
     ringvm_blk: PathBuf,
     qsd: PathBuf,
     ringvm_disk_opts: String,
+    /// `--poll-us` for the `ringvm-poll` backend.
+    poll_us: u32,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: blkbench --file PATH [--qd 1,32] [--duration SECS] \
          [--backends io_uring,ringvm,qsd] [--ringvm-blk PATH] [--qsd PATH] \
-         [--ringvm-disk-opts direct=on]"
+         [--ringvm-disk-opts direct=on] [--poll-us 50]   (backends also: ringvm-poll)"
     );
     std::process::exit(2)
 }
@@ -47,6 +49,7 @@ fn parse_args() -> Result<Args> {
         ringvm_blk: PathBuf::from("target/release/ringvm-blk"),
         qsd: PathBuf::from("qemu-storage-daemon"),
         ringvm_disk_opts: "direct=on".into(),
+        poll_us: 50,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -64,6 +67,7 @@ fn parse_args() -> Result<Args> {
             "--ringvm-blk" => a.ringvm_blk = v().into(),
             "--qsd" => a.qsd = v().into(),
             "--ringvm-disk-opts" => a.ringvm_disk_opts = v(),
+            "--poll-us" => a.poll_us = v().parse()?,
             _ => usage(),
         }
     }
@@ -118,8 +122,11 @@ fn start_backend(name: &str, args: &Args, dir: &Path) -> Result<Backend> {
                 socket: None,
             })
         }
-        "ringvm" => {
+        "ringvm" | "ringvm-poll" => {
             let mut c = Command::new(&args.ringvm_blk);
+            if name == "ringvm-poll" {
+                c.arg("--poll-us").arg(args.poll_us.to_string());
+            }
             c.arg("--socket").arg(&socket).arg("--disk").arg(format!(
                 "path={file}{}{}",
                 if args.ringvm_disk_opts.is_empty() {

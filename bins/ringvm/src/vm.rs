@@ -20,6 +20,8 @@ pub struct Plan {
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub iothreads: usize,
+    /// How long idle iothreads busy-poll before sleeping.
+    pub iothread_poll: std::time::Duration,
     /// Print each iothread's CPU time and ring counters when the VM stops.
     pub iothread_stats: bool,
 }
@@ -60,6 +62,9 @@ pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
             .collect::<Result<_, _>>()
             .map_err(host)?
     };
+    for t in &iothreads {
+        t.set_poll(plan.iothread_poll);
+    }
     for (i, disk) in plan.disks.iter().enumerate() {
         let name = format!("virtio-blk{i}");
         let dev = BlockDevice::new(&name, disk, &iothreads).map_err(input)?;

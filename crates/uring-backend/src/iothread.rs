@@ -108,12 +108,32 @@ async fn serve_jobs(ex: Rc<Executor>, jobs: Receiver<Job>, fd: Arc<EventFd>) {
     }
 }
 
+/// An iothread takes no process-directed signals (SIGTERM, SIGINT, ...):
+/// they belong to the thread that waits for them, whether the iothread was
+/// started before or after that thread blocked them.
+fn block_process_signals() {
+    // SAFETY: sigset_t is plain data; sigfillset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe { libc::sigfillset(&mut set) };
+    // SAFETY: blocking signals in the calling thread only; a null old-mask
+    // pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        log::warn!(
+            "iothread: blocking signals: {}",
+            std::io::Error::from_raw_os_error(rc)
+        );
+    }
+}
+
 fn thread_main(
     entries: u32,
     jobs: Receiver<Job>,
     job_fd: Arc<EventFd>,
     ready: Sender<Result<Ready, ExecutorError>>,
 ) -> Result<(), ExecutorError> {
+    block_process_signals();
     let ex = match Executor::new(entries) {
         Ok(ex) => ex,
         Err(e) => {
@@ -203,6 +223,14 @@ impl IoThread {
             log::error!("iothread {}: waking it for a job: {e}", self.name);
         }
         true
+    }
+
+    /// Makes the thread's executor busy-poll for up to `poll` before it
+    /// sleeps (see [`Executor::set_poll`]); zero turns polling off.
+    ///
+    /// [`Executor::set_poll`]: crate::executor::Executor::set_poll
+    pub fn set_poll(&self, poll: Duration) -> bool {
+        self.run_on(Box::new(move |ex| ex.set_poll(poll)))
     }
 
     /// CPU time the thread has used so far.

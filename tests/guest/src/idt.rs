@@ -197,3 +197,24 @@ pub fn wait_for_interrupt() {
     // SAFETY: the IDT is loaded; handlers only bump counters and write EOI.
     unsafe { core::arch::asm!("sti", "hlt", "cli", options(nostack)) };
 }
+
+/// Runs a bounded empty loop of `iterations` turns (at least one) with
+/// interrupts enabled, then disables them again: a window in which pending
+/// interrupts are taken without waiting for one (unlike `hlt`). Each turn
+/// is two instructions.
+pub fn spin_with_interrupts(iterations: u32) {
+    // Not `nomem`: a compiler barrier for what the handlers wrote.
+    // SAFETY: the IDT is loaded; handlers only bump counters and write EOI.
+    // The loop only counts a register down.
+    unsafe {
+        core::arch::asm!(
+            "sti",
+            "2:",
+            "dec {n:e}",
+            "jnz 2b",
+            "cli",
+            n = inout(reg) iterations.max(1) => _,
+            options(nostack)
+        )
+    };
+}

@@ -19,6 +19,8 @@
 //! With any `blk.*` option the guest runs its second form instead: a
 //! virtio-blk workload over virtio-pci with MSI-X interrupts (see [`blk`]
 //! and README.md). Without one, nothing touches PCI or interrupts.
+//! With any `net.*` option it runs its third form: a virtio-net driver and
+//! a minimal IPv4 peer (see [`net`]).
 
 #![cfg_attr(not(test), no_std)]
 #![cfg_attr(not(test), no_main)]
@@ -37,12 +39,14 @@ mod exit;
 mod idt;
 mod mmio;
 mod msix;
+mod net;
 mod paging;
 mod pattern;
 mod pci;
 mod phys;
 mod platform;
 mod port;
+mod pt;
 mod pvh;
 mod serial;
 mod tsc;
@@ -117,6 +121,14 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     // touches PCI or interrupts.
     if blk::options::wanted(&args) {
         blk::run(&mut out, &args, explicit_status);
+    }
+    // Third form: a virtio-net driver and a minimal IPv4 peer.
+    if net::options::wanted(&args) {
+        net::run(&mut out, &args, explicit_status);
+    }
+    // Fourth form: checks of a passed-through PCI function (`pt.*`).
+    if pt::options::wanted(&args) {
+        pt::run(&mut out, &args, explicit_status);
     }
     let status = explicit_status.unwrap_or(0);
 

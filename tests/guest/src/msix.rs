@@ -71,6 +71,34 @@ impl Msix {
         self.set_control(0, CTRL_FUNCTION_MASK);
     }
 
+    /// Masks (or unmasks) entry `index` (< `size`) through its vector
+    /// control word, leaving the message alone.
+    pub fn set_masked(&self, index: u16, masked: bool) {
+        debug_assert!(index < self.size);
+        let control = self.table + u64::from(index) * 16 + 12;
+        // SAFETY: the word lies inside the mapped table (`index < size`);
+        // only the mask bit is written.
+        unsafe { mmio::write32(control, u32::from(masked)) };
+    }
+
+    /// Locates and maps the pending bit array. `bar` resolves a BAR index
+    /// to its address.
+    pub fn pba(
+        &self,
+        mut bar: impl FnMut(u8) -> Result<u64, &'static str>,
+    ) -> Result<Pba, &'static str> {
+        let loc = self.func.read32(self.cap + 8);
+        let addr = bar((loc & 7) as u8)?
+            .checked_add(u64::from(loc & !7))
+            .ok_or("MSI-X PBA address overflows")?;
+        let len = u64::from(self.size).div_ceil(64) * 8;
+        paging::map_uncached(addr, len).map_err(|_| "cannot map the MSI-X PBA")?;
+        Ok(Pba {
+            addr,
+            size: self.size,
+        })
+    }
+
     /// Programs entry `index` (< `size`) for a fixed, edge-triggered
     /// interrupt on `vector` of the local APIC with ID `apic_id` (physical
     /// destination mode), and unmasks it.
@@ -85,5 +113,26 @@ impl Msix {
             mmio::write32(entry + 8, u32::from(vector));
             mmio::write32(entry + 12, 0);
         }
+    }
+}
+
+/// A located, mapped MSI-X pending bit array.
+#[derive(Clone, Copy, Debug)]
+pub struct Pba {
+    addr: u64,
+    size: u16,
+}
+
+impl Pba {
+    /// Whether entry `index` (< the table size) has a pending message.
+    pub fn pending(&self, index: u16) -> bool {
+        debug_assert!(index < self.size);
+        // The PBA takes aligned dword reads; bit `index % 32` of dword
+        // `index / 32`.
+        let dword = self.addr + u64::from(index / 32) * 4;
+        // SAFETY: the dword lies inside the mapped PBA; reading it has no
+        // side effect.
+        let bits = unsafe { mmio::read32(dword) };
+        bits & (1 << (index % 32)) != 0
     }
 }

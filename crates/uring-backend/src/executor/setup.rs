@@ -101,7 +101,9 @@ fn build(entries: u32, disabled: bool, single_issuer: bool) -> io::Result<IoUrin
         b.setup_r_disabled();
     }
     if single_issuer {
-        b.setup_single_issuer().setup_coop_taskrun();
+        b.setup_single_issuer()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag();
     }
     b.build(entries)
 }

@@ -91,3 +91,45 @@ fn many_ops_in_one_turn_overflow_the_submission_queue_gracefully() {
     assert_eq!(results, 64);
     assert_eq!(ex.inflight(), 0);
 }
+
+#[test]
+fn a_polling_executor_picks_up_work_without_sleeping_and_cancel_fd_ends_reads() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    let ex = Executor::new(8).expect("executor");
+    ex.set_poll(Duration::from_millis(200));
+    let fd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    let writer = fd.try_clone().unwrap();
+    let t = std::thread::spawn(move || {
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(2));
+            writer.write(1).unwrap();
+        }
+    });
+    let (ex2, fd2) = (ex.clone(), fd.clone());
+    let got = block_on(&ex, async move {
+        let mut total = 0;
+        while total < 5 {
+            total += ex2.read_eventfd(fd2.clone()).await.unwrap();
+        }
+        total
+    });
+    t.join().unwrap();
+    assert_eq!(got, 5);
+    let s = ex.stats().snapshot();
+    assert!(s.poll_hits >= 1, "{s:?}");
+
+    // A read nobody will ever satisfy ends with ECANCELED once its fd's
+    // operations are cancelled, and the cancel counts it.
+    ex.set_poll(Duration::ZERO);
+    let (ex2, fd2) = (ex.clone(), fd.clone());
+    let (cancelled, res) = block_on(&ex, async move {
+        let mut read = Box::pin(ex2.read_eventfd(fd2.clone()));
+        let n = ex2.cancel_fd(fd2.clone()).await.unwrap();
+        (n, read.as_mut().await)
+    });
+    assert_eq!(cancelled, 1);
+    assert_eq!(res.unwrap_err().raw_os_error(), Some(libc::ECANCELED));
+}

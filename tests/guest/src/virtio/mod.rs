@@ -204,6 +204,15 @@ impl Transport {
         Ok(())
     }
 
+    /// The feature bits the device offers (reads both halves).
+    pub fn offered(&self) -> u64 {
+        self.write32(DEVICE_FEATURE_SELECT, 0);
+        let low = self.read32(DEVICE_FEATURE);
+        self.write32(DEVICE_FEATURE_SELECT, 1);
+        let high = self.read32(DEVICE_FEATURE);
+        u64::from(low) | (u64::from(high) << 32)
+    }
+
     /// Offers the intersection of the device features and `wanted`, sets
     /// FEATURES_OK and checks that it stuck. VERSION_1 is required.
     pub fn negotiate(&self, wanted: u64) -> Result<u64, &'static str> {
@@ -299,6 +308,17 @@ impl Transport {
         }
         // SAFETY: inside the mapped device configuration structure.
         Some(unsafe { mmio::read32(self.device.addr + u64::from(off)) })
+    }
+
+    /// Reads device configuration bytes `[off, off + 2)` (aligned), or
+    /// `None` beyond the structure. For fields at the end of a device's
+    /// configuration, where a wider read would cross its end.
+    pub fn config16(&self, off: u32) -> Option<u16> {
+        if off + 2 > self.device.len {
+            return None;
+        }
+        // SAFETY: inside the mapped device configuration structure.
+        Some(unsafe { mmio::read16(self.device.addr + u64::from(off)) })
     }
 
     /// Reads a 64-bit configuration field consistently (retrying while the

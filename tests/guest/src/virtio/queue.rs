@@ -76,7 +76,14 @@ impl Queue {
     /// returns the queue's state. A zero `size` makes a placeholder for a
     /// queue that is not used, and touches no memory.
     pub fn new(index: u16, size: u16, event_idx: bool) -> Queue {
-        let mem = RINGS[usize::from(index)].0.get().cast::<u64>();
+        Queue::new_in(usize::from(index), index, size, event_idx)
+    }
+
+    /// [`Queue::new`] for device queue `index` on the ring memory of slot
+    /// `slot` (< [`MAX_QUEUES`]): for devices whose queue indices are
+    /// sparse (virtio-net's control queue sits after every queue pair).
+    pub fn new_in(slot: usize, index: u16, size: u16, event_idx: bool) -> Queue {
+        let mem = RINGS[slot].0.get().cast::<u64>();
         let n = usize::from(size);
         // Descriptors, then flags/idx/ring/used_event, then flags/idx/
         // ring/avail_event, each rounded up to whole words.
@@ -188,6 +195,38 @@ impl Queue {
             unsafe { crate::mmio::write16(self.notify, self.index) };
         }
         kick
+    }
+
+    /// Asks the device not to interrupt for used entries (`on`), or to
+    /// interrupt again (`!on`, then [`Queue::arm`] as usual). Without
+    /// EVENT_IDX this is the driver ring's NO_INTERRUPT flag; with it,
+    /// `on` puts used_event one behind the last used entry, so the device
+    /// crosses it only after 2^16 more entries.
+    pub fn set_no_interrupt(&mut self, on: bool) {
+        if self.event_idx {
+            if on {
+                let off = AVAIL_OFF + 4 + 2 * usize::from(self.size);
+                // SAFETY: used_event, right after the driver ring entries.
+                unsafe {
+                    self.u16_at(off)
+                        .write_volatile(self.last_used.wrapping_sub(1))
+                };
+            }
+        } else {
+            // SAFETY: avail.flags, inside the ring memory.
+            unsafe { self.u16_at(AVAIL_OFF).write_volatile(u16::from(on)) };
+        }
+    }
+
+    /// Entries pushed but not yet returned by the device (published or
+    /// not).
+    pub fn in_flight(&self) -> u16 {
+        self.next_avail.wrapping_sub(self.last_used)
+    }
+
+    /// The queue size.
+    pub fn size(&self) -> u16 {
+        self.size
     }
 
     /// The next used entry `(id, len)`, if the device has returned one.
