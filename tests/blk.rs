@@ -340,3 +340,35 @@ fn o_direct_disk_round_trips() {
     );
     assert_eq!((out.code, f["errors"].as_str()), (Some(0), "0"), "{out:#?}");
 }
+
+#[test]
+fn fixed_buffer_disk_round_trips_with_o_direct_and_polling() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-fixed");
+    let d = disk(&dir, "fixed.img", 4 << 20);
+    let fixed = format!("{},direct=on,fixed_buffers=on", path_disk(&d));
+    // Written through READ_FIXED/WRITE_FIXED on a polling iothread...
+    let (out, f) = ringvm_guest(
+        std::slice::from_ref(&fixed),
+        &["--iothread-poll-us", "50"],
+        "blk.mode=write blk.qd=8 blk.len=1M blk.seed=23 blk.flush=1",
+    );
+    assert_eq!((out.code, f["errors"].as_str()), (Some(0), "0"), "{out:#?}");
+    // ...read back by the plain path, and the other way round.
+    let (out, f) = ringvm_guest(
+        &[path_disk(&d)],
+        &[],
+        "blk.mode=verify blk.qd=8 blk.len=1M blk.seed=23",
+    );
+    assert_eq!((out.code, f["errors"].as_str()), (Some(0), "0"), "{out:#?}");
+    let (out, f) = ringvm_guest(&[fixed], &[], "blk.mode=crc blk.qd=4 blk.len=1M");
+    assert_eq!((out.code, f["errors"].as_str()), (Some(0), "0"), "{out:#?}");
+    let bytes = std::fs::read(&d).unwrap();
+    assert_eq!(
+        f["crc32"],
+        format!("{:08x}", crc32(&bytes[..1 << 20])),
+        "{out:#?}"
+    );
+}

@@ -64,6 +64,9 @@ struct Shared {
     interrupt: Option<EventFd>,
     inflight: usize,
     notify_scheduled: bool,
+    /// Guest RAM is registered with this iothread's ring: single-buffer
+    /// transfers use READ_FIXED/WRITE_FIXED (no page pinning per I/O).
+    fixed: bool,
     index: u16,
     log: Arc<RateLimitedLog>,
 }
@@ -125,13 +128,14 @@ pub async fn serve_queue(ex: Rc<Executor>, ctx: QueueCtx) {
         interrupt: ctx.interrupt,
         inflight: 0,
         notify_scheduled: false,
+        fixed: false,
         index: ctx.index,
         log: ctx.log.clone(),
     }));
     let disk = Rc::new(ctx.disk);
     let id = ctx.id;
     if ctx.fixed_buffers {
-        register_guest_memory(&ex, &ctx.mem, &ctx.log);
+        shared.borrow_mut().fixed = register_guest_memory(&ex, &ctx.mem, &ctx.log);
     }
     loop {
         if let Err(e) = ex.read_eventfd(kick.clone()).await {
@@ -173,19 +177,23 @@ pub async fn serve_queue(ex: Rc<Executor>, ctx: QueueCtx) {
 
 /// Registers guest RAM with this iothread's ring, once per executor; on
 /// refusal the queue works with ordinary vectored I/O.
-fn register_guest_memory(ex: &Rc<Executor>, mem: &GuestMemoryMmap, log: &RateLimitedLog) {
+fn register_guest_memory(ex: &Rc<Executor>, mem: &GuestMemoryMmap, log: &RateLimitedLog) -> bool {
     let regions: Vec<(*mut u8, usize)> =
         mem.iter().map(|r| (r.as_ptr(), r.len() as usize)).collect();
     if regions
         .iter()
         .all(|&(p, l)| ex.fixed_index_for(p, l.min(1)).is_some())
     {
-        return;
+        return true;
     }
-    if let Err(e) = ex.register_buffers(&regions) {
-        log.warn(format_args!(
-            "guest RAM not registered as fixed buffers, using vectored I/O: {e}"
-        ));
+    match ex.register_buffers(&regions) {
+        Ok(()) => true,
+        Err(e) => {
+            log.warn(format_args!(
+                "guest RAM not registered as fixed buffers, using vectored I/O: {e}"
+            ));
+            false
+        }
     }
 }
 
@@ -286,7 +294,7 @@ fn io_status(e: &std::io::Error) -> u8 {
 async fn execute(
     ex: &Rc<Executor>,
     disk: &BlockFile,
-    mem: &Rc<GuestMemoryMmap>,
+    (mem, fixed): (&Rc<GuestMemoryMmap>, bool),
     req: &Request,
     id: &[u8; VIRTIO_BLK_ID_BYTES],
 ) -> Result<u32, (u8, String)> {
@@ -298,6 +306,53 @@ async fn execute(
         )
     };
     match &req.kind {
+        RequestKind::Read | RequestKind::Write if fixed && req.data.len() == 1 => {
+            let (addr, len) = req.data[0];
+            let slice = mem
+                .get_slice(addr, len as usize)
+                .map_err(|_| (VIRTIO_BLK_S_IOERR, "data outside guest memory".to_string()))?;
+            let ptr = slice.ptr_guard_mut().as_ptr();
+            let keep = Box::new(Rc::clone(mem));
+            let done = match ex.fixed_index_for(ptr, len as usize) {
+                Some(index) if req.kind == RequestKind::Read => disk
+                    .read_fixed(ex, offset, ptr, len as usize, index, keep)
+                    .await
+                    .map_err(|e| err("read", e))?,
+                Some(index) => disk
+                    .write_fixed(ex, offset, ptr, len as usize, index, keep)
+                    .await
+                    .map_err(|e| err("write", e))?,
+                None => {
+                    let iov = vec![libc::iovec {
+                        iov_base: ptr.cast(),
+                        iov_len: len as usize,
+                    }];
+                    if req.kind == RequestKind::Read {
+                        disk.readv(ex, offset, iov, keep)
+                            .await
+                            .map_err(|e| err("read", e))?
+                    } else {
+                        disk.writev(ex, offset, iov, keep)
+                            .await
+                            .map_err(|e| err("write", e))?
+                    }
+                }
+            };
+            if done as u64 != req.data_len {
+                return Err((
+                    VIRTIO_BLK_S_IOERR,
+                    format!(
+                        "short transfer at sector {}: {done} of {}",
+                        req.sector, req.data_len
+                    ),
+                ));
+            }
+            Ok(if req.kind == RequestKind::Read {
+                len
+            } else {
+                0
+            })
+        }
         RequestKind::Read | RequestKind::Write => {
             let iov = iovecs(mem, &req.data)
                 .ok_or((VIRTIO_BLK_S_IOERR, "data outside guest memory".to_string()))?;
@@ -379,8 +434,11 @@ async fn run_request(
     req: Request,
     id: [u8; VIRTIO_BLK_ID_BYTES],
 ) {
-    let mem = shared.borrow().mem.clone();
-    let (status, written) = match execute(&ex, &disk, &mem, &req, &id).await {
+    let (mem, fixed) = {
+        let s = shared.borrow();
+        (s.mem.clone(), s.fixed)
+    };
+    let (status, written) = match execute(&ex, &disk, (&mem, fixed), &req, &id).await {
         Ok(n) => (VIRTIO_BLK_S_OK, n),
         Err((status, msg)) => {
             shared.borrow().log.warn(format_args!("{msg}"));
