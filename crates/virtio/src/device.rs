@@ -68,3 +68,15 @@ pub trait VirtioDevice: Send {
     /// Stops serving; waits for in-flight requests to complete.
     fn reset(&mut self);
 }
+
+/// Reads a device's configuration space the way both virtio-pci and
+/// vhost-user hand reads to it: bytes past its end read as zero.
+pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    let src = usize::try_from(offset)
+        .ok()
+        .and_then(|o| space.get(o..o.checked_add(data.len())?));
+    match src {
+        Some(src) => data.copy_from_slice(src),
+        None => data.fill(0),
+    }
+}

@@ -3,6 +3,8 @@
 
 use std::sync::{Arc, Condvar, Mutex};
 
+use uring_backend::iothread::IoThread;
+
 /// Counts running queue workers; `reset` waits for zero.
 #[derive(Default)]
 pub struct WorkerCount {
@@ -55,4 +57,28 @@ impl WorkerGuardToken {
             _guard: WorkerGuard(workers.clone()),
         }
     }
+}
+
+/// The iothread of each of `count` queues (or queue pairs): the `requested`
+/// iothread indices in turn, or all of `iothreads` when none were named.
+/// Err((index, available)) names an index that does not exist.
+pub fn spread_over_iothreads(
+    requested: &[usize],
+    iothreads: &[Arc<IoThread>],
+    count: usize,
+) -> Result<Vec<Arc<IoThread>>, (usize, usize)> {
+    let pool: Vec<usize> = if requested.is_empty() {
+        (0..iothreads.len()).collect()
+    } else {
+        requested.to_vec()
+    };
+    if let Some(&index) = pool.iter().find(|&&i| i >= iothreads.len()) {
+        return Err((index, iothreads.len()));
+    }
+    if pool.is_empty() {
+        return Err((0, 0));
+    }
+    Ok((0..count)
+        .map(|q| iothreads[pool[q % pool.len()]].clone())
+        .collect())
 }

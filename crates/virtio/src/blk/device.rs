@@ -14,10 +14,11 @@ use super::config::DiskConfig;
 use super::request::{RequestLimits, MAX_DISCARD_SEGMENTS, SECTOR_SHIFT, VIRTIO_BLK_ID_BYTES};
 use super::worker::{serve_queue, QueueCtx};
 use crate::device::{
-    ActivateError, QueueInit, VirtioDevice, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    read_config_space, ActivateError, QueueInit, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::ratelimit::RateLimitedLog;
-use crate::workers::WorkerCount;
+use crate::workers::{spread_over_iothreads, WorkerCount};
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -96,28 +97,13 @@ impl BlockDevice {
         if capacity == 0 {
             return Err(BlockDeviceError::TooSmall { path });
         }
-        let pool: Vec<usize> = if config.iothreads.is_empty() {
-            (0..iothreads.len()).collect()
-        } else {
-            config.iothreads.clone()
-        };
-        if let Some(&index) = pool.iter().find(|&&i| i >= iothreads.len()) {
-            return Err(BlockDeviceError::NoSuchIothread {
-                path,
-                index,
-                count: iothreads.len(),
-            });
-        }
-        if pool.is_empty() {
-            return Err(BlockDeviceError::NoSuchIothread {
-                path,
-                index: 0,
-                count: 0,
-            });
-        }
-        let queue_threads = (0..usize::from(config.queues))
-            .map(|q| iothreads[pool[q % pool.len()]].clone())
-            .collect();
+        let queue_threads =
+            spread_over_iothreads(&config.iothreads, iothreads, usize::from(config.queues))
+                .map_err(|(index, count)| BlockDeviceError::NoSuchIothread {
+                    path,
+                    index,
+                    count,
+                })?;
         let discard = disk.supports_discard();
         let mut features = VIRTIO_RING_F_EVENT_IDX
             | VIRTIO_RING_F_INDIRECT_DESC
@@ -230,11 +216,7 @@ impl VirtioDevice for BlockDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let o = offset as usize;
-        match self.config_space.get(o..o + data.len()) {
-            Some(src) => data.copy_from_slice(src),
-            None => data.fill(0),
-        }
+        read_config_space(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -306,38 +306,34 @@ async fn execute(
         )
     };
     match &req.kind {
-        RequestKind::Read | RequestKind::Write if fixed && req.data.len() == 1 => {
-            let (addr, len) = req.data[0];
-            let slice = mem
-                .get_slice(addr, len as usize)
-                .map_err(|_| (VIRTIO_BLK_S_IOERR, "data outside guest memory".to_string()))?;
-            let ptr = slice.ptr_guard_mut().as_ptr();
+        RequestKind::Read | RequestKind::Write => {
+            let write = req.kind == RequestKind::Write;
             let keep = Box::new(Rc::clone(mem));
-            let done = match ex.fixed_index_for(ptr, len as usize) {
-                Some(index) if req.kind == RequestKind::Read => disk
-                    .read_fixed(ex, offset, ptr, len as usize, index, keep)
-                    .await
-                    .map_err(|e| err("read", e))?,
-                Some(index) => disk
-                    .write_fixed(ex, offset, ptr, len as usize, index, keep)
-                    .await
-                    .map_err(|e| err("write", e))?,
+            // One buffer in registered guest RAM: READ_FIXED/WRITE_FIXED.
+            let fixed_buf = match req.data.as_slice() {
+                [(addr, len)] if fixed => mem.get_slice(*addr, *len as usize).ok().and_then(|s| {
+                    let ptr = s.ptr_guard_mut().as_ptr();
+                    let index = ex.fixed_index_for(ptr, *len as usize)?;
+                    Some((ptr, *len as usize, index))
+                }),
+                _ => None,
+            };
+            let done = match fixed_buf {
+                Some((ptr, len, index)) if write => {
+                    disk.write_fixed(ex, offset, ptr, len, index, keep).await
+                }
+                Some((ptr, len, index)) => disk.read_fixed(ex, offset, ptr, len, index, keep).await,
                 None => {
-                    let iov = vec![libc::iovec {
-                        iov_base: ptr.cast(),
-                        iov_len: len as usize,
-                    }];
-                    if req.kind == RequestKind::Read {
-                        disk.readv(ex, offset, iov, keep)
-                            .await
-                            .map_err(|e| err("read", e))?
+                    let iov = iovecs(mem, &req.data)
+                        .ok_or((VIRTIO_BLK_S_IOERR, "data outside guest memory".to_string()))?;
+                    if write {
+                        disk.writev(ex, offset, iov, keep).await
                     } else {
-                        disk.writev(ex, offset, iov, keep)
-                            .await
-                            .map_err(|e| err("write", e))?
+                        disk.readv(ex, offset, iov, keep).await
                     }
                 }
-            };
+            }
+            .map_err(|e| err(if write { "write" } else { "read" }, e))?;
             if done as u64 != req.data_len {
                 return Err((
                     VIRTIO_BLK_S_IOERR,
@@ -347,39 +343,7 @@ async fn execute(
                     ),
                 ));
             }
-            Ok(if req.kind == RequestKind::Read {
-                len
-            } else {
-                0
-            })
-        }
-        RequestKind::Read | RequestKind::Write => {
-            let iov = iovecs(mem, &req.data)
-                .ok_or((VIRTIO_BLK_S_IOERR, "data outside guest memory".to_string()))?;
-            let keep = Box::new(Rc::clone(mem));
-            let done = if req.kind == RequestKind::Read {
-                disk.readv(ex, offset, iov, keep)
-                    .await
-                    .map_err(|e| err("read", e))?
-            } else {
-                disk.writev(ex, offset, iov, keep)
-                    .await
-                    .map_err(|e| err("write", e))?
-            };
-            if done as u64 != req.data_len {
-                return Err((
-                    VIRTIO_BLK_S_IOERR,
-                    format!(
-                        "short transfer at sector {}: {done} of {}",
-                        req.sector, req.data_len
-                    ),
-                ));
-            }
-            Ok(if req.kind == RequestKind::Read {
-                req.data_len as u32
-            } else {
-                0
-            })
+            Ok(if write { 0 } else { req.data_len as u32 })
         }
         RequestKind::Flush => {
             disk.flush(ex).await.map_err(|e| err("flush", e))?;

@@ -16,10 +16,11 @@ use super::config::NetConfig;
 use super::ctrl::{CtrlFeatures, RxFilter};
 use super::{ctrlq, rx, tx};
 use crate::device::{
-    ActivateError, QueueInit, VirtioDevice, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    read_config_space, ActivateError, QueueInit, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::ratelimit::RateLimitedLog;
-use crate::workers::{WorkerCount, WorkerGuardToken};
+use crate::workers::{spread_over_iothreads, WorkerCount, WorkerGuardToken};
 
 pub const VIRTIO_ID_NET: u32 = 1;
 pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
@@ -209,26 +210,11 @@ impl NetDevice {
         config: &NetConfig,
         iothreads: &[Arc<IoThread>],
     ) -> Result<NetDevice, NetDeviceError> {
-        let pool: Vec<usize> = if config.iothreads.is_empty() {
-            (0..iothreads.len()).collect()
-        } else {
-            config.iothreads.clone()
-        };
-        if let Some(&index) = pool.iter().find(|&&i| i >= iothreads.len()) {
-            return Err(NetDeviceError::NoSuchIothread {
-                index,
-                count: iothreads.len(),
-            });
-        }
-        if pool.is_empty() {
-            return Err(NetDeviceError::NoSuchIothread { index: 0, count: 0 });
-        }
         let pairs = usize::from(config.queue_pairs);
         let tap = Tap::open(&config.tap, pairs).map_err(NetDeviceError::Tap)?;
         log::info!("{name}: TAP {} with {pairs} queue(s)", tap.name());
-        let pair_threads = (0..pairs)
-            .map(|p| iothreads[pool[p % pool.len()]].clone())
-            .collect();
+        let pair_threads = spread_over_iothreads(&config.iothreads, iothreads, pairs)
+            .map_err(|(index, count)| NetDeviceError::NoSuchIothread { index, count })?;
         let mut features = VIRTIO_RING_F_EVENT_IDX
             | VIRTIO_RING_F_INDIRECT_DESC
             | VIRTIO_NET_F_CSUM
@@ -426,11 +412,7 @@ impl VirtioDevice for NetDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let o = offset as usize;
-        match self.config_space.get(o..o + data.len()) {
-            Some(src) => data.copy_from_slice(src),
-            None => data.fill(0),
-        }
+        read_config_space(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

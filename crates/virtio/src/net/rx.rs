@@ -274,8 +274,7 @@ pub(super) async fn serve_rx(ex: Rc<Executor>, ctx: PairCtx, wake: Arc<EventFd>)
                 Either::Left(result) => break result,
                 Either::Right(_) => {
                     woken = Box::pin(ex.read_eventfd(wake.clone()));
-                    let active =
-                        rx.pair < usize::from(shared.active_pairs.load(Ordering::SeqCst));
+                    let active = rx.pair < usize::from(shared.active_pairs.load(Ordering::SeqCst));
                     if stopping() || !active {
                         // The read must be over before the queue goes
                         // back: it writes into the guest's buffers.
