@@ -42,7 +42,9 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
     /// The disk, as `ringvm run --disk`:
-    /// path=PATH[,readonly=on][,direct=on][,queues=N][,queue_size=N][,serial=ID][,iothread=I[:J...]][,fixed_buffers=on]
+    /// path=PATH[,readonly=on][,direct=on][,queues=N][,queue_size=N][,serial=ID][,iothread=I[:J...]][,fixed_buffers=off]
+    /// (fixed buffers are on by default here: the front-end's memory is
+    /// registered with the iothreads' rings where the kernel allows)
     #[arg(long, value_name = "SPEC")]
     disk: String,
     /// io_uring iothreads serving the queues (round-robin).
@@ -224,7 +226,9 @@ fn serve(listener: &mut Listener, device: &Arc<Mutex<BlockDevice>>, stop: &Stop)
 }
 
 fn run(cli: Cli) -> Result<u8> {
-    let config = match DiskConfig::parse(&cli.disk) {
+    // The front-end's shared memory is registered with each iothread's
+    // ring (fixed buffers) unless `fixed_buffers=off`.
+    let config = match DiskConfig::parse_with_fixed_buffers(&cli.disk, true) {
         Ok(c) => c,
         Err(e) => {
             error_line(&anyhow::Error::new(e));

@@ -60,6 +60,16 @@ fn on_off(key: &'static str, v: &str) -> Result<bool, DiskConfigError> {
 
 impl DiskConfig {
     pub fn parse(s: &str) -> Result<DiskConfig, DiskConfigError> {
+        Self::parse_with_fixed_buffers(s, false)
+    }
+
+    /// As [`DiskConfig::parse`], with `fixed_buffers` defaulting to
+    /// `fixed_default` when the value does not say (the vhost-user daemon
+    /// registers the front-end's memory unless told not to).
+    pub fn parse_with_fixed_buffers(
+        s: &str,
+        fixed_default: bool,
+    ) -> Result<DiskConfig, DiskConfigError> {
         let mut cfg = DiskConfig {
             path: PathBuf::new(),
             readonly: false,
@@ -68,7 +78,7 @@ impl DiskConfig {
             queue_size: DEFAULT_QUEUE_SIZE,
             serial: None,
             iothreads: Vec::new(),
-            fixed_buffers: false,
+            fixed_buffers: fixed_default,
         };
         let mut seen: Vec<&str> = Vec::new();
         let mut have_path = false;
@@ -160,6 +170,21 @@ mod tests {
         assert_eq!(c.iothreads, vec![0, 1]);
         let d = DiskConfig::parse("path=x").unwrap();
         assert_eq!((d.queues, d.queue_size, d.readonly), (1, 256, false));
+    }
+
+    #[test]
+    fn fixed_buffers_default_can_be_overridden() {
+        assert!(
+            DiskConfig::parse_with_fixed_buffers("path=x", true)
+                .unwrap()
+                .fixed_buffers
+        );
+        assert!(
+            !DiskConfig::parse_with_fixed_buffers("path=x,fixed_buffers=off", true)
+                .unwrap()
+                .fixed_buffers
+        );
+        assert!(!DiskConfig::parse("path=x").unwrap().fixed_buffers);
     }
 
     #[test]

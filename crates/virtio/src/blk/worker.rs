@@ -134,9 +134,12 @@ pub async fn serve_queue(ex: Rc<Executor>, ctx: QueueCtx) {
     }));
     let disk = Rc::new(ctx.disk);
     let id = ctx.id;
-    if ctx.fixed_buffers {
-        shared.borrow_mut().fixed = register_guest_memory(&ex, &ctx.mem, &ctx.log);
-    }
+    let registration = if ctx.fixed_buffers {
+        register_guest_memory(&ex, &ctx.mem, &ctx.log)
+    } else {
+        Registration::None
+    };
+    shared.borrow_mut().fixed = registration != Registration::None;
     loop {
         if let Err(e) = ex.read_eventfd(kick.clone()).await {
             ctx.log.warn(format_args!(
@@ -169,30 +172,52 @@ pub async fn serve_queue(ex: Rc<Executor>, ctx: QueueCtx) {
         }
     }
     let queue = shared.borrow().queue.state();
+    // Guest memory may be unmapped (and its addresses reused) once the
+    // queue is back: the registration must not outlive it.
+    if registration == Registration::Made {
+        if let Err(e) = ex.unregister_buffers() {
+            ctx.log
+                .warn(format_args!("unregistering guest RAM from the ring: {e}"));
+        }
+    }
     ctx.returned
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push((ctx.index, queue));
 }
 
+/// Whether this queue's ring has guest RAM as fixed buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Registration {
+    None,
+    /// Registered by this queue's worker, which unregisters it at the end.
+    Made,
+    /// Registered by another queue of the same iothread.
+    Shared,
+}
+
 /// Registers guest RAM with this iothread's ring, once per executor; on
 /// refusal the queue works with ordinary vectored I/O.
-fn register_guest_memory(ex: &Rc<Executor>, mem: &GuestMemoryMmap, log: &RateLimitedLog) -> bool {
+fn register_guest_memory(
+    ex: &Rc<Executor>,
+    mem: &GuestMemoryMmap,
+    log: &RateLimitedLog,
+) -> Registration {
     let regions: Vec<(*mut u8, usize)> =
         mem.iter().map(|r| (r.as_ptr(), r.len() as usize)).collect();
     if regions
         .iter()
         .all(|&(p, l)| ex.fixed_index_for(p, l.min(1)).is_some())
     {
-        return true;
+        return Registration::Shared;
     }
     match ex.register_buffers(&regions) {
-        Ok(()) => true,
+        Ok(()) => Registration::Made,
         Err(e) => {
             log.warn(format_args!(
                 "guest RAM not registered as fixed buffers, using vectored I/O: {e}"
             ));
-            false
+            Registration::None
         }
     }
 }
