@@ -222,8 +222,5 @@ fn bad_net_options() {
         assert_bad_input(&["run", "--kernel", "builtin", "--net", value], needle);
     }
     // An interface that is not a TAP cannot be attached.
-    assert_bad_input(
-        &["run", "--kernel", "builtin", "--net", "tap=lo"],
-        "TAP",
-    );
+    assert_bad_input(&["run", "--kernel", "builtin", "--net", "tap=lo"], "TAP");
 }

@@ -38,6 +38,8 @@ Exit codes:
   107   the guest halted with interrupts disabled on every vCPU (dead)";
 
 #[derive(Subcommand, Debug)]
+// Parsed once per run; boxing the arguments would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Boot a kernel in a new VM and run it until it stops.
     Run(RunArgs),
@@ -112,6 +114,16 @@ pub struct RunArgs {
     #[arg(long, value_name = "tap=NAME|ip=IP,mask=MASK[,...]")]
     pub net: Vec<String>,
 
+    /// A host PCI function passed through with kernel VFIO (repeatable):
+    /// `path=/sys/bus/pci/devices/DDDD:BB:DD.F`, bound to vfio-pci.
+    #[arg(long, value_name = "path=SYSFS_PATH")]
+    pub device: Vec<String>,
+
+    /// A PCI function served by a vfio-user server (repeatable):
+    /// `socket=PATH`. Guest RAM is then shared memory (a memfd).
+    #[arg(long, value_name = "socket=PATH")]
+    pub user_device: Vec<String>,
+
     /// Number of iothreads, each one thread running an io_uring executor
     /// that serves the virtio queues assigned to it.
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -168,6 +180,16 @@ impl RunArgs {
             .map(|n| NetConfig::parse(n))
             .collect::<Result<Vec<_>, _>>()
             .context("--net")?;
+        let passthrough = self
+            .device
+            .iter()
+            .map(|d| passthrough::Source::parse_device(d))
+            .chain(
+                self.user_device
+                    .iter()
+                    .map(|d| passthrough::Source::parse_user_device(d)),
+            )
+            .collect::<Result<Vec<_>, _>>()?;
         if self.iothreads == 0 || self.iothreads > 64 {
             bail!(
                 "--iothreads must be between 1 and 64, not {}",
@@ -178,6 +200,7 @@ impl RunArgs {
             vm: self.to_config()?,
             disks,
             nets,
+            passthrough,
             iothreads: self.iothreads,
             iothread_poll: std::time::Duration::from_micros(u64::from(self.iothread_poll_us)),
             iothread_stats: self.iothread_stats,
@@ -207,6 +230,7 @@ impl RunArgs {
             serial,
             serial_input: true,
             cpuid_hide,
+            shared_memory: !self.user_device.is_empty(),
         })
     }
 }

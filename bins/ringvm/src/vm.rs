@@ -19,6 +19,8 @@ pub struct Plan {
     pub vm: VmConfig,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
+    /// PCI functions passed through (kernel VFIO or vfio-user).
+    pub passthrough: Vec<passthrough::Source>,
     pub iothreads: usize,
     /// How long idle iothreads busy-poll before sleeping.
     pub iothread_poll: std::time::Duration,
@@ -96,6 +98,14 @@ pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
         machine
             .add_pci_device(&name, Arc::new(Mutex::new(pci)))
             .map_err(host)?;
+    }
+    for (i, source) in plan.passthrough.iter().enumerate() {
+        passthrough::attach(&mut machine, &format!("passthrough{i}"), source).map_err(|e| {
+            Failure {
+                bad_input: e.is_bad_input(),
+                error: e.into(),
+            }
+        })?;
     }
     // Devices go down with the machine, before their iothreads.
     let report = machine.run().map_err(host)?;

@@ -27,6 +27,9 @@ pub struct VmConfig {
     pub serial_input: bool,
     /// CPUID feature bits hidden from the guest.
     pub cpuid_hide: Vec<FeatureBit>,
+    /// Guest RAM in a memfd that other processes can map (vfio-user
+    /// devices need it for DMA); anonymous memory otherwise.
+    pub shared_memory: bool,
 }
 
 /// Errors from parsing a size.

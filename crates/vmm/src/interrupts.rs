@@ -43,6 +43,8 @@ pub enum InterruptError {
     },
     #[error("creating an interrupt eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error("GSI {gsi} is not an IOAPIC pin (0-{})", IOAPIC_PINS - 1)]
+    NotAnIoapicPin { gsi: u32 },
 }
 
 /// An MSI message as the guest programs it.
@@ -195,6 +197,64 @@ impl InterruptRouter {
     /// Number of MSI routes currently programmed.
     pub fn msi_routes(&self) -> usize {
         self.lock().msi.len()
+    }
+
+    /// A level-triggered line on IOAPIC pin `gsi` (default wiring, no
+    /// route change): an irqfd with a resample eventfd, which KVM signals
+    /// when the guest acknowledges the interrupt so the source can unmask
+    /// and raise it again if it is still asserted (PCI INTx).
+    pub fn intx_irqfd(self: &Arc<Self>, gsi: u32) -> Result<IntxIrqfd, InterruptError> {
+        if gsi >= IOAPIC_PINS {
+            return Err(InterruptError::NotAnIoapicPin { gsi });
+        }
+        let trigger = EventFd::new(EFD_NONBLOCK).map_err(InterruptError::EventFd)?;
+        let resample = EventFd::new(EFD_NONBLOCK).map_err(InterruptError::EventFd)?;
+        self.vm
+            .register_irqfd_with_resample(&trigger, &resample, gsi)
+            .map_err(|source| InterruptError::Irqfd {
+                op: "registering",
+                gsi,
+                source,
+            })?;
+        Ok(IntxIrqfd {
+            router: self.clone(),
+            gsi,
+            trigger,
+            resample,
+        })
+    }
+}
+
+/// An INTx line: an irqfd with a resample eventfd on an IOAPIC pin,
+/// unregistered when dropped.
+pub struct IntxIrqfd {
+    router: Arc<InterruptRouter>,
+    gsi: u32,
+    trigger: EventFd,
+    resample: EventFd,
+}
+
+impl IntxIrqfd {
+    pub fn gsi(&self) -> u32 {
+        self.gsi
+    }
+
+    /// The eventfd that asserts the line.
+    pub fn trigger(&self) -> &EventFd {
+        &self.trigger
+    }
+
+    /// The eventfd KVM signals on the guest's end of interrupt.
+    pub fn resample(&self) -> &EventFd {
+        &self.resample
+    }
+}
+
+impl Drop for IntxIrqfd {
+    fn drop(&mut self) {
+        if let Err(e) = self.router.vm.unregister_irqfd(&self.trigger, self.gsi) {
+            log::warn!("unregistering the INTx irqfd of GSI {}: {e}", self.gsi);
+        }
     }
 }
 

@@ -11,6 +11,7 @@ pub mod devices;
 pub mod interrupts;
 pub mod layout;
 pub mod machine;
+pub mod memslots;
 pub mod pci;
 pub mod registry;
 pub mod stop;

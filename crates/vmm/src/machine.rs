@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::{cpuid, mptable, regs};
@@ -22,6 +22,7 @@ use crate::devices::serial::{ConsoleSink, SerialConsole, COM1_GSI, COM1_LEN, COM
 use crate::devices::SerialOutput;
 use crate::interrupts::InterruptRouter;
 use crate::layout::{ram_regions, HIGH_RAM_START, MIN_MEMORY};
+use crate::memslots::MemorySlots;
 use crate::pci::root::{
     PciConfigIo, PciEcam, ECAM_BUS0_SIZE, ECAM_START, PCI_CONFIG_ADDRESS, PCI_CONFIG_PORTS,
 };
@@ -29,7 +30,7 @@ use crate::pci::{PciDevice, PciRoot};
 use crate::registry::{DeviceRegistry, RegistryError, Resource};
 use crate::stop::{StopReason, VmStop};
 use crate::vcpu::{HaltWatch, Vcpu, VcpuError};
-use crate::vm::{create_guest_memory, Vm, VmError};
+use crate::vm::{create_guest_memory, create_shared_guest_memory, Vm, VmError};
 
 /// Errors that keep a VM from starting. [`MachineError::is_bad_input`]
 /// separates the user's mistakes from host failures.
@@ -343,6 +344,7 @@ pub struct Machine {
     stop: Arc<VmStop>,
     registry: Arc<Mutex<DeviceRegistry>>,
     router: Arc<InterruptRouter>,
+    slots: Arc<MemorySlots>,
     pci: Option<Arc<Mutex<PciRoot>>>,
     serial: Option<Arc<Mutex<SerialConsole>>>,
     vcpus: Vec<Vcpu>,
@@ -350,6 +352,9 @@ pub struct Machine {
     protocol: &'static str,
     serial_input: bool,
     memory_size: u64,
+    /// Run once every vCPU has stopped (devices that must give back what
+    /// they hold on the host, like an assigned PCI function).
+    stop_hooks: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 impl Machine {
@@ -357,7 +362,12 @@ impl Machine {
     pub fn build(config: &VmConfig) -> Result<Machine, MachineError> {
         let start = Instant::now();
         validate(config)?;
-        let mem = create_guest_memory(config.memory).map_err(MachineError::Vm)?;
+        let mem = if config.shared_memory {
+            create_shared_guest_memory(config.memory)
+        } else {
+            create_guest_memory(config.memory)
+        }
+        .map_err(MachineError::Vm)?;
         let (entry, protocol) = load_guest(config, &mem)?;
         let sink = console_sink(&config.serial)?;
 
@@ -369,6 +379,12 @@ impl Machine {
         let halt = HaltWatch::new(config.cpus);
         let vcpus = create_vcpus(&vm, config, &mem, entry, (&pio, &mmio), &stop, &halt)?;
         let router = InterruptRouter::new(vm.fd().clone());
+        // Guest RAM holds the first slots.
+        let slots = MemorySlots::new(
+            vm.fd().clone(),
+            mem.num_regions() as u32,
+            vm.memslot_limit(),
+        );
         Ok(Machine {
             start,
             mem,
@@ -376,6 +392,7 @@ impl Machine {
             stop,
             registry: Arc::new(Mutex::new(registry)),
             router,
+            slots,
             pci: None,
             serial,
             vcpus,
@@ -383,6 +400,7 @@ impl Machine {
             protocol,
             serial_input: config.serial_input && config.serial == SerialOutput::Stdio,
             memory_size: config.memory,
+            stop_hooks: Vec::new(),
         })
     }
 
@@ -397,6 +415,11 @@ impl Machine {
     /// The owner of GSI routes, for MSI vectors.
     pub fn interrupts(&self) -> &Arc<InterruptRouter> {
         &self.router
+    }
+
+    /// The allocator of KVM memory slots for device memory.
+    pub fn memory_slots(&self) -> &Arc<MemorySlots> {
+        &self.slots
     }
 
     /// The VM's stop channel (devices report fatal host errors through it).
@@ -463,6 +486,24 @@ impl Machine {
         Ok(slot)
     }
 
+    /// Unplugs the PCI device in `slot`: its slot, BARs and every other
+    /// registry claim are released. Returns the device, which the caller
+    /// drops (or detaches) to release what it holds itself.
+    pub fn remove_pci_device(&mut self, slot: u8) -> Option<Arc<Mutex<dyn PciDevice>>> {
+        let root = self.pci.as_ref()?;
+        let dev = root
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove_device(slot);
+        dev
+    }
+
+    /// Registers `hook` to run after every vCPU has stopped, before
+    /// [`Machine::run`] returns.
+    pub fn on_stop(&mut self, hook: impl FnOnce() + Send + 'static) {
+        self.stop_hooks.push(Box::new(hook));
+    }
+
     /// Runs the VM until it stops, and says why.
     pub fn run(self) -> Result<RunReport, MachineError> {
         let stop = self.stop.clone();
@@ -494,6 +535,9 @@ impl Machine {
             });
         }
         control::stop_vcpus(handles);
+        for hook in self.stop_hooks {
+            hook();
+        }
         if let Some(s) = &self.serial {
             s.lock().unwrap_or_else(|e| e.into_inner()).flush();
         }

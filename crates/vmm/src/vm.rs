@@ -7,7 +7,7 @@ use kvm_bindings::{
 use std::sync::Arc;
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Errors from creating or configuring the VM.
@@ -29,6 +29,12 @@ pub enum VmError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("creating a {size}-byte memfd for shareable guest memory")]
+    Memfd {
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -42,6 +48,33 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, VmError> {
         .map(|(a, l)| (a, l as usize))
         .collect();
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmError::Memory { size, source })
+}
+
+/// Allocates guest RAM in one memfd (sparse until touched), each region
+/// at its own file offset, so that another process (a vfio-user device)
+/// can map it. Used only when the VM's configuration asks for it.
+pub fn create_shared_guest_memory(size: u64) -> Result<GuestMemoryMmap, VmError> {
+    let memfd_err = |source| VmError::Memfd { size, source };
+    // SAFETY: memfd_create with a valid NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"ringvm-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(memfd_err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let file = Arc::new(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    file.set_len(size).map_err(memfd_err)?;
+    let mut offset = 0;
+    let mut ranges = Vec::new();
+    for (addr, len) in crate::layout::ram_regions(size) {
+        ranges.push((
+            addr,
+            len as usize,
+            Some(FileOffset::from_arc(file.clone(), offset)),
+        ));
+        offset += len;
+    }
+    GuestMemoryMmap::from_ranges_with_files(ranges)
+        .map_err(|source| VmError::Memory { size, source })
 }
 
 /// Where KVM's TSS and identity page (needed on Intel hosts) go: the top of
@@ -106,6 +139,11 @@ impl Vm {
 
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
+    }
+
+    /// Number of KVM memory slots this VM may use.
+    pub fn memslot_limit(&self) -> u32 {
+        u32::try_from(self.kvm.get_nr_memslots()).unwrap_or(u32::MAX)
     }
 
     pub fn supported_cpuid(&self) -> &CpuId {

@@ -9,9 +9,11 @@
 //! undecoded) rather than silently shadowing it.
 
 pub mod config;
+pub mod msix;
 pub mod root;
 
 pub use config::{BarKind, PciConfigSpace, PciIdentity};
+pub use msix::Msix;
 pub use root::{PciRoot, PciRootError};
 
 /// Where a device's BAR is, as decoded now.
