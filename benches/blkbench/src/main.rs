@@ -29,13 +29,14 @@ struct Args {
     ringvm_disk_opts: String,
     /// `--poll-us` for the `ringvm-poll` backend.
     poll_us: u32,
+    rounds: usize,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: blkbench --file PATH [--qd 1,32] [--duration SECS] \
          [--backends io_uring,ringvm,qsd] [--ringvm-blk PATH] [--qsd PATH] \
-         [--ringvm-disk-opts direct=on] [--poll-us 50]   (backends also: ringvm-poll)"
+         [--ringvm-disk-opts direct=on] [--poll-us 50] [--rounds N]   (backends also: ringvm-poll, ringvm-pollio)"
     );
     std::process::exit(2)
 }
@@ -50,6 +51,7 @@ fn parse_args() -> Result<Args> {
         qsd: PathBuf::from("qemu-storage-daemon"),
         ringvm_disk_opts: "direct=on".into(),
         poll_us: 50,
+        rounds: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -68,6 +70,7 @@ fn parse_args() -> Result<Args> {
             "--qsd" => a.qsd = v().into(),
             "--ringvm-disk-opts" => a.ringvm_disk_opts = v(),
             "--poll-us" => a.poll_us = v().parse()?,
+            "--rounds" => a.rounds = v().parse::<usize>()?.max(1),
             _ => usage(),
         }
     }
@@ -122,10 +125,13 @@ fn start_backend(name: &str, args: &Args, dir: &Path) -> Result<Backend> {
                 socket: None,
             })
         }
-        "ringvm" | "ringvm-poll" => {
+        "ringvm" | "ringvm-poll" | "ringvm-pollio" => {
             let mut c = Command::new(&args.ringvm_blk);
-            if name == "ringvm-poll" {
+            if name != "ringvm" {
                 c.arg("--poll-us").arg(args.poll_us.to_string());
+            }
+            if name == "ringvm-pollio" {
+                c.arg("--poll-mode").arg("io");
             }
             c.arg("--socket").arg(&socket).arg("--disk").arg(format!(
                 "path={file}{}{}",
@@ -308,47 +314,90 @@ fn run(
     })
 }
 
+fn print_row(name: &str, write: bool, qd: usize, r: &[f64; 4], client_cpu: f64) {
+    let cpu = if r[3].is_nan() {
+        "-".to_string()
+    } else {
+        format!("{:.2}", r[3])
+    };
+    let client = if client_cpu.is_nan() {
+        "-".to_string()
+    } else {
+        format!("{client_cpu:.2}")
+    };
+    println!(
+        "{:<13} {:<5} {:>3} {:>10.0} {:>10.1} {:>10.1} {:>16} {:>16}",
+        name,
+        if write { "write" } else { "read" },
+        qd,
+        r[0],
+        r[1],
+        r[2],
+        cpu,
+        client
+    );
+}
+
 fn main() -> Result<()> {
     let args = parse_args()?;
     let dir = std::env::temp_dir().join(format!("blkbench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     println!(
-        "{:<9} {:<5} {:>3} {:>10} {:>10} {:>10} {:>16} {:>16}",
+        "{:<13} {:<5} {:>3} {:>10} {:>10} {:>10} {:>16} {:>16}",
         "backend", "op", "qd", "IOPS", "mean(us)", "p99(us)", "backend cpu s/M", "client cpu s/M"
     );
-    for name in &args.backends {
+    // Backends innermost: the rows compared with each other are measured
+    // next to each other in time, round after round.
+    let mut results: Vec<(String, bool, usize, Vec<[f64; 4]>)> = Vec::new();
+    for _round in 0..args.rounds {
         for &qd in &args.qds {
             for write in [false, true] {
-                // A fresh backend per run, so each CPU figure is its own.
-                let backend = start_backend(name, &args, &dir)?;
-                let (mut b, mut q, capacity) = open(&backend, &args)?;
-                let pid = backend.child.as_ref().map(|c| c.id());
-                let me = std::process::id();
-                let cpu0 = pid.map(cpu_seconds).transpose()?;
-                let me0 = cpu_seconds(me)?;
-                let o = run(&mut b, &mut q, capacity, qd, write, args.duration)?;
-                let cpu1 = pid.map(cpu_seconds).transpose()?;
-                let me1 = cpu_seconds(me)?;
-                drop(q);
-                drop(b);
-                let per_m = |d: f64| d / (o.requests as f64 / 1e6);
-                let backend_cpu = match (cpu0, cpu1) {
-                    (Some(a), Some(b)) => format!("{:.2}", per_m(b - a)),
-                    _ => "-".into(),
-                };
-                println!(
-                    "{:<9} {:<5} {:>3} {:>10.0} {:>10.1} {:>10.1} {:>16} {:>16.2}",
-                    name,
-                    if write { "write" } else { "read" },
-                    qd,
-                    o.requests as f64 / o.elapsed.as_secs_f64(),
-                    o.mean.as_secs_f64() * 1e6,
-                    o.p99.as_secs_f64() * 1e6,
-                    backend_cpu,
-                    per_m(me1 - me0)
-                );
-                drop(backend);
+                for name in &args.backends {
+                    // A fresh backend per run, so each CPU figure is its own.
+                    let backend = start_backend(name, &args, &dir)?;
+                    let (mut b, mut q, capacity) = open(&backend, &args)?;
+                    let pid = backend.child.as_ref().map(|c| c.id());
+                    let me = std::process::id();
+                    let cpu0 = pid.map(cpu_seconds).transpose()?;
+                    let me0 = cpu_seconds(me)?;
+                    let o = run(&mut b, &mut q, capacity, qd, write, args.duration)?;
+                    let cpu1 = pid.map(cpu_seconds).transpose()?;
+                    let me1 = cpu_seconds(me)?;
+                    drop(q);
+                    drop(b);
+                    let per_m = |d: f64| d / (o.requests as f64 / 1e6);
+                    let backend_cpu = match (cpu0, cpu1) {
+                        (Some(a), Some(b)) => per_m(b - a),
+                        _ => f64::NAN,
+                    };
+                    let row = [
+                        o.requests as f64 / o.elapsed.as_secs_f64(),
+                        o.mean.as_secs_f64() * 1e6,
+                        o.p99.as_secs_f64() * 1e6,
+                        backend_cpu,
+                    ];
+                    print_row(name, write, qd, &row, per_m(me1 - me0));
+                    match results
+                        .iter_mut()
+                        .find(|r| &r.0 == name && r.1 == write && r.2 == qd)
+                    {
+                        Some(r) => r.3.push(row),
+                        None => results.push((name.clone(), write, qd, vec![row])),
+                    }
+                    drop(backend);
+                }
             }
+        }
+    }
+    if args.rounds > 1 {
+        println!("median of {} rounds:", args.rounds);
+        for (name, write, qd, rows) in &results {
+            let med = |i: usize| {
+                let mut v: Vec<f64> = rows.iter().map(|r| r[i]).collect();
+                v.sort_by(|a, b| a.total_cmp(b));
+                v[v.len() / 2]
+            };
+            print_row(name, *write, *qd, &[med(0), med(1), med(2), med(3)], f64::NAN);
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

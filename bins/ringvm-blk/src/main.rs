@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use clap::Parser;
 use log::{LevelFilter, Log, Metadata, Record};
+use uring_backend::executor::PollWhen;
 use uring_backend::iothread::IoThread;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::ShutdownHandle;
@@ -57,6 +58,12 @@ struct Cli {
     #[arg(long, value_name = "US", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     poll_us: u32,
+    /// When to poll: `always` (new requests and completions) or `io` (only
+    /// while reads and writes are in flight: completions without a
+    /// wake-up, while an idle queue still sleeps).
+    #[arg(long, value_name = "always|io", default_value = "always",
+          value_parser = ["always", "io"])]
+    poll_mode: String,
 }
 
 struct StderrLogger;
@@ -251,7 +258,15 @@ fn run(cli: Cli) -> Result<u8> {
         .collect::<Result<Vec<_>, _>>()
         .context("starting the iothreads")?;
     for t in &iothreads {
-        t.set_poll(std::time::Duration::from_micros(u64::from(cli.poll_us)));
+        let when = if cli.poll_mode == "io" {
+            PollWhen::IoInFlight
+        } else {
+            PollWhen::Always
+        };
+        t.set_poll(
+            std::time::Duration::from_micros(u64::from(cli.poll_us)),
+            when,
+        );
     }
     let device = match BlockDevice::new("vhost-user-blk", &config, &iothreads) {
         Ok(d) => d,

@@ -136,6 +136,12 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub iothread_poll_us: u32,
 
+    /// When iothreads poll: `always`, or `io` (only while disk I/O they
+    /// started is in flight; an idle device still sleeps).
+    #[arg(long, value_name = "always|io", default_value = "always",
+          value_parser = ["always", "io"])]
+    pub iothread_poll_mode: String,
+
     /// When the VM stops, print each iothread's CPU time and io_uring
     /// counters (turns, io_uring_enter calls, SQEs, CQEs) on stderr.
     #[arg(long)]
@@ -202,7 +208,14 @@ impl RunArgs {
             nets,
             passthrough,
             iothreads: self.iothreads,
-            iothread_poll: std::time::Duration::from_micros(u64::from(self.iothread_poll_us)),
+            iothread_poll: (
+                std::time::Duration::from_micros(u64::from(self.iothread_poll_us)),
+                if self.iothread_poll_mode == "io" {
+                    uring_backend::executor::PollWhen::IoInFlight
+                } else {
+                    uring_backend::executor::PollWhen::Always
+                },
+            ),
             iothread_stats: self.iothread_stats,
         })
     }

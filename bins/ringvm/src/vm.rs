@@ -22,8 +22,8 @@ pub struct Plan {
     /// PCI functions passed through (kernel VFIO or vfio-user).
     pub passthrough: Vec<passthrough::Source>,
     pub iothreads: usize,
-    /// How long idle iothreads busy-poll before sleeping.
-    pub iothread_poll: std::time::Duration,
+    /// How long idle iothreads busy-poll before sleeping, and when.
+    pub iothread_poll: (std::time::Duration, uring_backend::executor::PollWhen),
     /// Print each iothread's CPU time and ring counters when the VM stops.
     pub iothread_stats: bool,
 }
@@ -65,7 +65,7 @@ pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
             .map_err(host)?
     };
     for t in &iothreads {
-        t.set_poll(plan.iothread_poll);
+        t.set_poll(plan.iothread_poll.0, plan.iothread_poll.1);
     }
     for (i, disk) in plan.disks.iter().enumerate() {
         let name = format!("virtio-blk{i}");

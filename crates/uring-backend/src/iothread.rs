@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::executor::{Executor, ExecutorError, ExecutorStats, StatsSnapshot, StopHandle};
+use crate::executor::{
+    Executor, ExecutorError, ExecutorStats, PollWhen, StatsSnapshot, StopHandle,
+};
 
 /// Work for an iothread, run on it with its executor.
 pub type Job = Box<dyn FnOnce(&Rc<Executor>) + Send>;
@@ -226,11 +228,12 @@ impl IoThread {
     }
 
     /// Makes the thread's executor busy-poll for up to `poll` before it
-    /// sleeps (see [`Executor::set_poll`]); zero turns polling off.
+    /// sleeps, always or only while I/O is in flight (see
+    /// [`Executor::set_poll`]); zero turns polling off.
     ///
     /// [`Executor::set_poll`]: crate::executor::Executor::set_poll
-    pub fn set_poll(&self, poll: Duration) -> bool {
-        self.run_on(Box::new(move |ex| ex.set_poll(poll)))
+    pub fn set_poll(&self, poll: Duration, when: PollWhen) -> bool {
+        self.run_on(Box::new(move |ex| ex.set_poll(poll, when)))
     }
 
     /// CPU time the thread has used so far.

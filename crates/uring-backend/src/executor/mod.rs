@@ -120,6 +120,18 @@ impl ExecutorStats {
     }
 }
 
+/// When an idle executor busy-polls (see [`Executor::set_poll`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PollWhen {
+    /// Whenever it would sleep: new requests (kicks) and completions are
+    /// both picked up without a wake-up. Costs CPU while the device idles.
+    #[default]
+    Always,
+    /// Only while I/O it started is in flight: completions are picked up
+    /// without a wake-up, new requests still wake it. Cheaper when idle.
+    IoInFlight,
+}
+
 /// Stops an executor from any thread.
 #[derive(Clone)]
 pub struct StopHandle(Arc<WakeShared>);
@@ -139,6 +151,9 @@ pub struct Executor {
     ops: RefCell<Slab<OpSlot>>,
     /// Ops whose CQE has not arrived yet.
     inflight: Cell<usize>,
+    /// Of those, the ones that complete on their own (I/O, not a wait for
+    /// an eventfd): polling for them is worthwhile.
+    busy: Cell<usize>,
     tasks: RefCell<Slab<Task>>,
     shared: Arc<WakeShared>,
     /// Ready keys being polled this turn.
@@ -150,8 +165,9 @@ pub struct Executor {
     stats: Arc<ExecutorStats>,
     running: Cell<bool>,
     shutting_down: Cell<bool>,
-    /// How long an idle executor busy-polls before it sleeps.
+    /// How long an idle executor busy-polls before it sleeps, and when.
     poll: Cell<Duration>,
+    poll_when: Cell<PollWhen>,
 }
 
 impl Executor {
@@ -167,6 +183,7 @@ impl Executor {
             setup,
             ops: RefCell::new(Slab::new()),
             inflight: Cell::new(0),
+            busy: Cell::new(0),
             tasks: RefCell::new(Slab::new()),
             shared: Arc::new(WakeShared::new(wake_fd)),
             polling: RefCell::new(VecDeque::new()),
@@ -177,6 +194,7 @@ impl Executor {
             running: Cell::new(false),
             shutting_down: Cell::new(false),
             poll: Cell::new(Duration::ZERO),
+            poll_when: Cell::new(PollWhen::Always),
         }))
     }
 
@@ -256,7 +274,11 @@ impl Executor {
             if self.stopping() {
                 break;
             }
-            if self.shared.ready().is_empty() && !self.poll.get().is_zero() {
+            let worth_polling = match self.poll_when.get() {
+                PollWhen::Always => true,
+                PollWhen::IoInFlight => self.busy.get() > 0,
+            };
+            if worth_polling && self.shared.ready().is_empty() && !self.poll.get().is_zero() {
                 // Busy-poll a while before sleeping: a completion or a
                 // wake-up that comes soon costs no sleep and wake-up.
                 let found = self.poll_for_work().map_err(ExecutorError::Enter)?;
@@ -284,8 +306,9 @@ impl Executor {
     /// sleeps in `io_uring_enter`. Zero, the default, never polls. Polling
     /// trades CPU time for latency: a request that arrives within the
     /// window is served without a sleep and a wake-up.
-    pub fn set_poll(&self, poll: Duration) {
+    pub fn set_poll(&self, poll: Duration, when: PollWhen) {
         self.poll.set(poll);
+        self.poll_when.set(when);
     }
 
     /// Submits what is queued, then spins until a completion, task work,

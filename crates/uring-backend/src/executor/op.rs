@@ -33,6 +33,9 @@ pub(super) enum OpState {
 pub(super) struct OpSlot {
     pub(super) state: OpState,
     pub(super) owned: Box<dyn Any>,
+    /// Waits for something outside the ring (an eventfd read): its
+    /// completion may never come, so polling does not wait for it.
+    pub(super) waits: bool,
 }
 
 enum Stage<R> {
@@ -137,17 +140,32 @@ impl Executor {
     /// returns the SQE; the executor sets its `user_data`.
     pub(crate) fn submit_op<R: 'static>(
         &self,
+        owned: Box<R>,
+        build: impl FnOnce(&mut R) -> squeue::Entry,
+    ) -> Op<'_, R> {
+        self.submit_op_waiting(owned, build, false)
+    }
+
+    /// As [`Executor::submit_op`]; `waits` marks an op whose completion
+    /// depends on an outside event (see [`OpSlot::waits`]).
+    pub(crate) fn submit_op_waiting<R: 'static>(
+        &self,
         mut owned: Box<R>,
         build: impl FnOnce(&mut R) -> squeue::Entry,
+        waits: bool,
     ) -> Op<'_, R> {
         let entry = build(&mut owned);
         let key = self.ops.borrow_mut().insert(OpSlot {
             state: OpState::Pending(None),
             owned,
+            waits,
         });
         match self.push(&entry.user_data(key)) {
             Ok(()) => {
                 self.inflight.set(self.inflight.get() + 1);
+                if !waits {
+                    self.busy.set(self.busy.get() + 1);
+                }
                 Op {
                     ex: self,
                     stage: Stage::Queued(key),
@@ -234,6 +252,9 @@ impl Executor {
                     continue;
                 };
                 self.inflight.set(self.inflight.get().saturating_sub(1));
+                if !slot.waits {
+                    self.busy.set(self.busy.get().saturating_sub(1));
+                }
                 match &mut slot.state {
                     OpState::Pending(waker) => {
                         if let Some(w) = waker.take() {

@@ -123,11 +123,11 @@ impl Executor {
 
     /// Reads an eventfd's counter (8 bytes), waiting until it is non-zero.
     pub fn read_eventfd(&self, fd: Arc<EventFd>) -> impl Future<Output = io::Result<u64>> + '_ {
-        let op = self.op_if(
-            self.setup.opcodes.read,
-            EventFdRead::new(fd),
-            EventFdRead::entry,
-        );
+        let op = if self.setup.opcodes.read {
+            self.submit_op_waiting(EventFdRead::new(fd), EventFdRead::entry, true)
+        } else {
+            Op::failed(self, libc::EOPNOTSUPP, EventFdRead::new(fd))
+        };
         async move {
             let (res, owned) = op.await;
             match to_len(res)? {

@@ -99,7 +99,7 @@ fn a_polling_executor_picks_up_work_without_sleeping_and_cancel_fd_ends_reads() 
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     let ex = Executor::new(8).expect("executor");
-    ex.set_poll(Duration::from_millis(200));
+    ex.set_poll(Duration::from_millis(200), super::PollWhen::Always);
     let fd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
     let writer = fd.try_clone().unwrap();
     let t = std::thread::spawn(move || {
@@ -123,7 +123,7 @@ fn a_polling_executor_picks_up_work_without_sleeping_and_cancel_fd_ends_reads() 
 
     // A read nobody will ever satisfy ends with ECANCELED once its fd's
     // operations are cancelled, and the cancel counts it.
-    ex.set_poll(Duration::ZERO);
+    ex.set_poll(Duration::ZERO, super::PollWhen::Always);
     let (ex2, fd2) = (ex.clone(), fd.clone());
     let (cancelled, res) = block_on(&ex, async move {
         let mut read = Box::pin(ex2.read_eventfd(fd2.clone()));
