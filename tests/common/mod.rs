@@ -13,23 +13,9 @@ pub fn ringvm_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ringvm"))
 }
 
-/// Whether KVM tests can run. Without /dev/kvm they fail under `CI=true`
-/// and are skipped (with a note) elsewhere.
-pub fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "/dev/kvm is not usable and CI=true: KVM tests must run"
-        );
-        eprintln!("skipping: /dev/kvm is not usable");
-    }
-    ok
-}
+/// Whether KVM tests can run (fails under `CI=true` without KVM).
+#[allow(unused_imports)]
+pub use ringvm_test_devices::kvm_available;
 
 /// What a finished `ringvm` run produced.
 #[derive(Debug)]

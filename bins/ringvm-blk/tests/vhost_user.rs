@@ -2,6 +2,7 @@
 //! guest as the virtio-blk driver (TCG, so no KVM is needed). QEMU's exit
 //! code is (status << 1) | 1: 1 means the guest's status 0.
 
+use ringvm_test_devices::kvm_available;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -43,22 +44,6 @@ fn qemu() -> Option<PathBuf> {
     );
     eprintln!("skipping: qemu-system-x86_64 is not installed");
     None
-}
-
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "/dev/kvm is not usable and CI=true: KVM tests must run"
-        );
-        eprintln!("skipping the ringvm check: /dev/kvm is not usable");
-    }
-    ok
 }
 
 struct TempDir(PathBuf);

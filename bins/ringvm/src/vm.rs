@@ -8,6 +8,7 @@ use uring_backend::iothread::IoThread;
 use virtio::blk::{BlockDevice, DiskConfig};
 use virtio::net::{NetConfig, NetDevice};
 use virtio::transport::VirtioPciDevice;
+use virtio::VirtioDevice;
 use vmm::machine::Machine;
 use vmm::{RunReport, VmConfig};
 
@@ -49,6 +50,26 @@ fn input(error: impl Into<anyhow::Error>) -> Failure {
     }
 }
 
+/// Puts `dev` on the PCI bus behind a virtio-pci transport.
+fn add_virtio_device(
+    machine: &mut Machine,
+    name: &str,
+    dev: Box<dyn VirtioDevice>,
+) -> Result<(), Failure> {
+    let pci = VirtioPciDevice::new(
+        name,
+        dev,
+        machine.vm_fd().clone(),
+        machine.interrupts(),
+        machine.memory().clone(),
+    )
+    .map_err(host)?;
+    machine
+        .add_pci_device(name, Arc::new(Mutex::new(pci)))
+        .map_err(host)?;
+    Ok(())
+}
+
 /// Builds the VM of `plan`, runs it to its stop and reports why.
 pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
     let mut machine = Machine::build(&plan.vm).map_err(|e| Failure {
@@ -70,34 +91,14 @@ pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
     for (i, disk) in plan.disks.iter().enumerate() {
         let name = format!("virtio-blk{i}");
         let dev = BlockDevice::new(&name, disk, &iothreads).map_err(input)?;
-        let pci = VirtioPciDevice::new(
-            &name,
-            Box::new(dev),
-            machine.vm_fd().clone(),
-            machine.interrupts(),
-            machine.memory().clone(),
-        )
-        .map_err(host)?;
-        machine
-            .add_pci_device(&name, Arc::new(Mutex::new(pci)))
-            .map_err(host)?;
+        add_virtio_device(&mut machine, &name, Box::new(dev))?;
     }
     let mut net_stats = Vec::new();
     for (i, net) in plan.nets.iter().enumerate() {
         let name = format!("virtio-net{i}");
         let dev = NetDevice::new(&name, net, &iothreads).map_err(input)?;
         net_stats.push((name.clone(), dev.stats_handle()));
-        let pci = VirtioPciDevice::new(
-            &name,
-            Box::new(dev),
-            machine.vm_fd().clone(),
-            machine.interrupts(),
-            machine.memory().clone(),
-        )
-        .map_err(host)?;
-        machine
-            .add_pci_device(&name, Arc::new(Mutex::new(pci)))
-            .map_err(host)?;
+        add_virtio_device(&mut machine, &name, Box::new(dev))?;
     }
     for (i, source) in plan.passthrough.iter().enumerate() {
         passthrough::attach(&mut machine, &format!("passthrough{i}"), source).map_err(|e| {

@@ -5,6 +5,7 @@
 //! memory slots, MSI routes (and so irqfds), DMA maps, the device's
 //! eventfds, registry claims.
 
+use ringvm_test_devices::kvm_available;
 use std::path::PathBuf;
 
 use passthrough::{attach, Source};
@@ -15,22 +16,6 @@ use vmm::machine::Machine;
 use vmm::pci::root::ECAM_START;
 use vmm::registry::Resource;
 use vmm::{KernelSource, VmConfig};
-
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "/dev/kvm is not usable and CI=true"
-        );
-        eprintln!("skipping: /dev/kvm is not usable");
-    }
-    ok
-}
 
 /// The smallest kernel the loader takes: an ELF64 with one byte (`hlt`)
 /// loaded at 1 MiB. The VM is never run.

@@ -5,6 +5,7 @@
 
 mod driver;
 
+use ringvm_test_devices::kvm_available;
 use std::sync::Arc;
 
 use driver::{Driver, TestVm};
@@ -12,22 +13,6 @@ use uring_backend::iothread::IoThread;
 use virtio::blk::{BlockDevice, DiskConfig};
 use virtio::device::VirtioDevice;
 use virtio::transport::common::STATUS_DEVICE_NEEDS_RESET;
-
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "/dev/kvm is not usable and CI=true"
-        );
-        eprintln!("skipping: /dev/kvm is not usable");
-    }
-    ok
-}
 
 /// The parts of the contract that hold for any device.
 fn run_contract(make: &dyn Fn() -> Box<dyn VirtioDevice>) {

@@ -11,7 +11,7 @@ use vm_memory::{Address, Bytes};
 
 use super::ctrl::{handle, Effect, VIRTIO_NET_ERR, VIRTIO_NET_OK};
 use super::device::PairCtx;
-use super::queue::{schedule_notify, NetQueue};
+use super::queue::schedule_notify;
 
 /// Largest command we read (a MAC table of a few thousand entries).
 const MAX_COMMAND: u64 = 64 << 10;
@@ -20,15 +20,9 @@ const MAX_COMMAND: u64 = 64 << 10;
 pub(super) async fn serve_ctrl(ex: Rc<Executor>, ctx: PairCtx) {
     let _guard = ctx.guard;
     let shared = ctx.shared;
+    let index = ctx.q.index;
     let kick = Arc::new(ctx.kick);
-    let q = NetQueue::new(
-        ctx.queue,
-        ctx.event_idx,
-        ctx.mem,
-        ctx.interrupt,
-        ctx.index,
-        shared.log.clone(),
-    );
+    let q = ctx.q.into_net_queue(shared.log.clone());
     let features = ctx.ctrl;
     'serve: loop {
         if ex.read_eventfd(kick.clone()).await.is_err() {
@@ -117,5 +111,5 @@ pub(super) async fn serve_ctrl(ex: Rc<Executor>, ctx: PairCtx) {
         }
     }
     let state = q.borrow().queue.state();
-    shared.returned(ctx.index, state);
+    shared.returned(index, state);
 }

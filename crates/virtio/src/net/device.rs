@@ -2,6 +2,8 @@
 //! (RX/TX pairs, then the control queue) and starting and stopping the
 //! queue tasks on the iothreads it was given.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -14,6 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config::NetConfig;
 use super::ctrl::{CtrlFeatures, RxFilter};
+use super::queue::NetQueue;
 use super::{ctrlq, rx, tx};
 use crate::device::{
     read_config_space, ActivateError, QueueInit, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
@@ -149,17 +152,36 @@ impl NetShared {
     }
 }
 
+/// A queue as handed over on activation, before its task wraps it.
+pub(super) struct QueueParts {
+    pub index: u16,
+    pub queue: Queue,
+    pub interrupt: Option<EventFd>,
+    pub mem: GuestMemoryMmap,
+    pub event_idx: bool,
+}
+
+impl QueueParts {
+    /// The queue with its interrupt, as its task uses it.
+    pub(super) fn into_net_queue(self, log: Arc<RateLimitedLog>) -> Rc<RefCell<NetQueue>> {
+        NetQueue::new(
+            self.queue,
+            self.event_idx,
+            self.mem,
+            self.interrupt,
+            self.index,
+            log,
+        )
+    }
+}
+
 /// What one queue task gets.
 pub(super) struct PairCtx {
     pub guard: WorkerGuardToken,
     pub shared: Arc<NetShared>,
     pub pair: usize,
-    pub index: u16,
-    pub queue: Queue,
+    pub q: QueueParts,
     pub kick: EventFd,
-    pub interrupt: Option<EventFd>,
-    pub mem: GuestMemoryMmap,
-    pub event_idx: bool,
     pub mrg: bool,
     /// Largest frame plus its header, in this queue's direction.
     pub max_frame: u64,
@@ -360,12 +382,14 @@ impl NetDevice {
                 guard: WorkerGuardToken::new(&workers),
                 shared: shared.clone(),
                 pair,
-                index: q.index,
-                queue: q.queue,
+                q: QueueParts {
+                    index: q.index,
+                    queue: q.queue,
+                    interrupt: q.interrupt,
+                    mem: mem.clone(),
+                    event_idx: has(VIRTIO_RING_F_EVENT_IDX),
+                },
                 kick: q.kick,
-                interrupt: q.interrupt,
-                mem: mem.clone(),
-                event_idx: has(VIRTIO_RING_F_EVENT_IDX),
                 mrg: has(VIRTIO_NET_F_MRG_RXBUF),
                 max_frame: if role == Role::Tx { tx_max } else { rx_max },
                 ctrl,

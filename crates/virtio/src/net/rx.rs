@@ -207,20 +207,14 @@ impl Rx {
 pub(super) async fn serve_rx(ex: Rc<Executor>, ctx: PairCtx, wake: Arc<EventFd>) {
     let _guard = ctx.guard;
     let shared = ctx.shared;
+    let index = ctx.q.index;
     let Some(tap) = shared.tap.queue(ctx.pair) else {
         return;
     };
     let kick = Arc::new(ctx.kick);
     let mut rx = Rx {
         ex: ex.clone(),
-        q: NetQueue::new(
-            ctx.queue,
-            ctx.event_idx,
-            ctx.mem,
-            ctx.interrupt,
-            ctx.index,
-            shared.log.clone(),
-        ),
+        q: ctx.q.into_net_queue(shared.log.clone()),
         shared: shared.clone(),
         pair: ctx.pair,
         chains: VecDeque::new(),
@@ -309,7 +303,7 @@ pub(super) async fn serve_rx(ex: Rc<Executor>, ctx: PairCtx, wake: Arc<EventFd>)
     let _ = ex.cancel_fd(wake.clone()).await;
     let _ = woken.await;
     let state = rx.q.borrow().queue.state();
-    shared.returned(ctx.index, state);
+    shared.returned(index, state);
 }
 
 #[cfg(test)]

@@ -137,20 +137,14 @@ async fn write_frame(tx: Tx, head: u16, iov: Vec<libc::iovec>, len: u64) {
 pub(super) async fn serve_tx(ex: Rc<Executor>, ctx: PairCtx) {
     let _guard = ctx.guard;
     let shared = ctx.shared;
+    let index = ctx.q.index;
     let Some(tap) = shared.tap.queue(ctx.pair) else {
         return;
     };
     let kick = Arc::new(ctx.kick);
     let tx = Tx {
         ex: ex.clone(),
-        q: NetQueue::new(
-            ctx.queue,
-            ctx.event_idx,
-            ctx.mem,
-            ctx.interrupt,
-            ctx.index,
-            shared.log.clone(),
-        ),
+        q: ctx.q.into_net_queue(shared.log.clone()),
         shared: shared.clone(),
         tap,
         pair: ctx.pair,
@@ -161,7 +155,7 @@ pub(super) async fn serve_tx(ex: Rc<Executor>, ctx: PairCtx) {
         if let Err(e) = ex.read_eventfd(kick.clone()).await {
             shared
                 .log
-                .warn(format_args!("queue {}: reading the kick: {e}", ctx.index));
+                .warn(format_args!("queue {}: reading the kick: {e}", index));
             break;
         }
         if shared.stop.load(Ordering::SeqCst) {
@@ -185,5 +179,5 @@ pub(super) async fn serve_tx(ex: Rc<Executor>, ctx: PairCtx) {
         }
     }
     let state = tx.q.borrow().queue.state();
-    shared.returned(ctx.index, state);
+    shared.returned(index, state);
 }
