@@ -450,7 +450,7 @@ impl Machine {
         let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         reg.add(
             "pci-config-io",
-            Some(Arc::new(Mutex::new(PciConfigIo(root.clone())))),
+            Some(Arc::new(Mutex::new(PciConfigIo::new(&root)))),
             vec![Resource::Pio {
                 base: PCI_CONFIG_ADDRESS,
                 len: PCI_CONFIG_PORTS,
@@ -459,7 +459,7 @@ impl Machine {
         .map_err(MachineError::Registry)?;
         reg.add(
             "pci-ecam",
-            Some(Arc::new(Mutex::new(PciEcam(root.clone())))),
+            Some(Arc::new(Mutex::new(PciEcam::new(&root)))),
             vec![Resource::Mmio {
                 base: ECAM_START,
                 len: ECAM_BUS0_SIZE,

@@ -2,7 +2,7 @@
 //! 0xcf8–0xcff) and ECAM, a host bridge at 00:00.0, BAR placement, and the
 //! mapping of decoded BARs onto the MMIO bus.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::config::{PciConfigSpace, PciIdentity};
 use super::{BarRange, PciDevice};
@@ -283,8 +283,17 @@ impl PciRoot {
     }
 }
 
-/// Configuration mechanism #1 on ports 0xcf8–0xcff.
-pub struct PciConfigIo(pub Arc<Mutex<PciRoot>>);
+/// Configuration mechanism #1 on ports 0xcf8–0xcff. It holds the root
+/// weakly: the root holds the registry, whose buses hold this device, and
+/// a strong reference would keep every PCI device alive forever (the
+/// machine owns the root; when it goes, the devices are dropped and reset).
+pub struct PciConfigIo(Weak<Mutex<PciRoot>>);
+
+impl PciConfigIo {
+    pub fn new(root: &Arc<Mutex<PciRoot>>) -> PciConfigIo {
+        PciConfigIo(Arc::downgrade(root))
+    }
+}
 
 /// Decodes an 0xcf8 address: enabled, bus, device, function, register.
 fn conf1_target(address: u32) -> Option<(u8, u8, u8, u16)> {
@@ -299,7 +308,11 @@ fn conf1_target(address: u32) -> Option<(u8, u8, u8, u16)> {
 
 impl BusDevice for PciConfigIo {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
-        let mut root = lock(&self.0);
+        let Some(root) = self.0.upgrade() else {
+            data.fill(0xff);
+            return;
+        };
+        let mut root = lock(&root);
         if offset < 4 {
             let v = root.config_address.to_le_bytes();
             let o = offset as usize;
@@ -316,7 +329,10 @@ impl BusDevice for PciConfigIo {
     }
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
-        let mut root = lock(&self.0);
+        let Some(root) = self.0.upgrade() else {
+            return;
+        };
+        let mut root = lock(&root);
         if offset == 0 && data.len() == 4 {
             root.config_address = u32::from_le_bytes(data.try_into().unwrap());
             return;
@@ -332,8 +348,15 @@ impl BusDevice for PciConfigIo {
     }
 }
 
-/// ECAM: each function's 4 KiB configuration space memory-mapped.
-pub struct PciEcam(pub Arc<Mutex<PciRoot>>);
+/// ECAM: each function's 4 KiB configuration space memory-mapped. Holds
+/// the root weakly, as [`PciConfigIo`] does.
+pub struct PciEcam(Weak<Mutex<PciRoot>>);
+
+impl PciEcam {
+    pub fn new(root: &Arc<Mutex<PciRoot>>) -> PciEcam {
+        PciEcam(Arc::downgrade(root))
+    }
+}
 
 fn ecam_target(offset: u64, len: usize) -> Option<(u8, u8, u8, u16)> {
     let reg = (offset & 0xfff) as u16;
@@ -347,15 +370,17 @@ fn ecam_target(offset: u64, len: usize) -> Option<(u8, u8, u8, u16)> {
 
 impl BusDevice for PciEcam {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
-        match ecam_target(offset, data.len()) {
-            Some((b, d, f, r)) => lock(&self.0).config_read(b, d, f, r, data),
-            None => data.fill(0xff),
+        match (ecam_target(offset, data.len()), self.0.upgrade()) {
+            (Some((b, d, f, r)), Some(root)) => lock(&root).config_read(b, d, f, r, data),
+            _ => data.fill(0xff),
         }
     }
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
-        if let Some((b, d, f, r)) = ecam_target(offset, data.len()) {
-            lock(&self.0).config_write(b, d, f, r, data);
+        if let (Some((b, d, f, r)), Some(root)) =
+            (ecam_target(offset, data.len()), self.0.upgrade())
+        {
+            lock(&root).config_write(b, d, f, r, data);
         }
     }
 }
@@ -449,11 +474,11 @@ mod tests {
     #[test]
     fn enumerates_host_bridge_and_device_through_conf1_and_ecam() {
         let (root, _, _) = setup();
-        let mut io = PciConfigIo(root.clone());
+        let mut io = PciConfigIo::new(&root);
         assert_eq!(conf1_read(&mut io, 0, 0), 0x0d57_8086);
         assert_eq!(conf1_read(&mut io, 1, 0), 0x1042_1af4);
         assert_eq!(conf1_read(&mut io, 2, 0), 0xffff_ffff);
-        let mut ecam = PciEcam(root);
+        let mut ecam = PciEcam::new(&root);
         let mut b = [0u8; 2];
         ecam.read(ECAM_START, (1 << 15) + 2, &mut b);
         assert_eq!(u16::from_le_bytes(b), 0x1042);
@@ -465,7 +490,7 @@ mod tests {
     #[test]
     fn bars_are_placed_in_the_32bit_window_and_decoded_on_memory_enable() {
         let (root, mmio, dev) = setup();
-        let bar = conf1_read(&mut PciConfigIo(root.clone()), 1, 0x10);
+        let bar = conf1_read(&mut PciConfigIo::new(&root), 1, 0x10);
         assert_eq!(u64::from(bar & !0xf), MMIO32_START);
         let mut b = [0u8];
         assert!(!mmio.read(MMIO32_START, &mut b));
@@ -532,6 +557,6 @@ mod tests {
         assert!(root.lock().unwrap().remove_device(1).is_some());
         let mut b = [0u8];
         assert!(!mmio.read(MMIO32_START, &mut b));
-        assert_eq!(conf1_read(&mut PciConfigIo(root), 1, 0), 0xffff_ffff);
+        assert_eq!(conf1_read(&mut PciConfigIo::new(&root), 1, 0), 0xffff_ffff);
     }
 }
