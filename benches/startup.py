@@ -46,7 +46,8 @@ def main():
         sys.exit("build first: cargo build --release")
     guest = os.path.join(tempfile.mkdtemp(), "guest.elf")
     subprocess.run([ringvm, "builtin-guest", "--output", guest], check=True, stderr=subprocess.DEVNULL)
-    rows = [("ringvm", [ringvm, "run", "--kernel", guest, "--memory", "64M", "--cmdline", "exit=0", "--serial", "file=/dev/null"], {0})]
+    base = [ringvm, "run", "--kernel", guest, "--memory", "64M", "--cmdline", "exit=0", "--serial", "file=/dev/null"]
+    rows = [("ringvm", base, {0}), ("ringvm --irqchip split", base + ["--irqchip", "split"], {0})]
     qemu = "/usr/bin/qemu-system-x86_64"
     if os.path.exists(qemu):
         rows.append(("qemu microvm (kvm)", [qemu, "-M", "microvm", "-accel", "kvm", "-m", "64M", "-smp", "1", "-nodefaults",
@@ -54,14 +55,14 @@ def main():
             "-kernel", guest, "-append", "exit=0"], {1}))
     floor = subprocess.run(["/usr/bin/time", "-f", "%M", "/bin/true"], stderr=subprocess.PIPE, text=True).stderr
     print(f"(GNU time's own floor: /bin/true peaks at {int(floor.strip()) / 1024:.2f} MiB)")
-    print(f"{'vmm':<22} {'median ms':>10} {'min ms':>8} {'peak RSS MiB':>13} {'to guest exit ms':>17}  (N={N})")
+    print(f"{'vmm':<24} {'median ms':>10} {'min ms':>8} {'peak RSS MiB':>13} {'to guest exit ms':>17}  (N={N})")
     for name, argv, ok in rows:
         try:
             med, lo, rss, inner = measure(argv, ok)
         except SystemExit as e:
-            print(f"{name:<22} failed: {e}")
+            print(f"{name:<24} failed: {e}")
             continue
         inner_s = f"{inner:17.1f}" if inner is not None else f"{'-':>17}"
-        print(f"{name:<22} {med:10.1f} {lo:8.1f} {rss:13.2f} {inner_s}")
+        print(f"{name:<24} {med:10.1f} {lo:8.1f} {rss:13.2f} {inner_s}")
 
 main()

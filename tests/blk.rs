@@ -372,3 +372,29 @@ fn fixed_buffer_disk_round_trips_with_o_direct_and_polling() {
         "{out:#?}"
     );
 }
+
+#[test]
+fn msix_disk_io_works_with_the_split_irqchip() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-split");
+    let d = disk(&dir, "split.img", 4 << 20);
+    let split = ["--irqchip", "split"];
+    let (out, f) = ringvm_guest(
+        &[format!("{},queues=2", path_disk(&d))],
+        &split,
+        "blk.mode=write blk.qd=8 blk.len=1M blk.seed=31 blk.queues=2 blk.flush=1",
+    );
+    assert_eq!((out.code, f["errors"].as_str()), (Some(0), "0"), "{out:#?}");
+    assert_ne!(
+        f["irqs"], "0",
+        "completions came as MSI-X interrupts: {f:?}"
+    );
+    let (out, f) = ringvm_guest(
+        &[path_disk(&d)],
+        &split,
+        "blk.mode=verify blk.qd=8 blk.len=1M blk.seed=31",
+    );
+    assert_eq!((out.code, f["errors"].as_str()), (Some(0), "0"), "{out:#?}");
+}

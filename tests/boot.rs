@@ -78,6 +78,31 @@ fn builtin_guest_on_two_vcpus_counts_both() {
 }
 
 #[test]
+fn split_irqchip_boots_the_builtin_guest_on_two_vcpus() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_ringvm(
+        &[
+            "run",
+            "--kernel",
+            "builtin",
+            "--cpus",
+            "2",
+            "--memory",
+            "64M",
+            "--irqchip",
+            "split",
+            "--cmdline",
+            "exit=9",
+        ],
+        DEADLINE,
+    );
+    assert_eq!(out.code, Some(9), "{out:#?}");
+    assert!(out.stdout.contains("cpus: 2 (from mptable)"), "{out:#?}");
+}
+
+#[test]
 fn bare_ringvm_boots_the_builtin_guest_and_says_what_it_did() {
     if !kvm_available() {
         return;

@@ -26,6 +26,11 @@ fn device(dir: &TempDir, behaviour: Behaviour) -> (TestDevice, PathBuf) {
 
 /// Boots the built-in guest with the device at `socket` and `cmdline`.
 fn boot(socket: &std::path::Path, cmdline: &str) -> Outcome {
+    boot_with(socket, cmdline, "kernel")
+}
+
+/// As [`boot`], with the given `--irqchip`.
+fn boot_with(socket: &std::path::Path, cmdline: &str, irqchip: &str) -> Outcome {
     let spec = format!("socket={}", socket.display());
     run_ringvm(
         &[
@@ -34,6 +39,8 @@ fn boot(socket: &std::path::Path, cmdline: &str) -> Outcome {
             "builtin",
             "--memory",
             "128M",
+            "--irqchip",
+            irqchip,
             "--user-device",
             &spec,
             "--cmdline",
@@ -106,6 +113,30 @@ fn every_vector_reaches_the_guest() {
     assert_eq!(f["vectors"], "8", "{f:?}");
     assert_eq!(f["masked_silent"], "1", "{f:?}");
     assert_eq!(f["errors"], "0", "{f:?}");
+}
+
+#[test]
+fn msix_passthrough_works_with_the_split_irqchip() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pt-split");
+    let (_dev, socket) = device(&dir, Behaviour::Good);
+    let out = boot_with(&socket, "pt.vectors=4 pt.mask=2 pt.timeout=30", "split");
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let f = result_fields(&out.stdout).unwrap();
+    assert_eq!(
+        (f["masked_silent"].as_str(), f["pending_delivered"].as_str()),
+        ("1", "1"),
+        "{f:?}"
+    );
+    assert_eq!(
+        (f["dma"].as_str(), f["errors"].as_str()),
+        ("ok", "0"),
+        "{f:?}"
+    );
+    // The test device has an INTx pin, which needs the in-kernel IOAPIC.
+    assert!(out.stderr.contains("INTx"), "{out:#?}");
 }
 
 #[test]

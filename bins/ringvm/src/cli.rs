@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use vmm::arch::cpuid::FeatureBit;
+use vmm::config::IrqChip;
 use vmm::devices::SerialOutput;
 use vmm::{parse_size, KernelSource, VmConfig};
 
@@ -105,6 +106,14 @@ pub struct RunArgs {
     /// iothreads its queues are spread over (default: all).
     #[arg(long, value_name = "path=PATH[,...]")]
     pub disk: Vec<String>,
+
+    /// Interrupt controllers: `kernel` (KVM's PIC, IOAPIC and PIT) or
+    /// `split` (local APICs in KVM, IOAPIC in ringvm, no PIC or PIT: much
+    /// faster VM creation and teardown; for guests that need neither the
+    /// PIT nor PCI INTx).
+    #[arg(long, value_name = "kernel|split", default_value = "kernel",
+          value_parser = ["kernel", "split"])]
+    pub irqchip: String,
 
     /// A virtio-net device (repeatable): `tap=NAME[,mac=MAC][,queues=N]`
     /// attaches to an existing TAP (created with `multi_queue` for N > 1);
@@ -244,6 +253,10 @@ impl RunArgs {
             serial_input: true,
             cpuid_hide,
             shared_memory: !self.user_device.is_empty(),
+            irqchip: match self.irqchip.as_str() {
+                "split" => IrqChip::Split,
+                _ => IrqChip::Kernel,
+            },
         })
     }
 }

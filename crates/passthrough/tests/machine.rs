@@ -56,6 +56,7 @@ fn machine(shared: bool) -> Machine {
         serial_input: false,
         cpuid_hide: Vec::new(),
         shared_memory: shared,
+        irqchip: Default::default(),
     })
     .expect("building the machine")
 }

@@ -30,6 +30,21 @@ pub struct VmConfig {
     /// Guest RAM in a memfd that other processes can map (vfio-user
     /// devices need it for DMA); anonymous memory otherwise.
     pub shared_memory: bool,
+    pub irqchip: IrqChip,
+}
+
+/// Where the interrupt controllers live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IrqChip {
+    /// KVM's in-kernel PIC, IOAPIC and PIT, with the local APICs.
+    #[default]
+    Kernel,
+    /// Local APICs in KVM, IOAPIC in userspace, no PIC and no PIT (as
+    /// Cloud Hypervisor does). A VM without the legacy chips is created and
+    /// torn down much faster; guests must not need the PIT or the PIC
+    /// (Linux with a TSC-deadline timer does not) and PCI INTx is not
+    /// available (MSI and MSI-X are).
+    Split,
 }
 
 /// Errors from parsing a size.

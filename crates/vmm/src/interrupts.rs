@@ -1,7 +1,8 @@
 //! Interrupt routing: the one owner of KVM's GSI routing table.
 //!
 //! GSIs 0–23 keep the in-kernel irqchip's default wiring (PIC and IOAPIC
-//! pins). Every other GSI is an MSI route handed out as an [`MsiVector`]:
+//! pins), or, with a split irqchip, are MSI routes that the userspace
+//! IOAPIC sets from its redirection entries. Every other GSI is an MSI route handed out as an [`MsiVector`]:
 //! an eventfd registered as a KVM irqfd on a GSI whose route carries the
 //! MSI address and data the guest programmed. Routes are written before
 //! irqfds are registered, a masked vector has no irqfd (so writes to its
@@ -45,6 +46,10 @@ pub enum InterruptError {
     EventFd(#[source] std::io::Error),
     #[error("GSI {gsi} is not an IOAPIC pin (0-{})", IOAPIC_PINS - 1)]
     NotAnIoapicPin { gsi: u32 },
+    #[error("the IOAPIC is in the kernel: its pins are not routed from userspace")]
+    InKernelIoapic,
+    #[error("level-triggered lines (INTx) need the in-kernel irqchip (--irqchip kernel)")]
+    NoLevelLinesWhenSplit,
 }
 
 /// An MSI message as the guest programs it.
@@ -58,6 +63,9 @@ pub struct MsiMessage {
 pub struct InterruptRouter {
     vm: Arc<VmFd>,
     state: Mutex<RouterState>,
+    /// Split irqchip: no in-kernel PIC or IOAPIC, so no default wiring;
+    /// GSIs 0–23 are MSI routes set by the userspace IOAPIC.
+    split: bool,
 }
 
 #[derive(Default)]
@@ -110,14 +118,42 @@ fn default_routes() -> Vec<kvm_irq_routing_entry> {
 }
 
 impl InterruptRouter {
+    /// The router of a VM with the in-kernel irqchip.
     pub fn new(vm: Arc<VmFd>) -> Arc<InterruptRouter> {
+        Self::with_irqchip(vm, false)
+    }
+
+    /// The router of a VM with a split irqchip (userspace IOAPIC).
+    pub fn new_split(vm: Arc<VmFd>) -> Arc<InterruptRouter> {
+        Self::with_irqchip(vm, true)
+    }
+
+    fn with_irqchip(vm: Arc<VmFd>, split: bool) -> Arc<InterruptRouter> {
         Arc::new(InterruptRouter {
             vm,
             state: Mutex::new(RouterState {
                 next_gsi: IOAPIC_PINS,
                 ..Default::default()
             }),
+            split,
         })
+    }
+
+    /// Whether the VM has a split irqchip.
+    pub fn is_split(&self) -> bool {
+        self.split
+    }
+
+    /// Split irqchip only: routes IOAPIC pin `pin` (GSI = pin) as the MSI
+    /// its redirection entry describes, or not at all (masked).
+    pub fn set_pin_route(&self, pin: u32, msg: Option<MsiMessage>) -> Result<(), InterruptError> {
+        if pin >= IOAPIC_PINS {
+            return Err(InterruptError::NotAnIoapicPin { gsi: pin });
+        }
+        if !self.split {
+            return Err(InterruptError::InKernelIoapic);
+        }
+        self.set_route(pin, msg)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RouterState> {
@@ -126,7 +162,11 @@ impl InterruptRouter {
 
     /// Writes the whole table: default wiring plus every MSI route.
     fn commit(&self, state: &RouterState) -> Result<(), InterruptError> {
-        let mut entries = default_routes();
+        let mut entries = if self.split {
+            Vec::new()
+        } else {
+            default_routes()
+        };
         entries.extend(state.msi.iter().map(|(&gsi, &msg)| msi_entry(gsi, msg)));
         let routes = entries.len();
         let table =
@@ -206,6 +246,9 @@ impl InterruptRouter {
     pub fn intx_irqfd(self: &Arc<Self>, gsi: u32) -> Result<IntxIrqfd, InterruptError> {
         if gsi >= IOAPIC_PINS {
             return Err(InterruptError::NotAnIoapicPin { gsi });
+        }
+        if self.split {
+            return Err(InterruptError::NoLevelLinesWhenSplit);
         }
         let trigger = EventFd::new(EFD_NONBLOCK).map_err(InterruptError::EventFd)?;
         let resample = EventFd::new(EFD_NONBLOCK).map_err(InterruptError::EventFd)?;

@@ -14,14 +14,15 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::{cpuid, mptable, regs};
 use crate::boot::{self, BootError, Initrd, LoadedKernel, SliceReader};
 use crate::bus::Bus;
-use crate::config::{format_size, KernelSource, VmConfig};
+use crate::config::{format_size, IrqChip, KernelSource, VmConfig};
 use crate::control::{self, ControlError};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_COMMAND_PORT, I8042_DATA_PORT};
+use crate::devices::ioapic::{Ioapic, IOAPIC_MMIO_LEN};
 use crate::devices::serial::{ConsoleSink, SerialConsole, COM1_GSI, COM1_LEN, COM1_PORT};
 use crate::devices::SerialOutput;
 use crate::interrupts::InterruptRouter;
-use crate::layout::{ram_regions, HIGH_RAM_START, MIN_MEMORY};
+use crate::layout::{ram_regions, HIGH_RAM_START, IOAPIC_START, MIN_MEMORY};
 use crate::memslots::MemorySlots;
 use crate::pci::root::{
     PciConfigIo, PciEcam, ECAM_BUS0_SIZE, ECAM_START, PCI_CONFIG_ADDRESS, PCI_CONFIG_PORTS,
@@ -371,14 +372,30 @@ impl Machine {
         let (entry, protocol) = load_guest(config, &mem)?;
         let sink = console_sink(&config.serial)?;
 
-        let vm = Vm::new(&mem, config.cpus).map_err(MachineError::Vm)?;
+        let vm = Vm::new(&mem, config.cpus, config.irqchip).map_err(MachineError::Vm)?;
         let stop = Arc::new(VmStop::new().map_err(MachineError::EventFd)?);
         let (pio, mmio) = (Arc::new(Bus::new()), Arc::new(Bus::new()));
         let mut registry = DeviceRegistry::new(pio.clone(), mmio.clone());
         let serial = add_legacy_devices(&vm, &mut registry, &stop, sink)?;
         let halt = HaltWatch::new(config.cpus);
         let vcpus = create_vcpus(&vm, config, &mem, entry, (&pio, &mmio), &stop, &halt)?;
-        let router = InterruptRouter::new(vm.fd().clone());
+        let router = match config.irqchip {
+            IrqChip::Kernel => InterruptRouter::new(vm.fd().clone()),
+            IrqChip::Split => {
+                let router = InterruptRouter::new_split(vm.fd().clone());
+                registry
+                    .add(
+                        "ioapic",
+                        Some(Arc::new(Mutex::new(Ioapic::new(router.clone())))),
+                        vec![Resource::Mmio {
+                            base: IOAPIC_START,
+                            len: IOAPIC_MMIO_LEN,
+                        }],
+                    )
+                    .map_err(MachineError::Registry)?;
+                router
+            }
+        };
         // Guest RAM holds the first slots.
         let slots = MemorySlots::new(
             vm.fd().clone(),

@@ -1,10 +1,14 @@
-//! The KVM VM: guest memory slots, the in-kernel irqchip and PIT, irqfds.
+//! The KVM VM: guest memory slots, the irqchip (in-kernel with the PIT, or
+//! split) and irqfds.
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_CAP_SPLIT_IRQCHIP,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use std::sync::Arc;
+
+use crate::config::IrqChip;
+use crate::interrupts::IOAPIC_PINS;
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -91,7 +95,7 @@ pub struct Vm {
 
 impl Vm {
     /// Creates the VM for `cpus` vCPUs and maps `mem` into it.
-    pub fn new(mem: &GuestMemoryMmap, cpus: usize) -> Result<Vm, VmError> {
+    pub fn new(mem: &GuestMemoryMmap, cpus: usize, irqchip: IrqChip) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let max = kvm.get_max_vcpus();
         if cpus > max {
@@ -116,13 +120,27 @@ impl Vm {
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        match irqchip {
+            IrqChip::Kernel => {
+                fd.create_irq_chip()
+                    .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+                let pit = kvm_pit_config {
+                    flags: KVM_PIT_SPEAKER_DUMMY,
+                    ..Default::default()
+                };
+                fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+            }
+            IrqChip::Split => {
+                let mut cap = kvm_enable_cap {
+                    cap: KVM_CAP_SPLIT_IRQCHIP,
+                    ..Default::default()
+                };
+                // Routes reserved for the userspace IOAPIC's pins.
+                cap.args[0] = u64::from(IOAPIC_PINS);
+                fd.enable_cap(&cap)
+                    .map_err(kvm_err("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
+            }
+        }
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;

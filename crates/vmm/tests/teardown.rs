@@ -84,6 +84,7 @@ fn pci_devices_are_dropped_when_the_vm_stops() {
         serial_input: false,
         cpuid_hide: Vec::new(),
         shared_memory: false,
+        irqchip: Default::default(),
     })
     .expect("building the machine");
     let dropped = Arc::new(AtomicBool::new(false));

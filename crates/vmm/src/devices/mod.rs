@@ -4,6 +4,7 @@
 
 pub mod debug_exit;
 pub mod i8042;
+pub mod ioapic;
 pub mod serial;
 
 pub use debug_exit::DebugExit;
