@@ -269,6 +269,15 @@ fn frames_cross_the_tap_both_ways_and_the_filter_and_bad_chains_behave() {
     assert_eq!(got, mine, "the stranger's frame was filtered");
     assert!(stats.rx_filtered.load(Ordering::Relaxed) >= 1);
 
+    // A receive chain the device may not write (a driver bug): returned
+    // unused and counted; frames keep arriving.
+    drv.post(0, 8, &[(RX_BUF + 8 * 0x1_0000, 2048, false)]);
+    let after_bad = frame(GUEST_MAC, [0x52, 0, 0, 0, 0, 2], b"after a bad RX chain");
+    wire.send(&after_bad);
+    let (_, got) = guest_recv(&mut drv, 0).expect("RX goes on");
+    assert_eq!(got, after_bad);
+    assert_eq!(stats.rx_bad_chains.load(Ordering::Relaxed), 1);
+
     // Bad TX chains: device-writable buffers, a runt, a giant; each is
     // dropped and counted, and the queue keeps working.
     let mem = drv.memory().clone();
