@@ -23,6 +23,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::device::{NetShared, PairCtx};
 use super::queue::{first, iovecs, schedule_notify, segments, Either, NetQueue};
 
+/// Most buffers one `readv` takes (`UIO_MAXIOV`).
+const MAX_IOVECS: usize = 1024;
+
 /// One posted receive chain.
 struct RxChain {
     head: u16,
@@ -76,6 +79,18 @@ impl Rx {
             while let Some(chain) = q.pop() {
                 let head = chain.head_index();
                 match segments(chain, &mem, true) {
+                    Ok(s) if s.segs.len() > MAX_IOVECS => {
+                        q.log.warn(format_args!(
+                            "queue {}: RX chain of {} buffers is more than one read takes",
+                            q.index,
+                            s.segs.len()
+                        ));
+                        self.shared
+                            .stats
+                            .rx_bad_chains
+                            .fetch_add(1, Ordering::Relaxed);
+                        q.complete(head, 0);
+                    }
                     Ok(s) if s.len >= VNET_HDR_LEN as u64 => self.chains.push_back(RxChain {
                         head,
                         segs: s.segs,
@@ -128,8 +143,14 @@ impl Rx {
         if !self.mrg {
             return 1;
         }
-        let mut total = 0u64;
+        let (mut total, mut segs) = (0u64, 0usize);
         for (i, c) in self.chains.iter().enumerate() {
+            // One readv takes at most MAX_IOVECS buffers; a frame that
+            // does not fit what is left is dropped (and counted).
+            segs += c.segs.len();
+            if segs > MAX_IOVECS {
+                return i.max(1);
+            }
             total += u64::from(c.len);
             if total >= self.max_frame {
                 return i + 1;

@@ -18,6 +18,9 @@ use virtio_queue::QueueT;
 use super::device::{NetShared, PairCtx};
 use super::queue::{iovecs, schedule_notify, segments, NetQueue};
 
+/// Most buffers one `writev` takes (`UIO_MAXIOV`).
+const MAX_IOVECS: usize = 1024;
+
 struct Tx {
     ex: Rc<Executor>,
     q: Rc<RefCell<NetQueue>>,
@@ -67,6 +70,13 @@ impl Tx {
                         continue;
                     }
                 };
+                if segs.segs.len() > MAX_IOVECS {
+                    self.drop_frame(
+                        head,
+                        format_args!("{} buffers, more than one write takes", segs.segs.len()),
+                    );
+                    continue;
+                }
                 if segs.len < (VNET_HDR_LEN + 14) as u64 || segs.len > self.max_len {
                     self.drop_frame(
                         head,
