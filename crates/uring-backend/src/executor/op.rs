@@ -182,13 +182,15 @@ impl Executor {
         }
     }
 
-    /// Queues an SQE nobody awaits; its resources are freed on completion.
+    /// Queues an SQE nobody awaits (the executor's read of its own wake
+    /// eventfd, which waits for an outside event); its resources are freed
+    /// on completion.
     pub(super) fn submit_detached<R: 'static>(
         &self,
         owned: Box<R>,
         build: impl FnOnce(&mut R) -> squeue::Entry,
     ) -> io::Result<u64> {
-        let mut op = self.submit_op(owned, build);
+        let mut op = self.submit_op_waiting(owned, build, true);
         match std::mem::replace(&mut op.stage, Stage::Finished) {
             Stage::Queued(key) => {
                 if let Some(slot) = self.ops.borrow_mut().get_mut(key) {

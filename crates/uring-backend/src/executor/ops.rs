@@ -147,6 +147,17 @@ impl Executor {
         offset: u64,
         bufs: RwBufs,
     ) -> Op<'_, Rw<F>> {
+        self.rw_op_waiting(write, fd, offset, bufs, false)
+    }
+
+    fn rw_op_waiting<F: AsRawFd + 'static>(
+        &self,
+        write: bool,
+        fd: F,
+        offset: u64,
+        bufs: RwBufs,
+        waits: bool,
+    ) -> Op<'_, Rw<F>> {
         let owned = Box::new(Rw { fd, bufs });
         if !covers(&*owned.bufs.keepalive, &owned.bufs.iovecs) {
             return Op::failed(self, libc::EFAULT, owned);
@@ -159,18 +170,25 @@ impl Executor {
         } else {
             self.setup.opcodes.readv
         };
-        self.op_if(supported, owned, |r| {
-            let iov = r.bufs.iovecs.as_ptr();
-            if write {
-                opcode::Writev::new(fd_of(&r.fd), iov, count)
-                    .offset(offset)
-                    .build()
-            } else {
-                opcode::Readv::new(fd_of(&r.fd), iov, count)
-                    .offset(offset)
-                    .build()
-            }
-        })
+        if !supported {
+            return Op::failed(self, libc::EOPNOTSUPP, owned);
+        }
+        self.submit_op_waiting(
+            owned,
+            |r| {
+                let iov = r.bufs.iovecs.as_ptr();
+                if write {
+                    opcode::Writev::new(fd_of(&r.fd), iov, count)
+                        .offset(offset)
+                        .build()
+                } else {
+                    opcode::Readv::new(fd_of(&r.fd), iov, count)
+                        .offset(offset)
+                        .build()
+                }
+            },
+            waits,
+        )
     }
 
     /// `preadv` through the ring, giving the buffers back.
@@ -199,6 +217,21 @@ impl Executor {
             let (res, owned) = op.await;
             (to_len(res), owned.bufs)
         }
+    }
+
+    /// As [`Executor::readv`], for a read that waits on an outside event
+    /// (a frame arriving on a TAP) rather than on the kernel finishing
+    /// work: polling does not spin for it (see [`PollWhen::IoInFlight`]).
+    ///
+    /// [`PollWhen::IoInFlight`]: super::PollWhen::IoInFlight
+    pub fn readv_waiting<F: AsRawFd + 'static>(
+        &self,
+        fd: F,
+        iovecs: Vec<libc::iovec>,
+        keepalive: Box<dyn IoMemory>,
+    ) -> impl Future<Output = io::Result<usize>> + '_ {
+        let op = self.rw_op_waiting(false, fd, 0, RwBufs { iovecs, keepalive }, true);
+        async move { to_len(op.await.0) }
     }
 
     /// Reads into `iovecs` from `offset` of `fd` (one `preadv`; may be

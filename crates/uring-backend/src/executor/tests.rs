@@ -133,3 +133,41 @@ fn a_polling_executor_picks_up_work_without_sleeping_and_cancel_fd_ends_reads() 
     assert_eq!(cancelled, 1);
     assert_eq!(res.unwrap_err().raw_os_error(), Some(libc::ECANCELED));
 }
+
+#[test]
+fn io_only_polling_skips_reads_that_wait_for_outside_events() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let ex = Executor::new(8).expect("executor");
+    ex.set_poll(Duration::from_millis(1), super::PollWhen::IoInFlight);
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills the two-element array on success.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds are fresh and owned from here on.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let r = Arc::new(r);
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(30));
+        let b = [7u8];
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&w);
+        // SAFETY: writing one byte from a valid buffer to a valid fd.
+        let n = unsafe { libc::write(fd, b.as_ptr().cast(), 1) };
+        assert_eq!(n, 1);
+    });
+    let buf = Rc::new(crate::memory::IoBuf::new(64));
+    let (ex2, r2, b2) = (ex.clone(), r.clone(), buf.clone());
+    let n = block_on(&ex, async move {
+        let iov = vec![b2.iovec(0, 64)];
+        ex2.readv_waiting(r2, iov, Box::new(b2.clone())).await
+    });
+    writer.join().unwrap();
+    assert_eq!(n.unwrap(), 1);
+    let s = ex.stats().snapshot();
+    assert_eq!(
+        (s.poll_hits, s.poll_misses),
+        (0, 0),
+        "nothing but a waiting read was in flight: no polling"
+    );
+}

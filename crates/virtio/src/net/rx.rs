@@ -283,7 +283,7 @@ pub(super) async fn serve_rx(ex: Rc<Executor>, ctx: PairCtx, wake: Arc<EventFd>)
             }
             continue;
         };
-        let mut read = Box::pin(ex.readv(tap.clone(), 0, iov, Box::new(mem)));
+        let mut read = Box::pin(ex.readv_waiting(tap.clone(), iov, Box::new(mem)));
         let result = loop {
             match first(&mut read, &mut woken).await {
                 Either::Left(result) => break result,
