@@ -186,6 +186,24 @@ pub async fn serve_queue(ex: Rc<Executor>, ctx: QueueCtx) {
         .push((ctx.index, queue));
 }
 
+/// io_uring takes registered buffers of at most 1 GiB each.
+const MAX_FIXED_BUFFER: usize = 1 << 30;
+
+/// Guest RAM regions cut into pieces io_uring can register. A request
+/// whose buffer straddles two pieces falls back to vectored I/O.
+fn fixed_buffer_chunks(regions: impl Iterator<Item = (*mut u8, usize)>) -> Vec<(*mut u8, usize)> {
+    let mut out = Vec::new();
+    for (ptr, len) in regions {
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(MAX_FIXED_BUFFER);
+            out.push((ptr.wrapping_add(off), n));
+            off += n;
+        }
+    }
+    out
+}
+
 /// Whether this queue's ring has guest RAM as fixed buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Registration {
@@ -203,8 +221,7 @@ fn register_guest_memory(
     mem: &GuestMemoryMmap,
     log: &RateLimitedLog,
 ) -> Registration {
-    let regions: Vec<(*mut u8, usize)> =
-        mem.iter().map(|r| (r.as_ptr(), r.len() as usize)).collect();
+    let regions = fixed_buffer_chunks(mem.iter().map(|r| (r.as_ptr(), r.len() as usize)));
     if regions
         .iter()
         .all(|&(p, l)| ex.fixed_index_for(p, l.min(1)).is_some())
@@ -443,4 +460,30 @@ async fn run_request(
     s.inflight -= 1;
     drop(s);
     schedule_notify(&ex, &shared);
+}
+
+#[cfg(test)]
+mod chunk_tests {
+    use super::*;
+
+    #[test]
+    fn regions_larger_than_a_gib_are_cut_into_registrable_pieces() {
+        let base = 0x1000_0000usize as *mut u8;
+        let chunks = fixed_buffer_chunks(
+            [(base, (5 << 29) + 4096), (base.wrapping_add(8 << 30), 4096)].into_iter(),
+        );
+        let got: Vec<(usize, usize)> = chunks
+            .iter()
+            .map(|&(p, l)| (p as usize - base as usize, l))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 1 << 30),
+                (1 << 30, 1 << 30),
+                (2 << 30, (1 << 29) + 4096),
+                (8 << 30, 4096),
+            ]
+        );
+    }
 }
