@@ -50,35 +50,9 @@ fn builtin_guest_on_one_vcpu_prints_greeting_cmdline_and_exits_with_its_status()
     );
 }
 
-#[test]
-fn builtin_guest_on_two_vcpus_counts_both() {
-    if !kvm_available() {
-        return;
-    }
-    let out = run_ringvm(
-        &[
-            "run",
-            "--kernel",
-            "builtin",
-            "--cpus",
-            "2",
-            "--memory",
-            "64M",
-            "--cmdline",
-            "exit=0",
-        ],
-        DEADLINE,
-    );
-    assert_eq!(out.code, Some(0), "{out:#?}");
-    assert!(out.stdout.contains("cpus: 2 (from mptable)"), "{out:#?}");
-    assert!(
-        out.stdout.contains("RINGVM-RESULT mode=boot cpus=2 exit=0"),
-        "{out:#?}"
-    );
-}
-
-#[test]
-fn split_irqchip_boots_the_builtin_guest_on_two_vcpus() {
+/// Boots the built-in guest on two vCPUs with `--irqchip irqchip` and
+/// checks that it counts both and exits with its status.
+fn two_vcpus_count_both(irqchip: &str) {
     if !kvm_available() {
         return;
     }
@@ -92,7 +66,7 @@ fn split_irqchip_boots_the_builtin_guest_on_two_vcpus() {
             "--memory",
             "64M",
             "--irqchip",
-            "split",
+            irqchip,
             "--cmdline",
             "exit=9",
         ],
@@ -100,6 +74,20 @@ fn split_irqchip_boots_the_builtin_guest_on_two_vcpus() {
     );
     assert_eq!(out.code, Some(9), "{out:#?}");
     assert!(out.stdout.contains("cpus: 2 (from mptable)"), "{out:#?}");
+    assert!(
+        out.stdout.contains("RINGVM-RESULT mode=boot cpus=2 exit=9"),
+        "{out:#?}"
+    );
+}
+
+#[test]
+fn builtin_guest_on_two_vcpus_counts_both() {
+    two_vcpus_count_both("kernel");
+}
+
+#[test]
+fn split_irqchip_boots_the_builtin_guest_on_two_vcpus() {
+    two_vcpus_count_both("split");
 }
 
 #[test]

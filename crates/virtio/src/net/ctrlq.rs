@@ -20,7 +20,6 @@ const MAX_COMMAND: u64 = 64 << 10;
 pub(super) async fn serve_ctrl(ex: Rc<Executor>, ctx: PairCtx) {
     let _guard = ctx.guard;
     let shared = ctx.shared;
-    let index = ctx.q.index;
     let kick = Arc::new(ctx.kick);
     let q = ctx.q.into_net_queue(shared.log.clone());
     let features = ctx.ctrl;
@@ -110,6 +109,4 @@ pub(super) async fn serve_ctrl(ex: Rc<Executor>, ctx: PairCtx) {
             }
         }
     }
-    let state = q.borrow().queue.state();
-    shared.returned(index, state);
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use uring_backend::iothread::IoThread;
 use uring_backend::net::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use uring_backend::net::{Tap, TapError, VNET_HDR_LEN};
-use virtio_queue::{Queue, QueueState};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -110,18 +110,9 @@ pub struct NetShared {
     pub(super) wakes: Vec<Arc<EventFd>>,
     pub(super) stats: Arc<NetStats>,
     pub(super) log: Arc<RateLimitedLog>,
-    returned: Mutex<Vec<(u16, QueueState)>>,
 }
 
 impl NetShared {
-    /// A queue task hands its queue back when it stops.
-    pub(super) fn returned(&self, index: u16, state: QueueState) {
-        self.returned
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((index, state));
-    }
-
     /// The TAP is gone (deleted, or failing for good): say so once; the
     /// VM keeps running and the device drops what it cannot send.
     pub(super) fn tap_gone(&self, pair: usize, e: &std::io::Error) {
@@ -349,7 +340,6 @@ impl NetDevice {
             wakes,
             stats: self.stats.clone(),
             log: self.log.clone(),
-            returned: Mutex::new(Vec::new()),
         });
         // One pair until the driver asks for more (virtio 1.2 §5.1.6.5.5).
         if let Err(e) = shared.set_active_pairs(1) {

@@ -228,7 +228,6 @@ impl Rx {
 pub(super) async fn serve_rx(ex: Rc<Executor>, ctx: PairCtx, wake: Arc<EventFd>) {
     let _guard = ctx.guard;
     let shared = ctx.shared;
-    let index = ctx.q.index;
     let Some(tap) = shared.tap.queue(ctx.pair) else {
         return;
     };
@@ -323,8 +322,6 @@ pub(super) async fn serve_rx(ex: Rc<Executor>, ctx: PairCtx, wake: Arc<EventFd>)
     }
     let _ = ex.cancel_fd(wake.clone()).await;
     let _ = woken.await;
-    let state = rx.q.borrow().queue.state();
-    shared.returned(index, state);
 }
 
 #[cfg(test)]

@@ -188,6 +188,4 @@ pub(super) async fn serve_tx(ex: Rc<Executor>, ctx: PairCtx) {
             break;
         }
     }
-    let state = tx.q.borrow().queue.state();
-    shared.returned(index, state);
 }

@@ -135,8 +135,8 @@ impl Msix {
         {
             return;
         }
-        for (k, chunk) in data.chunks(4).enumerate() {
-            let v = u32::from_le_bytes(chunk.try_into().unwrap());
+        for (k, chunk) in data.chunks_exact(4).enumerate() {
+            let v = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
             let e = &mut self.entries[i];
             match field + k * 4 {
                 0 => e.addr_lo = v & !0x3,

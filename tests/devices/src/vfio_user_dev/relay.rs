@@ -165,12 +165,11 @@ impl<'a> Conn<'a> {
                 Ok((0, _)) => return Err(Error::Truncated),
                 Ok((n, nfds)) => {
                     got += n;
-                    // SAFETY: recvmsg handed over `nfds` new descriptors.
-                    fds.extend(
-                        raw[..nfds]
-                            .iter()
-                            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                    );
+                    for &fd in &raw[..nfds] {
+                        // SAFETY: recvmsg handed over `nfds` new descriptors
+                        // that nothing else owns.
+                        fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                    }
                     if fds.len() > MAX_FDS {
                         return Err(Error::TooManyFds);
                     }
