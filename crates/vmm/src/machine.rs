@@ -83,6 +83,18 @@ pub enum MachineError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error(
+        "--cpuid-hide {features}: this host's KVM keeps {} visible to the guest \
+         (read back after KVM_SET_CPUID2; a software KVM such as kvm_pvm passes the \
+         host CPU's own features through); hide {} inside the guest instead \
+         (Linux: clearcpuid=)",
+        .pronoun,
+        .pronoun
+    )]
+    CpuidNotHidden {
+        features: String,
+        pronoun: &'static str,
+    },
     #[error("starting vCPU")]
     Vcpu(#[source] VcpuError),
     #[error("adding a device")]
@@ -108,6 +120,7 @@ impl MachineError {
                 | MachineError::NotAFile { .. }
                 | MachineError::Kernel { .. }
                 | MachineError::Boot { .. }
+                | MachineError::CpuidNotHidden { .. }
         ) || matches!(self, MachineError::Vm(VmError::TooManyVcpus { .. }))
     }
 }
@@ -312,6 +325,20 @@ fn create_vcpus(
         );
         fd.set_cpuid2(&cpuid)
             .map_err(|source| MachineError::Cpuid { index, source })?;
+        if index == 0 && !config.cpuid_hide.is_empty() {
+            // Hiding is a promise to the guest: check KVM kept it.
+            let set = fd
+                .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .map_err(|source| MachineError::Cpuid { index, source })?;
+            let back = cpuid::still_visible(set.as_slice(), &config.cpuid_hide);
+            if !back.is_empty() {
+                let names: Vec<String> = back.iter().map(|b| b.describe()).collect();
+                return Err(MachineError::CpuidNotHidden {
+                    features: names.join(", "),
+                    pronoun: if back.len() > 1 { "them" } else { "it" },
+                });
+            }
+        }
         let regs_err = |source| MachineError::VcpuRegs { index, source };
         regs::setup_msrs(&fd).map_err(regs_err)?;
         regs::setup_fpu(&fd).map_err(regs_err)?;

@@ -104,6 +104,9 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     });
 
     let args = Cmdline::new(raw_cmdline);
+    if let Some(list) = args.get("cpuid") {
+        print_cpuid(&mut out, list);
+    }
     let explicit_status = match args.get("exit") {
         None => None,
         Some(value) => match cmdline::parse_u64(value).and_then(|n| u8::try_from(n).ok()) {
@@ -139,6 +142,45 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     out.write_str("\n");
     finish(&mut out, status)
 }
+
+/// Prints one `cpuid: LEAF.SUBLEAF eax=.. ebx=.. ecx=.. edx=..` line for
+/// each `LEAF[.SUBLEAF]` of the comma-separated `list` (the `cpuid=`
+/// option), so the host can check what the guest sees.
+#[cfg(not(test))]
+fn print_cpuid(out: &mut Serial, list: &str) {
+    for item in list.split(',') {
+        let (leaf, sub) = match item.split_once('.') {
+            Some((l, s)) => (cmdline::parse_u64(l), cmdline::parse_u64(s)),
+            None => (cmdline::parse_u64(item), Some(0)),
+        };
+        let (Some(leaf), Some(sub)) = (leaf, sub) else {
+            out.write_str("error: bad cpuid=");
+            out.write_str(item);
+            out.write_str("\n");
+            continue;
+        };
+        // SAFETY: CPUID is available on every x86_64 CPU and has no side
+        // effects beyond its output registers.
+        let r = unsafe { core::arch::x86_64::__cpuid_count(leaf as u32, sub as u32) };
+        out.write_str("cpuid: ");
+        out.write_hex(leaf);
+        out.write_str(".");
+        out.write_dec(sub);
+        for (name, v) in [
+            (" eax=", r.eax),
+            (" ebx=", r.ebx),
+            (" ecx=", r.ecx),
+            (" edx=", r.edx),
+        ] {
+            out.write_str(name);
+            out.write_hex(v.into());
+        }
+        out.write_str("\n");
+    }
+}
+
+#[cfg(test)]
+fn print_cpuid(_out: &mut Serial, _list: &str) {}
 
 /// Drains the UART and exits with `status`.
 pub(crate) fn finish(out: &mut Serial, status: u8) -> ! {
