@@ -39,7 +39,7 @@ fn builtin_guest_on_one_vcpu_prints_greeting_cmdline_and_exits_with_its_status()
         out.stdout.contains(&format!("cmdline: {cmdline}\n")),
         "{out:#?}"
     );
-    assert!(out.stdout.contains("cpus: 1 (from mptable)"), "{out:#?}");
+    assert!(out.stdout.contains("cpus: 1 (from acpi)"), "{out:#?}");
     assert!(
         out.stdout.contains("RINGVM-RESULT mode=boot cpus=1 exit=5"),
         "{out:#?}"
@@ -73,7 +73,7 @@ fn two_vcpus_count_both(irqchip: &str) {
         DEADLINE,
     );
     assert_eq!(out.code, Some(9), "{out:#?}");
-    assert!(out.stdout.contains("cpus: 2 (from mptable)"), "{out:#?}");
+    assert!(out.stdout.contains("cpus: 2 (from acpi)"), "{out:#?}");
     assert!(
         out.stdout.contains("RINGVM-RESULT mode=boot cpus=2 exit=9"),
         "{out:#?}"
@@ -571,4 +571,76 @@ fn cpuid_hide_hides_each_name_in_the_guest_or_refuses() {
         0,
         "{out:#?}"
     );
+}
+
+/// Without ACPI the MP table still describes the vCPUs.
+#[test]
+fn acpi_off_leaves_the_mp_table() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_ringvm(
+        &[
+            "run",
+            "--kernel",
+            "builtin",
+            "--cpus",
+            "2",
+            "--memory",
+            "64M",
+            "--acpi",
+            "off",
+            "--cmdline",
+            "acpi=poweroff",
+        ],
+        DEADLINE,
+    );
+    assert!(out.stdout.contains("cpus: 2 (from mptable)"), "{out:#?}");
+    assert!(
+        out.stdout
+            .contains("error: no ACPI power-off/reset registers"),
+        "{out:#?}"
+    );
+    assert_eq!(out.code, Some(1), "{out:#?}");
+}
+
+/// The guest finds the FADT's sleep control and reset registers and the
+/// DSDT's `_S5_` through the PVH RSDP pointer and uses them as an ACPI
+/// kernel does: S5 ends ringvm with "guest shut down", the reset register
+/// with "reset", under both irqchips.
+#[test]
+fn acpi_power_off_and_reset_end_the_vm() {
+    if !kvm_available() {
+        return;
+    }
+    for irqchip in ["kernel", "split"] {
+        for (action, code, line) in [
+            ("poweroff", 101, "guest shut down"),
+            ("reset", 102, "guest requested a reset"),
+        ] {
+            let cmdline = format!("acpi={action}");
+            let out = run_ringvm(
+                &[
+                    "run",
+                    "--kernel",
+                    "builtin",
+                    "--cpus",
+                    "2",
+                    "--memory",
+                    "64M",
+                    "--irqchip",
+                    irqchip,
+                    "--cmdline",
+                    &cmdline,
+                ],
+                DEADLINE,
+            );
+            assert_eq!(out.code, Some(code), "{irqchip} {action}: {out:#?}");
+            assert!(out.stop_line().contains(line), "{out:#?}");
+            assert!(
+                out.stdout.contains(&format!("acpi: {action}: writing")),
+                "{out:#?}"
+            );
+        }
+    }
 }
