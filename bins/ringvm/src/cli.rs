@@ -115,6 +115,14 @@ pub struct RunArgs {
           value_parser = ["kernel", "split"])]
     pub irqchip: String,
 
+    /// ACPI tables (MADT, FADT, DSDT, MCFG; found through the PVH start
+    /// info, the Linux boot parameters and the BIOS area) with ACPI
+    /// power-off, reset and a power button. `off` leaves the MP table
+    /// alone to describe the machine.
+    #[arg(long, value_name = "on|off", default_value = "on",
+          value_parser = ["on", "off"])]
+    pub acpi: String,
+
     /// A virtio-net device (repeatable): `tap=NAME[,mac=MAC][,queues=N]`
     /// attaches to an existing TAP (created with `multi_queue` for N > 1);
     /// `ip=A.B.C.D,mask=A.B.C.D[,mac=MAC][,queues=N]` creates a TAP and
@@ -257,6 +265,7 @@ impl RunArgs {
                 "split" => IrqChip::Split,
                 _ => IrqChip::Kernel,
             },
+            acpi: self.acpi != "off",
         })
     }
 }

@@ -182,8 +182,11 @@ pub fn attach_transport(
         drop(registry);
         match intx_gsi {
             Some(gsi) => {
-                if let Err(e) = lock(&device).enable_intx(gsi) {
-                    log::warn!("{name}: INTx on GSI {gsi} is not available: {e}");
+                let mut d = lock(&device);
+                match d.enable_intx(gsi) {
+                    // The ACPI routing table names the line.
+                    Ok(()) => machine.add_intx_route(slot, d.intx_pin() - 1, gsi),
+                    Err(e) => log::warn!("{name}: INTx on GSI {gsi} is not available: {e}"),
                 }
             }
             None => {

@@ -364,6 +364,12 @@ impl PassthroughDevice {
         self.intx_pin != 0
     }
 
+    /// The interrupt pin the device reports: 1 = INTA# .. 4 = INTD#, 0
+    /// for none.
+    pub fn intx_pin(&self) -> u8 {
+        self.intx_pin
+    }
+
     /// Wires the device's INTx to IOAPIC pin `gsi` (an irqfd with a
     /// resample eventfd) and reports it in the interrupt line register.
     pub fn enable_intx(&mut self, gsi: u32) -> Result<(), InterruptError> {

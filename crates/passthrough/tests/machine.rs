@@ -57,6 +57,7 @@ fn machine(shared: bool) -> Machine {
         cpuid_hide: Vec::new(),
         shared_memory: shared,
         irqchip: Default::default(),
+        acpi: true,
     })
     .expect("building the machine")
 }

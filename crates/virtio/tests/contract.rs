@@ -12,7 +12,8 @@ use driver::{Driver, TestVm};
 use uring_backend::iothread::IoThread;
 use virtio::blk::{BlockDevice, DiskConfig};
 use virtio::device::VirtioDevice;
-use virtio::transport::common::STATUS_DEVICE_NEEDS_RESET;
+use virtio::transport::common::{STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK};
+use vmm::pci::config::{COMMAND_BUS_MASTER, COMMAND_MEMORY};
 
 /// The parts of the contract that hold for any device.
 fn run_contract(make: &dyn Fn() -> Box<dyn VirtioDevice>) {
@@ -63,6 +64,16 @@ fn run_contract(make: &dyn Fn() -> Box<dyn VirtioDevice>) {
     drv.reset();
     assert_eq!(drv.status(), 0);
     drv.init_all().expect("activation after a needs-reset");
+
+    // Bus mastering cleared under a running device: it stops (no more DMA)
+    // and asks for a reset; with it set again the driver starts over.
+    drv.set_command(COMMAND_MEMORY);
+    assert_ne!(drv.status() & STATUS_DEVICE_NEEDS_RESET, 0);
+    drv.set_command(COMMAND_MEMORY | COMMAND_BUS_MASTER);
+    drv.reset();
+    drv.init_all()
+        .expect("activation after bus mastering came back");
+    assert_eq!(drv.status() & STATUS_DEVICE_NEEDS_RESET, 0);
 }
 
 fn disk_file(name: &str, size: u64) -> std::path::PathBuf {
@@ -142,6 +153,41 @@ fn virtio_blk_serves_io_through_the_transport_and_survives_reset() {
     drv.init_all().unwrap();
     let (status, back) = drv.blk_read(0, 8, 4096);
     assert_eq!((status, back), (0, pattern));
+    drop(drv);
+    std::fs::remove_file(&path).unwrap();
+}
+
+/// A device does DMA only once the guest enabled bus mastering: a request
+/// posted after DRIVER_OK with the bit clear waits (guest memory and the
+/// disk untouched) and completes when the guest sets it.
+#[test]
+fn virtio_blk_does_no_dma_before_bus_mastering() {
+    if !kvm_available() {
+        return;
+    }
+    let path = disk_file("blk-master", 1 << 20);
+    let threads = vec![Arc::new(IoThread::spawn("contract-bm", 64).unwrap())];
+    let cfg = DiskConfig::parse(&format!("path={}", path.display())).unwrap();
+    let vm = TestVm::new();
+    let mut drv = Driver::new(
+        &vm,
+        Box::new(BlockDevice::new("blk-bm", &cfg, &threads).unwrap()),
+    );
+    drv.set_command(COMMAND_MEMORY);
+    drv.init_all().unwrap();
+    assert_ne!(drv.status() & STATUS_DRIVER_OK, 0);
+    let pattern = vec![0xa5u8; 4096];
+    drv.blk_post_write(0, 16, &pattern);
+    assert_eq!(
+        drv.wait_used(0, std::time::Duration::from_millis(300)),
+        None
+    );
+    assert!(std::fs::read(&path).unwrap().iter().all(|&b| b == 0));
+    drv.set_command(COMMAND_MEMORY | COMMAND_BUS_MASTER);
+    let done = drv.wait_used(0, std::time::Duration::from_secs(10));
+    assert!(done.is_some(), "the request completed once DMA was allowed");
+    let on_disk = std::fs::read(&path).unwrap();
+    assert_eq!(&on_disk[16 * 512..16 * 512 + 4096], &pattern[..]);
     drop(drv);
     std::fs::remove_file(&path).unwrap();
 }

@@ -31,6 +31,10 @@ pub struct VmConfig {
     /// devices need it for DMA); anonymous memory otherwise.
     pub shared_memory: bool,
     pub irqchip: IrqChip,
+    /// ACPI tables (RSDP, XSDT, FADT, DSDT, MADT, MCFG) and the ACPI
+    /// power-off, reset and power-button registers; the MP table is there
+    /// either way.
+    pub acpi: bool,
 }
 
 /// Where the interrupt controllers live.

@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::arch::acpi::{self, AcpiConfig, IntxRoute, PciHost};
 use crate::arch::{cpuid, mptable, regs};
 use crate::boot::{self, BootError, Initrd, LoadedKernel, SliceReader};
 use crate::bus::Bus;
 use crate::config::{format_size, IrqChip, KernelSource, VmConfig};
 use crate::control::{self, ControlError};
+use crate::devices::acpi_pm::{AcpiPm, PowerButton, ACPI_PM_LEN, ACPI_PM_PORT, GED_GSI};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_COMMAND_PORT, I8042_DATA_PORT};
 use crate::devices::ioapic::{Ioapic, IOAPIC_MMIO_LEN};
@@ -25,7 +27,8 @@ use crate::interrupts::InterruptRouter;
 use crate::layout::{ram_regions, HIGH_RAM_START, IOAPIC_START, MIN_MEMORY};
 use crate::memslots::MemorySlots;
 use crate::pci::root::{
-    PciConfigIo, PciEcam, ECAM_BUS0_SIZE, ECAM_START, PCI_CONFIG_ADDRESS, PCI_CONFIG_PORTS,
+    PciConfigIo, PciEcam, ECAM_BUS0_SIZE, ECAM_START, MMIO32_END, MMIO32_START, PCI_CONFIG_ADDRESS,
+    PCI_CONFIG_PORTS,
 };
 use crate::pci::{PciDevice, PciRoot};
 use crate::registry::{DeviceRegistry, RegistryError, Resource};
@@ -67,6 +70,8 @@ pub enum MachineError {
         #[source]
         source: BootError,
     },
+    #[error("writing the ACPI tables")]
+    Acpi(#[source] acpi::AcpiError),
     #[error("writing the MP table")]
     Mptable(#[source] mptable::MptableError),
     #[error("creating the VM")]
@@ -82,6 +87,18 @@ pub enum MachineError {
         index: usize,
         #[source]
         source: kvm_ioctls::Error,
+    },
+    #[error(
+        "--cpuid-hide {features}: this host's KVM keeps {} visible to the guest \
+         (read back after KVM_SET_CPUID2; a software KVM such as kvm_pvm passes the \
+         host CPU's own features through); hide {} inside the guest instead \
+         (Linux: clearcpuid=)",
+        .pronoun,
+        .pronoun
+    )]
+    CpuidNotHidden {
+        features: String,
+        pronoun: &'static str,
     },
     #[error("starting vCPU")]
     Vcpu(#[source] VcpuError),
@@ -108,6 +125,7 @@ impl MachineError {
                 | MachineError::NotAFile { .. }
                 | MachineError::Kernel { .. }
                 | MachineError::Boot { .. }
+                | MachineError::CpuidNotHidden { .. }
         ) || matches!(self, MachineError::Vm(VmError::TooManyVcpus { .. }))
     }
 }
@@ -208,7 +226,15 @@ fn load_guest(
     let initrd = initrd_file
         .as_mut()
         .map(|(file, size)| Initrd { file, size: *size });
-    let entry = boot::setup_boot(mem, config.memory, &loaded, &config.cmdline, initrd)
+    let inputs = boot::BootInputs {
+        mem_size: config.memory,
+        cmdline: &config.cmdline,
+        initrd,
+        // The tables themselves are written when the VM starts, once its
+        // devices are known.
+        rsdp: config.acpi.then_some(acpi::ACPI_START),
+    };
+    let entry = boot::setup_boot(mem, &loaded, inputs)
         .map_err(|source| MachineError::Boot { path: name, source })?;
     mptable::setup_mptable(mem, config.cpus).map_err(MachineError::Mptable)?;
     Ok((entry, loaded.protocol()))
@@ -292,6 +318,44 @@ fn add_legacy_devices(
     Ok(serial)
 }
 
+/// The ACPI power-off, reset and power-button registers, with the GED's
+/// interrupt on its GSI.
+fn add_acpi_pm(
+    vm: &Vm,
+    registry: &mut DeviceRegistry,
+    stop: &Arc<VmStop>,
+) -> Result<PowerButton, MachineError> {
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
+    vm.register_irqfd(&irq, GED_GSI).map_err(MachineError::Vm)?;
+    let dev = Arc::new(Mutex::new(AcpiPm::new(stop.clone(), irq)));
+    registry
+        .add(
+            "acpi-pm",
+            Some(dev.clone()),
+            vec![
+                Resource::Pio {
+                    base: ACPI_PM_PORT,
+                    len: ACPI_PM_LEN,
+                },
+                Resource::Gsi(GED_GSI),
+            ],
+        )
+        .map_err(MachineError::Registry)?;
+    Ok(dev)
+}
+
+/// The 64-bit PCI BAR window for a guest of `memory_size` bytes: from the
+/// first GiB boundary above RAM.
+fn mmio64_window(memory_size: u64) -> (u64, u64) {
+    let high_end = ram_regions(memory_size)
+        .last()
+        .map(|(a, l)| a.0 + l)
+        .unwrap_or(HIGH_RAM_START)
+        .max(HIGH_RAM_START);
+    let start = high_end.next_multiple_of(1 << 30);
+    (start, start + MMIO64_SIZE)
+}
+
 fn create_vcpus(
     vm: &Vm,
     config: &VmConfig,
@@ -312,6 +376,20 @@ fn create_vcpus(
         );
         fd.set_cpuid2(&cpuid)
             .map_err(|source| MachineError::Cpuid { index, source })?;
+        if index == 0 && !config.cpuid_hide.is_empty() {
+            // Hiding is a promise to the guest: check KVM kept it.
+            let set = fd
+                .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .map_err(|source| MachineError::Cpuid { index, source })?;
+            let back = cpuid::still_visible(set.as_slice(), &config.cpuid_hide);
+            if !back.is_empty() {
+                let names: Vec<String> = back.iter().map(|b| b.describe()).collect();
+                return Err(MachineError::CpuidNotHidden {
+                    features: names.join(", "),
+                    pronoun: if back.len() > 1 { "them" } else { "it" },
+                });
+            }
+        }
         let regs_err = |source| MachineError::VcpuRegs { index, source };
         regs::setup_msrs(&fd).map_err(regs_err)?;
         regs::setup_fpu(&fd).map_err(regs_err)?;
@@ -353,6 +431,12 @@ pub struct Machine {
     protocol: &'static str,
     serial_input: bool,
     memory_size: u64,
+    cpus: usize,
+    irqchip: IrqChip,
+    /// The ACPI registers (and power button) when the VM has ACPI.
+    acpi_pm: Option<PowerButton>,
+    /// PCI INTx lines wired to IOAPIC inputs, for the DSDT's `_PRT`.
+    intx_routes: Vec<IntxRoute>,
     /// Run once every vCPU has stopped (devices that must give back what
     /// they hold on the host, like an assigned PCI function).
     stop_hooks: Vec<Box<dyn FnOnce() + Send>>,
@@ -377,6 +461,11 @@ impl Machine {
         let (pio, mmio) = (Arc::new(Bus::new()), Arc::new(Bus::new()));
         let mut registry = DeviceRegistry::new(pio.clone(), mmio.clone());
         let serial = add_legacy_devices(&vm, &mut registry, &stop, sink)?;
+        let acpi_pm = if config.acpi {
+            Some(add_acpi_pm(&vm, &mut registry, &stop)?)
+        } else {
+            None
+        };
         let halt = HaltWatch::new(config.cpus);
         let vcpus = create_vcpus(&vm, config, &mem, entry, (&pio, &mmio), &stop, &halt)?;
         let router = match config.irqchip {
@@ -417,6 +506,10 @@ impl Machine {
             protocol,
             serial_input: config.serial_input && config.serial == SerialOutput::Stdio,
             memory_size: config.memory,
+            cpus: config.cpus,
+            irqchip: config.irqchip,
+            acpi_pm,
+            intx_routes: Vec::new(),
             stop_hooks: Vec::new(),
         })
     }
@@ -453,12 +546,7 @@ impl Machine {
         if let Some(root) = &self.pci {
             return Ok(root.clone());
         }
-        let high_end = ram_regions(self.memory_size)
-            .last()
-            .map(|(a, l)| a.0 + l)
-            .unwrap_or(HIGH_RAM_START)
-            .max(HIGH_RAM_START);
-        let mmio64 = high_end.next_multiple_of(1 << 30);
+        let (mmio64, _) = mmio64_window(self.memory_size);
         let root = Arc::new(Mutex::new(PciRoot::new(
             self.registry.clone(),
             mmio64,
@@ -515,6 +603,36 @@ impl Machine {
         dev
     }
 
+    /// Records that the INTx pin `pin` (0 = INTA#) of the device in `slot`
+    /// raises IOAPIC input `gsi`, for the ACPI routing table.
+    pub fn add_intx_route(&mut self, slot: u8, pin: u8, gsi: u32) {
+        self.intx_routes.push(IntxRoute { slot, pin, gsi });
+    }
+
+    /// The ACPI power button, when the VM has ACPI: pressing it raises the
+    /// GED interrupt and an ACPI-aware guest shuts itself down.
+    pub fn power_button(&self) -> Option<PowerButton> {
+        self.acpi_pm.clone()
+    }
+
+    /// Writes the ACPI tables for the machine as built so far.
+    fn write_acpi_tables(&self) -> Result<(), MachineError> {
+        let (mmio64, mmio64_end) = mmio64_window(self.memory_size);
+        let cfg = AcpiConfig {
+            cpus: self.cpus as u8,
+            pic: self.irqchip == IrqChip::Kernel,
+            serial: self.serial.is_some(),
+            pci: self.pci.as_ref().map(|_| PciHost {
+                ecam: ECAM_START,
+                mmio32: (MMIO32_START, MMIO32_END),
+                mmio64: (mmio64, mmio64_end),
+            }),
+            intx: self.intx_routes.clone(),
+        };
+        acpi::write_tables(&self.mem, &cfg).map_err(MachineError::Acpi)?;
+        Ok(())
+    }
+
     /// Registers `hook` to run after every vCPU has stopped, before
     /// [`Machine::run`] returns.
     pub fn on_stop(&mut self, hook: impl FnOnce() + Send + 'static) {
@@ -523,6 +641,9 @@ impl Machine {
 
     /// Runs the VM until it stops, and says why.
     pub fn run(self) -> Result<RunReport, MachineError> {
+        if self.acpi_pm.is_some() {
+            self.write_acpi_tables()?;
+        }
         let stop = self.stop.clone();
         let stdin_to = match (&self.serial, self.serial_input) {
             (Some(s), true) => Some(s.clone()),

@@ -85,6 +85,7 @@ fn pci_devices_are_dropped_when_the_vm_stops() {
         cpuid_hide: Vec::new(),
         shared_memory: false,
         irqchip: Default::default(),
+        acpi: true,
     })
     .expect("building the machine");
     let dropped = Arc::new(AtomicBool::new(false));

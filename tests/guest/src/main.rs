@@ -104,6 +104,12 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     });
 
     let args = Cmdline::new(raw_cmdline);
+    if let Some(list) = args.get("cpuid") {
+        print_cpuid(&mut out, list);
+    }
+    if let Some(action) = args.get("acpi") {
+        acpi_action(&mut out, action, info.rsdp_paddr);
+    }
     let explicit_status = match args.get("exit") {
         None => None,
         Some(value) => match cmdline::parse_u64(value).and_then(|n| u8::try_from(n).ok()) {
@@ -139,6 +145,90 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     out.write_str("\n");
     finish(&mut out, status)
 }
+
+/// Prints one `cpuid: LEAF.SUBLEAF eax=.. ebx=.. ecx=.. edx=..` line for
+/// each `LEAF[.SUBLEAF]` of the comma-separated `list` (the `cpuid=`
+/// option), so the host can check what the guest sees.
+#[cfg(not(test))]
+fn print_cpuid(out: &mut Serial, list: &str) {
+    for item in list.split(',') {
+        let (leaf, sub) = match item.split_once('.') {
+            Some((l, s)) => (cmdline::parse_u64(l), cmdline::parse_u64(s)),
+            None => (cmdline::parse_u64(item), Some(0)),
+        };
+        let (Some(leaf), Some(sub)) = (leaf, sub) else {
+            out.write_str("error: bad cpuid=");
+            out.write_str(item);
+            out.write_str("\n");
+            continue;
+        };
+        // SAFETY: CPUID is available on every x86_64 CPU and has no side
+        // effects beyond its output registers.
+        let r = unsafe { core::arch::x86_64::__cpuid_count(leaf as u32, sub as u32) };
+        out.write_str("cpuid: ");
+        out.write_hex(leaf);
+        out.write_str(".");
+        out.write_dec(sub);
+        for (name, v) in [
+            (" eax=", r.eax),
+            (" ebx=", r.ebx),
+            (" ecx=", r.ecx),
+            (" edx=", r.edx),
+        ] {
+            out.write_str(name);
+            out.write_hex(v.into());
+        }
+        out.write_str("\n");
+    }
+}
+
+#[cfg(test)]
+fn print_cpuid(_out: &mut Serial, _list: &str) {}
+
+/// `acpi=poweroff` enters S5 and `acpi=reset` resets through the FADT's
+/// registers (found from the PVH RSDP pointer, else by the legacy scan),
+/// as an ACPI kernel does. Prints what it writes; if the VM is still
+/// running afterwards, says so and exits with 1.
+#[cfg(not(test))]
+fn acpi_action(out: &mut Serial, action: &str, rsdp_hint: u64) {
+    use platform::acpi;
+    let rsdp = match rsdp_hint {
+        0 => acpi::find_rsdp(),
+        a => Some(a),
+    };
+    let Some(regs) = rsdp.and_then(acpi::power_regs) else {
+        out.write_str("error: no ACPI power-off/reset registers\n");
+        finish(out, STATUS_USAGE)
+    };
+    let (port, value) = match action {
+        "poweroff" => (regs.sleep_control, (regs.s5_type << 2) | (1 << 5)),
+        "reset" => (regs.reset, regs.reset_value),
+        _ => {
+            out.write_str("error: bad acpi=");
+            out.write_str(action);
+            out.write_str("\n");
+            finish(out, STATUS_USAGE)
+        }
+    };
+    out.write_str("acpi: ");
+    out.write_str(action);
+    out.write_str(": writing ");
+    out.write_hex(value.into());
+    out.write_str(" to port ");
+    out.write_hex(port.into());
+    out.write_str("\n");
+    out.flush();
+    // SAFETY: a port write to the register the firmware tables name; the
+    // VMM stops the VM on it.
+    unsafe { port::outb(port, value) };
+    out.write_str("error: the VM is still running after acpi=");
+    out.write_str(action);
+    out.write_str("\n");
+    finish(out, STATUS_USAGE)
+}
+
+#[cfg(test)]
+fn acpi_action(_out: &mut Serial, _action: &str, _rsdp_hint: u64) {}
 
 /// Drains the UART and exits with `status`.
 pub(crate) fn finish(out: &mut Serial, status: u8) -> ! {

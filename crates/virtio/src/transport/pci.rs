@@ -21,7 +21,7 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm::interrupts::{InterruptError, InterruptRouter};
-use vmm::pci::config::PciIdentity;
+use vmm::pci::config::{PciIdentity, COMMAND_BUS_MASTER, PCI_COMMAND};
 use vmm::pci::{BarKind, BarRange, PciConfigSpace, PciDevice};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -268,9 +268,45 @@ impl VirtioPciDevice {
             StatusChange::Reset => self.reset(),
             StatusChange::DriverOk => {
                 if !self.active {
-                    self.activate();
+                    if self.bus_master() {
+                        self.activate();
+                    } else {
+                        // A device does DMA only once the guest let it:
+                        // started when bus mastering is enabled.
+                        log::debug!(
+                            "{}: DRIVER_OK with bus mastering off; waiting for it",
+                            self.name
+                        );
+                    }
                 }
             }
+        }
+    }
+
+    /// Whether the guest enabled bus mastering (DMA) in the command
+    /// register.
+    fn bus_master(&self) -> bool {
+        self.config.u16_at(PCI_COMMAND) & COMMAND_BUS_MASTER != 0
+    }
+
+    /// Follows the command register's bus-master bit: a device whose
+    /// driver is ready starts when it is set; a running device stops when
+    /// it is cleared, and asks for a reset (its queues' progress is gone).
+    fn bus_master_changed(&mut self) {
+        let driver_ok = self.common.status() & super::common::STATUS_DRIVER_OK != 0;
+        match (self.bus_master(), self.active) {
+            (true, false) if driver_ok => self.activate(),
+            (false, true) => {
+                log::warn!(
+                    "{}: the guest disabled bus mastering under a running device; \
+                     stopped, device needs reset",
+                    self.name
+                );
+                self.device.reset();
+                self.active = false;
+                self.common.set_needs_reset();
+            }
+            _ => {}
         }
     }
 
@@ -388,7 +424,11 @@ impl PciDevice for VirtioPciDevice {
             dst.copy_from_slice(&data[..n]);
             return;
         }
+        let master = self.bus_master();
         self.config.write(offset, data);
+        if self.bus_master() != master {
+            self.bus_master_changed();
+        }
     }
 
     fn decoded_bars(&self) -> Vec<BarRange> {

@@ -88,6 +88,11 @@ impl Driver {
         }
     }
 
+    /// Writes the PCI command register.
+    pub fn set_command(&mut self, bits: u16) {
+        self.dev.config_write(PCI_COMMAND, &bits.to_le_bytes());
+    }
+
     fn cfg8(&mut self, off: u16) -> u8 {
         let mut b = [0u8];
         self.dev.config_read(off, &mut b);
@@ -372,6 +377,23 @@ impl Driver {
             ],
         );
         self.status_byte()
+    }
+
+    /// Posts a write of `data` at `sector` without waiting for it.
+    pub fn blk_post_write(&mut self, q: u16, sector: u64, data: &[u8]) {
+        let h = self.header(1, sector);
+        self.mem
+            .write_slice(data, GuestAddress(BUFFERS + 0x1000))
+            .unwrap();
+        self.post(
+            q,
+            0,
+            &[
+                (h, 16, false),
+                (BUFFERS + 0x1000, data.len() as u32, false),
+                (BUFFERS + 0x100, 1, true),
+            ],
+        );
     }
 
     pub fn blk_read(&mut self, q: u16, sector: u64, len: usize) -> (u8, Vec<u8>) {

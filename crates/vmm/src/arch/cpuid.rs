@@ -125,6 +125,24 @@ fn parse_raw(s: &str) -> Option<FeatureBit> {
     })
 }
 
+impl FeatureBit {
+    /// The `--cpuid-hide` name of this bit, if it has one.
+    pub fn name(&self) -> Option<&'static str> {
+        NAMED
+            .iter()
+            .find(|n| (n.1, n.2, n.3, n.4) == (self.leaf, self.subleaf, self.reg, self.bit))
+            .map(|n| n.0)
+    }
+
+    /// `name (leaf.subleaf.reg:bit)`, or the raw form alone.
+    pub fn describe(&self) -> String {
+        match self.name() {
+            Some(name) => format!("{name} ({self})"),
+            None => self.to_string(),
+        }
+    }
+}
+
 impl fmt::Display for FeatureBit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -229,6 +247,25 @@ pub fn fixup_entries(
     }
 }
 
+/// The bits of `hidden` that are still set in `entries`: what a vCPU's
+/// CPUID, read back from KVM after `KVM_SET_CPUID2`, shows despite our
+/// clearing them. KVM for hardware virtualisation keeps the table as
+/// given; a software KVM such as `kvm_pvm` merges the host CPU's own
+/// feature bits back in (its guests execute CPUID against those), so on
+/// such a host most hardware features cannot be hidden from the guest.
+pub fn still_visible(entries: &[kvm_cpuid_entry2], hidden: &[FeatureBit]) -> Vec<FeatureBit> {
+    hidden
+        .iter()
+        .filter(|h| {
+            entries.iter().any(|e| {
+                matches(e, h.leaf, h.subleaf)
+                    && *reg_mut(&mut e.clone(), h.reg) & (1u32 << h.bit) != 0
+            })
+        })
+        .copied()
+        .collect()
+}
+
 /// A per-vCPU copy of `base`, fixed up.
 pub fn vcpu_cpuid(base: &CpuId, apic_id: u8, cpus: u8, hidden: &[FeatureBit]) -> CpuId {
     let mut cpuid = base.clone();
@@ -301,6 +338,23 @@ mod tests {
         assert_eq!((e[2].eax, e[2].ebx, e[2].ecx >> 8 & 0xff), (2, 3, 2));
         assert_eq!(e[3].ecx >> 8 & 0xff, 0);
         assert!(e[1..].iter().all(|x| x.edx == 2));
+    }
+
+    #[test]
+    fn finds_hidden_bits_that_came_back() {
+        let popcnt: FeatureBit = "popcnt".parse().unwrap();
+        let x2apic: FeatureBit = "x2apic".parse().unwrap();
+        let mut e = vec![entry(1, 0, 0)];
+        fixup_entries(&mut e, 0, 1, &[popcnt, x2apic]);
+        assert!(still_visible(&e, &[popcnt, x2apic]).is_empty());
+        // The kernel put popcnt back.
+        e[0].ecx |= 1 << 23;
+        assert_eq!(still_visible(&e, &[popcnt, x2apic]), vec![popcnt]);
+        assert_eq!(popcnt.describe(), "popcnt (0x1.0.ecx:23)");
+        let raw: FeatureBit = "0x1.ecx:30".parse().unwrap();
+        assert_eq!(raw.describe(), "rdrand (0x1.0.ecx:30)");
+        let unnamed: FeatureBit = "0x1.ecx:4".parse().unwrap();
+        assert_eq!(unnamed.describe(), "0x1.0.ecx:4");
     }
 
     #[test]

@@ -163,15 +163,23 @@ pub struct Initrd<'a> {
     pub size: u64,
 }
 
+/// What the boot parameters describe besides the kernel.
+pub struct BootInputs<'a, 'f> {
+    /// Guest RAM in bytes (for the memory map).
+    pub mem_size: u64,
+    pub cmdline: &'a str,
+    pub initrd: Option<Initrd<'f>>,
+    /// Where the ACPI RSDP is, if the VM has ACPI tables.
+    pub rsdp: Option<u64>,
+}
+
 /// Loads `kernel`'s boot parameters and the initrd; returns the vCPU entry.
 pub fn setup_boot(
     mem: &GuestMemoryMmap,
-    mem_size: u64,
     kernel: &LoadedKernel,
-    cmdline: &str,
-    initrd: Option<Initrd<'_>>,
+    inputs: BootInputs<'_, '_>,
 ) -> Result<EntryMode, BootError> {
-    if cmdline.contains('\0') {
+    if inputs.cmdline.contains('\0') {
         return Err(BootError::CmdlineNul);
     }
     match *kernel {
@@ -180,14 +188,14 @@ pub fn setup_boot(
             kernel_end,
             header,
         } => {
-            let zero_page = write_linux_params(mem, mem_size, header, kernel_end, cmdline, initrd)?;
+            let zero_page = write_linux_params(mem, header, kernel_end, inputs)?;
             Ok(EntryMode::Linux64 {
                 entry,
                 zero_page: zero_page.0,
             })
         }
         LoadedKernel::Pvh { entry, kernel_end } => {
-            let start_info = write_pvh_params(mem, mem_size, kernel_end, cmdline, initrd)?;
+            let start_info = write_pvh_params(mem, kernel_end, inputs)?;
             Ok(EntryMode::Pvh {
                 entry,
                 start_info: start_info.0,

@@ -6,7 +6,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{place_initrd, BootError, Initrd};
+use super::{place_initrd, BootError, BootInputs, Initrd};
 use crate::layout::{
     e820_map, low_ram_end, CMDLINE_MAX_SIZE, CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_START,
     PVH_MODLIST_START, ZERO_PAGE_START,
@@ -55,13 +55,20 @@ fn load_initrd(
 /// protocol; returns the zero page's address.
 pub fn write_linux_params(
     mem: &GuestMemoryMmap,
-    mem_size: u64,
     header: Option<setup_header>,
     kernel_end: u64,
-    cmdline: &str,
-    initrd: Option<Initrd<'_>>,
+    inputs: BootInputs<'_, '_>,
 ) -> Result<GuestAddress, BootError> {
-    let mut params = boot_params::default();
+    let BootInputs {
+        mem_size,
+        cmdline,
+        initrd,
+        rsdp,
+    } = inputs;
+    let mut params = boot_params {
+        acpi_rsdp_addr: rsdp.unwrap_or(0),
+        ..Default::default()
+    };
     let (cmdline_max, initrd_max) = match header {
         Some(hdr) => {
             params.hdr = hdr;
@@ -115,17 +122,22 @@ pub fn write_linux_params(
 /// (as module 0) for the PVH entry; returns the start info's address.
 pub fn write_pvh_params(
     mem: &GuestMemoryMmap,
-    mem_size: u64,
     kernel_end: u64,
-    cmdline: &str,
-    initrd: Option<Initrd<'_>>,
+    inputs: BootInputs<'_, '_>,
 ) -> Result<GuestAddress, BootError> {
+    let BootInputs {
+        mem_size,
+        cmdline,
+        initrd,
+        rsdp,
+    } = inputs;
     write_cmdline(mem, cmdline, CMDLINE_MAX_SIZE - 1)?;
     let map = e820_map(mem_size);
     let mut info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC_VALUE,
         version: 1,
         cmdline_paddr: CMDLINE_START.0,
+        rsdp_paddr: rsdp.unwrap_or(0),
         memmap_paddr: PVH_MEMMAP_START.0,
         memmap_entries: map.len() as u32,
         ..Default::default()
@@ -167,12 +179,27 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap()
     }
 
+    fn inputs(cmdline: &str, rsdp: Option<u64>) -> BootInputs<'_, 'static> {
+        BootInputs {
+            mem_size: 32 << 20,
+            cmdline,
+            initrd: None,
+            rsdp,
+        }
+    }
+
     #[test]
     fn pvh_start_info_points_at_cmdline_and_memmap() {
         let m = mem();
-        let at = write_pvh_params(&m, 32 << 20, 0x20_0000, "exit=3 hello", None).unwrap();
+        let at = write_pvh_params(&m, 0x20_0000, inputs("exit=3 hello", None)).unwrap();
         let info: hvm_start_info = m.read_obj(at).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
+        assert_eq!(info.rsdp_paddr, 0);
+        let at = write_pvh_params(&m, 0x20_0000, inputs("x", Some(0xe0000))).unwrap();
+        let with_acpi: hvm_start_info = m.read_obj(at).unwrap();
+        assert_eq!(with_acpi.rsdp_paddr, 0xe0000);
+        let at = write_pvh_params(&m, 0x20_0000, inputs("exit=3 hello", None)).unwrap();
+        let info: hvm_start_info = m.read_obj(at).unwrap();
         assert_eq!(info.memmap_entries, 3);
         let mut cmd = [0u8; 13];
         m.read_slice(&mut cmd, GuestAddress(info.cmdline_paddr))
@@ -187,8 +214,10 @@ mod tests {
     #[test]
     fn linux_zero_page_carries_e820_and_cmdline() {
         let m = mem();
-        let at = write_linux_params(&m, 32 << 20, None, 0x40_0000, "console=ttyS0", None).unwrap();
+        let at = write_linux_params(&m, None, 0x40_0000, inputs("console=ttyS0", Some(0xe0000)))
+            .unwrap();
         let p: boot_params = m.read_obj(at).unwrap();
+        assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
         assert_eq!(p.e820_entries, 3);
         assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START.0 as u32);
         assert_eq!({ p.hdr.type_of_loader }, 0xff);
@@ -204,7 +233,7 @@ mod tests {
             cmdline_size: 16,
             ..Default::default()
         };
-        let r = write_linux_params(&m, 32 << 20, Some(hdr), 0, &"x".repeat(17), None);
+        let r = write_linux_params(&m, Some(hdr), 0, inputs(&"x".repeat(17), None));
         assert!(matches!(
             r,
             Err(BootError::CmdlineTooLong { len: 17, max: 16 })

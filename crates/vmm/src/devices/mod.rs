@@ -2,6 +2,7 @@
 //! debug-exit port. Each is a thin [`BusDevice`](crate::bus::BusDevice)
 //! adapter over a state machine (vm-superio's where one exists).
 
+pub mod acpi_pm;
 pub mod debug_exit;
 pub mod i8042;
 pub mod ioapic;

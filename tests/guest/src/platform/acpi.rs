@@ -1,4 +1,5 @@
-//! ACPI: RSDP -> RSDT/XSDT -> MADT, counting enabled processors.
+//! ACPI: RSDP -> RSDT/XSDT -> MADT, counting enabled processors; and the
+//! FADT's power-off and reset registers with the DSDT's `_S5_` sleep type.
 
 use super::{checksum_ok, ebda_base, signature_offsets, u32_at, u64_at};
 use crate::phys;
@@ -33,6 +34,87 @@ pub fn find_rsdp() -> Option<u64> {
             .map(|off| base + off as u64)
             .find(|&addr| phys::bytes(addr, RSDP_V1_LEN).is_some_and(checksum_ok))
     })
+}
+
+const FADT_SIGNATURE: &[u8; 4] = b"FACP";
+/// FADT offsets (ACPI 6): RESET_REG (GAS), RESET_VALUE, X_DSDT,
+/// SLEEP_CONTROL_REG (GAS). A GAS is space id, widths, access, address.
+const FADT_RESET_REG: usize = 116;
+const FADT_RESET_VALUE: usize = 128;
+const FADT_DSDT: usize = 40;
+const FADT_X_DSDT: usize = 140;
+const FADT_SLEEP_CONTROL_REG: usize = 244;
+const GAS_SYSTEM_IO: u8 = 1;
+
+/// How to power off and reset the machine, as the firmware tables say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PowerRegs {
+    /// I/O port of the sleep control register.
+    pub sleep_control: u16,
+    /// SLP_TYPa of `_S5_`.
+    pub s5_type: u8,
+    /// I/O port of the reset register and the value to write.
+    pub reset: u16,
+    pub reset_value: u8,
+}
+
+/// The root table (XSDT, else RSDT) and its entry size.
+fn root_table(rsdp_addr: u64) -> Option<(&'static [u8], usize)> {
+    let rsdp = phys::bytes(rsdp_addr, RSDP_V1_LEN)?;
+    if !rsdp.starts_with(RSDP_SIGNATURE) || !checksum_ok(rsdp) {
+        return None;
+    }
+    let xsdt = xsdt_address(rsdp_addr, rsdp[15]);
+    let rsdt = u64::from(u32_at(rsdp, 16)?);
+    [(xsdt, 8), (rsdt, 4)]
+        .into_iter()
+        .filter(|&(addr, _)| addr != 0)
+        .find_map(|(addr, entry_len)| Some((table(addr)?, entry_len)))
+}
+
+/// The power-off and reset registers of a hardware-reduced FADT (both in
+/// I/O space) and `_S5_` from the DSDT.
+pub fn power_regs(rsdp_addr: u64) -> Option<PowerRegs> {
+    let (root, entry_len) = root_table(rsdp_addr)?;
+    let fadt = find_table(root, entry_len, FADT_SIGNATURE)?;
+    let io_port = |gas: usize| -> Option<u16> {
+        (*fadt.get(gas)? == GAS_SYSTEM_IO)
+            .then(|| u64_at(fadt, gas + 4))
+            .flatten()
+            .and_then(|a| u16::try_from(a).ok())
+    };
+    let dsdt_addr = match u64_at(fadt, FADT_X_DSDT) {
+        Some(a) if a != 0 => a,
+        _ => u64::from(u32_at(fadt, FADT_DSDT)?),
+    };
+    Some(PowerRegs {
+        sleep_control: io_port(FADT_SLEEP_CONTROL_REG)?,
+        s5_type: s5_sleep_type(table(dsdt_addr)?)?,
+        reset: io_port(FADT_RESET_REG)?,
+        reset_value: *fadt.get(FADT_RESET_VALUE)?,
+    })
+}
+
+/// SLP_TYPa of the DSDT's `Name (_S5_, Package () { a, b, ... })`, found
+/// by a byte scan (as small kernels do): NameOp, `_S5_`, PackageOp, a
+/// one-byte PkgLength, the element count, then a Zero, One or BytePrefix
+/// constant.
+fn s5_sleep_type(dsdt: &[u8]) -> Option<u8> {
+    let body = dsdt.get(SDT_HEADER_LEN..)?;
+    let at = body.windows(4).position(|w| w == b"_S5_")?;
+    if at == 0 || body[at - 1] != 0x08 {
+        return None;
+    }
+    let pkg = body.get(at + 4..at + 9)?;
+    if pkg[0] != 0x12 || pkg[1] & 0xc0 != 0 {
+        return None;
+    }
+    match pkg[3] {
+        0x00 => Some(0),
+        0x01 => Some(1),
+        0x0a => Some(pkg[4]),
+        _ => None,
+    }
 }
 
 /// Counts the enabled processors in the MADT reached from the RSDP at
@@ -171,6 +253,37 @@ mod tests {
             &x2apic(301, 0),
         ]);
         assert_eq!(count_madt(&t), 3);
+    }
+
+    fn dsdt_with(body: &[u8]) -> Vec<u8> {
+        let mut t = vec![0u8; SDT_HEADER_LEN];
+        t.extend_from_slice(body);
+        t
+    }
+
+    #[test]
+    fn finds_s5_sleep_types() {
+        let pkg = |first: &[u8]| {
+            let mut b = vec![0x10, 0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x02];
+            b.extend_from_slice(first);
+            b.extend_from_slice(&[0x0a, 0x05]);
+            b
+        };
+        assert_eq!(s5_sleep_type(&dsdt_with(&pkg(&[0x0a, 0x05]))), Some(5));
+        assert_eq!(s5_sleep_type(&dsdt_with(&pkg(&[0x00]))), Some(0));
+        assert_eq!(s5_sleep_type(&dsdt_with(&pkg(&[0x01]))), Some(1));
+        // A method call or other term: not understood.
+        assert_eq!(s5_sleep_type(&dsdt_with(&pkg(&[0x14]))), None);
+        // Not a Name.
+        let mut b = pkg(&[0x0a, 0x05]);
+        b[1] = 0x70;
+        assert_eq!(s5_sleep_type(&dsdt_with(&b)), None);
+        // Truncated.
+        assert_eq!(
+            s5_sleep_type(&dsdt_with(&[0x08, b'_', b'S', b'5', b'_', 0x12])),
+            None
+        );
+        assert_eq!(s5_sleep_type(&dsdt_with(b"no sleep here")), None);
     }
 
     #[test]

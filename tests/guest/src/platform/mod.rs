@@ -9,7 +9,7 @@
 //! All table data is untrusted: pointers must stay below 4 GiB (the
 //! identity map), lengths are capped, and checksums are verified.
 
-mod acpi;
+pub mod acpi;
 mod mptable;
 
 /// Where the vCPU count came from.
