@@ -59,8 +59,14 @@ fn host_tsc_khz() -> u64 {
     (khz / 1000.0).round() as u64 * 1000
 }
 
+/// The base command line, the TSC rate, `lpj=` from it (so that no CPU
+/// calibrates its delay loop, which fails on the secondary CPUs under the
+/// emulator) and the test's parameters.
 fn cmdline(params: &str) -> String {
-    format!("{BASE_CMDLINE} tsc_early_khz={} {params}", host_tsc_khz())
+    let khz = host_tsc_khz();
+    // loops_per_jiffy with a TSC delay loop: TSC ticks per jiffy (HZ=100).
+    let lpj = khz * 1000 / 100;
+    format!("{BASE_CMDLINE} tsc_early_khz={khz} lpj={lpj} {params}")
 }
 
 /// The KVM check, then the guest (built on first use). `None`: skip.
@@ -93,8 +99,15 @@ fn run_args(g: &LinuxGuest, cpus: u32, irqchip: &str, cmdline: &str) -> Vec<Stri
     .collect()
 }
 
+/// The result line's fields; a line without its last fields (cut short, or
+/// interleaved with kernel messages) fails with the whole output.
 fn fields(out: &Outcome) -> BTreeMap<String, String> {
-    result_fields(&out.stdout).unwrap_or_else(|| panic!("no RINGVM-RESULT line: {out:#?}"))
+    let f = result_fields(&out.stdout).unwrap_or_else(|| panic!("no RINGVM-RESULT line: {out:#?}"));
+    assert!(
+        f.contains_key("ok") && f.contains_key("errors"),
+        "an incomplete RINGVM-RESULT line: {out:#?}"
+    );
+    f
 }
 
 /// Prints how long the boot took (for the log, never asserted).
@@ -442,7 +455,7 @@ fn acpi_test(name: &str, irqchip: &str) {
     // Linux uses the MCFG's ECAM only once it finds it reserved as a
     // motherboard resource (or in e820); else it stays on port I/O.
     assert!(
-        log.contains("reserved as ACPI motherboard resource"),
+        log.contains("reserved in ACPI motherboard resources"),
         "the kernel did not take the ECAM:\n{log}"
     );
     assert_eq!(f["cpus_online"], "0-1", "{f:?}");

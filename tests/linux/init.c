@@ -35,7 +35,7 @@ enum {
 	SYS_nanosleep = 35, SYS_socket = 41, SYS_sendto = 44,
 	SYS_recvfrom = 45, SYS_bind = 49, SYS_setsockopt = 54, SYS_exit = 60,
 	SYS_fsync = 74, SYS_mkdir = 83, SYS_mount = 165, SYS_reboot = 169,
-	SYS_ioperm = 173, SYS_sched_setaffinity = 203, SYS_getdents64 = 217,
+	SYS_syslog = 103, SYS_ioperm = 173, SYS_sched_setaffinity = 203, SYS_getdents64 = 217,
 };
 
 static i64 sys6(i64 n, i64 a, i64 b, i64 c, i64 d, i64 e, i64 f)
@@ -782,6 +782,10 @@ static void outb(u16 port, u8 v)
 
 static void __attribute__((noreturn)) finish(int status)
 {
+	// The console write returned once the bytes were in the tty's
+	// buffer; wait until the UART has sent them (tcdrain) before the VM
+	// goes away, or the end of the result line is lost.
+	SC3(SYS_ioctl, 1, 0x5409 /* TCSBRK */, 1);
 	const char *how = param("rv_exit");
 	int acpi = list_dir("/sys/firmware/acpi/tables", 0, 0, 1) > 0;
 	if (!how || seq(how, "auto"))
@@ -807,6 +811,10 @@ void __attribute__((noreturn, used)) rvinit_main(u64 *sp)
 	u64 argc = sp[0];
 	envp = (char **)(sp + 1 + argc + 1);
 	crc_init();
+	// Kernel messages from now on stay in the log buffer, off the
+	// console, so that none lands inside the result line
+	// (SYSLOG_ACTION_CONSOLE_LEVEL 1: emergencies only).
+	SC3(SYS_syslog, 8, 0, 1);
 	out("rvinit: started\n");
 	mount("devtmpfs", "/dev");
 	mount("proc", "/proc");
