@@ -110,10 +110,11 @@ fn fields(out: &Outcome) -> BTreeMap<String, String> {
     f
 }
 
-/// Prints how long the boot took (for the log, never asserted).
+/// Prints how long the boot took and what `/init` reported (for the log;
+/// times are never asserted).
 fn note_time(name: &str, out: &Outcome, f: &BTreeMap<String, String>) {
     eprintln!(
-        "{name}: ringvm ran {:.1} s, guest uptime at the result {} s",
+        "{name}: ringvm ran {:.1} s, guest uptime at the result {} s; {f:?}",
         out.elapsed.as_secs_f64(),
         f.get("uptime").map_or("?", String::as_str)
     );
