@@ -451,6 +451,19 @@ static void info_fields(void)
 	field_u("pci_devices", n < 0 ? 0 : n);
 }
 
+// uptime (seconds since boot, as /proc/uptime has it) as field `key`.
+static void uptime_field(const char *key)
+{
+	char t[64];
+	if (read_file("/proc/uptime", t, sizeof t) > 0) {
+		char *p = t;
+		while (*p && *p != ' ')
+			p++;
+		*p = 0;
+		field(key, t);
+	}
+}
+
 // ---- virtio-blk ---------------------------------------------------------
 
 #define BLKGETSIZE64 0x80081272UL
@@ -722,6 +735,7 @@ static void mode_net(void)
 	for (int c = 0; c < nsocks; c++)
 		if ((socks[c] = udp_socket(ip, lport + c)) < 0)
 			return;
+	uptime_field("up_at");
 	out("rvinit: net up\n");
 
 	// The host pings us, then sends "go" to the first socket: echo it
@@ -735,6 +749,7 @@ static void mode_net(void)
 		return;
 	}
 	SC6(SYS_sendto, socks[0], reply, r, 0, &from, sizeof from);
+	uptime_field("go_at");
 
 	struct sockaddr_in to = sin(peer, port);
 	u64 ok = 0;
@@ -839,6 +854,7 @@ void __attribute__((noreturn, used)) rvinit_main(u64 *sp)
 		mode = "info";
 	cat(result, &result_len, sizeof result, "RINGVM-RESULT mode=");
 	cat(result, &result_len, sizeof result, mode);
+	uptime_field("init_at");
 	info_fields();
 	if (seq(mode, "blk"))
 		mode_blk();
@@ -848,13 +864,7 @@ void __attribute__((noreturn, used)) rvinit_main(u64 *sp)
 		fail("unknown rv_mode ", mode, 0);
 		bad_params = 1;
 	}
-	if (read_file("/proc/uptime", t, sizeof t) > 0) {
-		char *sp2 = t;
-		while (*sp2 && *sp2 != ' ')
-			sp2++;
-		*sp2 = 0;
-		field("uptime", t);
-	}
+	uptime_field("uptime");
 	field_u("errors", errors);
 	field("ok", errors ? "0" : "1");
 	cat(result, &result_len, sizeof result, "\n");
