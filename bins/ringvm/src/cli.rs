@@ -36,7 +36,8 @@ Exit codes:
   104   KVM internal error, e.g. an instruction KVM cannot emulate
   105   host-side error (KVM, threads, I/O) after the VM was built
   106   ringvm was stopped by SIGINT, SIGTERM or SIGHUP
-  107   the guest halted with interrupts disabled on every vCPU (dead)";
+  107   the guest halted with interrupts disabled on every vCPU (dead)
+  109   a ringvm thread made a system call its seccomp allow-list forbids";
 
 #[derive(Subcommand, Debug)]
 // Parsed once per run; boxing the arguments would buy nothing.
@@ -122,6 +123,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "on|off", default_value = "on",
           value_parser = ["on", "off"])]
     pub acpi: String,
+
+    /// Seccomp filters, one allow-list per thread kind (vCPU, iothread,
+    /// control thread): `true` stops ringvm (exit code 109, naming the
+    /// thread and the call) on a system call outside the list, `log` lets
+    /// it through and has the kernel log it (dmesg), `false` installs none.
+    #[arg(long, value_name = "true|false|log", default_value = "true",
+          value_parser = ["true", "false", "log"])]
+    pub seccomp: String,
 
     /// A virtio-net device (repeatable): `tap=NAME[,mac=MAC][,queues=N]`
     /// attaches to an existing TAP (created with `multi_queue` for N > 1);
@@ -266,6 +275,10 @@ impl RunArgs {
                 _ => IrqChip::Kernel,
             },
             acpi: self.acpi != "off",
+            seccomp: match self.seccomp.as_str() {
+                "" => Default::default(),
+                s => s.parse().context("--seccomp")?,
+            },
         })
     }
 }

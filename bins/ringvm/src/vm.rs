@@ -80,8 +80,22 @@ pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
     let iothreads: Vec<Arc<IoThread>> = if plan.disks.is_empty() && plan.nets.is_empty() {
         Vec::new()
     } else {
+        let mode = plan.vm.seccomp;
         (0..plan.iothreads)
-            .map(|i| IoThread::spawn(&format!("iothread{i}"), IOTHREAD_RING_ENTRIES).map(Arc::new))
+            .map(|i| {
+                let sandbox: uring_backend::iothread::Sandbox = Box::new(move || {
+                    vmm::seccomp::apply(vmm::seccomp::ThreadKind::IoThread, mode)
+                        .map_err(|e| format!("{e:#}"))?;
+                    vmm::seccomp::test_call(vmm::seccomp::ThreadKind::IoThread);
+                    Ok(())
+                });
+                IoThread::spawn_sandboxed(
+                    &format!("iothread{i}"),
+                    IOTHREAD_RING_ENTRIES,
+                    Some(sandbox),
+                )
+                .map(Arc::new)
+            })
             .collect::<Result<_, _>>()
             .map_err(host)?
     };

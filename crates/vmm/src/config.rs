@@ -35,6 +35,9 @@ pub struct VmConfig {
     /// power-off, reset and power-button registers; the MP table is there
     /// either way.
     pub acpi: bool,
+    /// Seccomp filters for the vCPU threads and the control thread (and,
+    /// through the composition root, the iothreads).
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 /// Where the interrupt controllers live.

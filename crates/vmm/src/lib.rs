@@ -14,6 +14,7 @@ pub mod machine;
 pub mod memslots;
 pub mod pci;
 pub mod registry;
+pub mod seccomp;
 pub mod stop;
 pub mod vcpu;
 pub mod vm;

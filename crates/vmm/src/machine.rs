@@ -405,6 +405,7 @@ fn create_vcpus(
             stop: stop.clone(),
             mem: mem.clone(),
             halt: halt.clone(),
+            seccomp: config.seccomp,
         });
     }
     Ok(vcpus)
@@ -433,6 +434,7 @@ pub struct Machine {
     memory_size: u64,
     cpus: usize,
     irqchip: IrqChip,
+    seccomp: crate::seccomp::SeccompMode,
     /// The ACPI registers (and power button) when the VM has ACPI.
     acpi_pm: Option<PowerButton>,
     /// PCI INTx lines wired to IOAPIC inputs, for the DSDT's `_PRT`.
@@ -508,6 +510,7 @@ impl Machine {
             memory_size: config.memory,
             cpus: config.cpus,
             irqchip: config.irqchip,
+            seccomp: config.seccomp,
             acpi_pm,
             intx_routes: Vec::new(),
             stop_hooks: Vec::new(),
@@ -663,6 +666,15 @@ impl Machine {
                     break;
                 }
             }
+        }
+        // The control thread is sandboxed once every vCPU runs.
+        if spawn_error.is_none() {
+            if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vmm, self.seccomp) {
+                stop.request(StopReason::HostError {
+                    message: e.to_string(),
+                });
+            }
+            crate::seccomp::test_call(crate::seccomp::ThreadKind::Vmm);
         }
         let loop_result =
             control::wait_for_stop(&stop, &signals, stdin_to.as_ref(), (&self.halt, &handles));

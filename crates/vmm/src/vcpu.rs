@@ -103,6 +103,9 @@ pub struct Vcpu {
     pub stop: Arc<VmStop>,
     pub mem: GuestMemoryMmap,
     pub halt: Arc<HaltWatch>,
+    /// The vCPU thread's seccomp filter, installed before its first
+    /// `KVM_RUN`.
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 /// A running vCPU thread.
@@ -147,6 +150,13 @@ impl Vcpu {
 
     fn run_loop(mut self) {
         KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
+        if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu, self.seccomp) {
+            self.stop.request(StopReason::HostError {
+                message: format!("vCPU {}: {e}", self.index),
+            });
+            return;
+        }
+        crate::seccomp::test_call(crate::seccomp::ThreadKind::Vcpu);
         while !self.stop.is_stopping() {
             if let Some(reason) = self.run_once() {
                 self.stop.request(reason);
