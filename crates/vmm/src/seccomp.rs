@@ -66,6 +66,13 @@ pub enum ThreadKind {
     Vcpu,
     /// An iothread: one io_uring executor serving disks and NICs.
     IoThread,
+    /// A vhost-user protocol thread: accepting a peer on a Unix socket and
+    /// handling its messages (memory tables arrive as fds to map, vrings
+    /// as eventfds). Threads it starts (vhost-user-backend's per-connection
+    /// handler) inherit the filter.
+    VhostUser,
+    /// A thread that only waits for stop signals and passes them on.
+    Signals,
 }
 
 impl ThreadKind {
@@ -74,6 +81,8 @@ impl ThreadKind {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::IoThread => "iothread",
+            ThreadKind::VhostUser => "vhost-user",
+            ThreadKind::Signals => "signals",
         }
     }
 }
@@ -278,12 +287,82 @@ fn ioctl_rules(requests: &[u64]) -> Result<Vec<SeccompRule>, seccompiler::Backen
     Ok(rules)
 }
 
+/// A vhost-user protocol thread (see [`ThreadKind::VhostUser`]).
+const VHOST_USER: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_accept,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_shutdown,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fcntl,
+    libc::SYS_dup,
+    libc::SYS_eventfd2,
+    libc::SYS_ioctl,
+    libc::SYS_lseek,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    // The per-connection handler thread (glibc's pthread_create; clone3
+    // is answered ENOSYS by a second filter so that clone's flags are
+    // checked: threads only).
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_set_robust_list,
+    libc::SYS_prctl,
+    libc::SYS_sched_getaffinity,
+    // The listening socket's path is removed when the daemon stops.
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
+/// A signal thread: `sigwait`, then an eventfd write or a socket
+/// shutdown.
+const SIGNALS: &[i64] = &[libc::SYS_rt_sigtimedwait, libc::SYS_shutdown];
+
 fn list(kind: ThreadKind) -> &'static [i64] {
     match kind {
         ThreadKind::Vmm => VMM,
         ThreadKind::Vcpu => VCPU,
         ThreadKind::IoThread => IOTHREAD,
+        ThreadKind::VhostUser => VHOST_USER,
+        ThreadKind::Signals => SIGNALS,
     }
+}
+
+/// `clone` only for threads: `CLONE_THREAD` must be in its flags.
+fn clone_rules() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    let thread = libc::CLONE_THREAD as u64;
+    Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq(thread),
+        thread,
+    )?])?])
+}
+
+/// The second filter of kinds that may start threads: `clone3` fails with
+/// ENOSYS (its flags are in memory, out of a filter's reach), so that the
+/// C library falls back to `clone`, whose flags the first filter checks.
+fn clone3_enosys() -> Result<BpfProgram, seccompiler::BackendError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    rules.insert(libc::SYS_clone3, Vec::new());
+    SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )?
+    .try_into()
 }
 
 /// The BPF program for `kind` in `mode` (None when seccomp is off).
@@ -300,6 +379,13 @@ fn build(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, Seccom
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for &nr in COMMON.iter().chain(list(kind)) {
         rules.insert(nr, Vec::new());
+    }
+    if kind == ThreadKind::VhostUser {
+        let clone = clone_rules().map_err(|source| SeccompError::Build {
+            kind: kind.name(),
+            source,
+        })?;
+        rules.insert(libc::SYS_clone, clone);
     }
     if kind == ThreadKind::Vcpu {
         let ioctls = ioctl_rules(&vcpu_ioctls()).map_err(|source| SeccompError::Build {
@@ -378,6 +464,13 @@ pub fn apply(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
     let len = n.len().min(15);
     name[..len].copy_from_slice(&n[..len]);
     NAME.with(|c| c.set(name));
+    if kind == ThreadKind::VhostUser {
+        let enosys = clone3_enosys().map_err(|source| SeccompError::Compile {
+            kind: kind.name(),
+            source,
+        })?;
+        seccompiler::apply_filter(&enosys).map_err(SeccompError::Install)?;
+    }
     seccompiler::apply_filter(&prog).map_err(SeccompError::Install)
 }
 
@@ -500,7 +593,13 @@ mod tests {
 
     #[test]
     fn every_kind_compiles_in_every_mode() {
-        for kind in [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::IoThread] {
+        for kind in [
+            ThreadKind::Vmm,
+            ThreadKind::Vcpu,
+            ThreadKind::IoThread,
+            ThreadKind::VhostUser,
+            ThreadKind::Signals,
+        ] {
             assert!(program(kind, SeccompMode::Off).unwrap().is_none());
             for mode in [SeccompMode::Enforce, SeccompMode::Log] {
                 let p = program(kind, mode).unwrap().unwrap();
