@@ -91,7 +91,7 @@ const HALT_PROBE_MS: i32 = 1000;
 /// and turns termination signals into a stop.
 pub fn wait_for_stop(
     stop: &VmStop,
-    signals: &Signals,
+    signals: Option<&Signals>,
     serial_input: Option<&Arc<Mutex<SerialConsole>>>,
     vcpus: (&HaltWatch, &[VcpuHandle]),
 ) -> Result<(), ControlError> {
@@ -107,7 +107,7 @@ pub fn wait_for_stop(
                 revents: 0,
             },
             libc::pollfd {
-                fd: signals.fd.as_raw_fd(),
+                fd: signals.map_or(-1, |s| s.fd.as_raw_fd()),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -141,7 +141,7 @@ pub fn wait_for_stop(
             continue;
         }
         if fds[1].revents != 0 {
-            if let Some(signal) = signals.read() {
+            if let Some(signal) = signals.and_then(Signals::read) {
                 stop.request(StopReason::Signal { signal });
             }
         }

@@ -22,6 +22,7 @@ use crate::devices::ioapic::{Ioapic, IOAPIC_MMIO_LEN};
 use crate::devices::serial::{ConsoleSink, SerialConsole, COM1_GSI, COM1_LEN, COM1_PORT};
 use crate::devices::SerialOutput;
 use crate::interrupts::InterruptRouter;
+use crate::lifecycle::{LifecycleError, PowerButton, VcpuGate, VmControl};
 use crate::layout::{ram_regions, HIGH_RAM_START, IOAPIC_START, MIN_MEMORY};
 use crate::memslots::MemorySlots;
 use crate::pci::root::{
@@ -93,6 +94,8 @@ pub enum MachineError {
     Control(#[source] ControlError),
     #[error("PCI")]
     Pci(#[source] crate::pci::PciRootError),
+    #[error("starting the VM")]
+    Lifecycle(#[source] LifecycleError),
 }
 
 impl MachineError {
@@ -299,7 +302,7 @@ fn create_vcpus(
     entry: regs::EntryMode,
     buses: (&Arc<Bus>, &Arc<Bus>),
     stop: &Arc<VmStop>,
-    halt: &Arc<HaltWatch>,
+    (halt, gate): (&Arc<HaltWatch>, &Arc<VcpuGate>),
 ) -> Result<Vec<Vcpu>, MachineError> {
     let mut vcpus = Vec::with_capacity(config.cpus);
     for index in 0..config.cpus {
@@ -327,6 +330,7 @@ fn create_vcpus(
             stop: stop.clone(),
             mem: mem.clone(),
             halt: halt.clone(),
+            gate: gate.clone(),
         });
     }
     Ok(vcpus)
@@ -356,6 +360,7 @@ pub struct Machine {
     /// Run once every vCPU has stopped (devices that must give back what
     /// they hold on the host, like an assigned PCI function).
     stop_hooks: Vec<Box<dyn FnOnce() + Send>>,
+    control: Arc<VmControl>,
 }
 
 impl Machine {
@@ -378,7 +383,16 @@ impl Machine {
         let mut registry = DeviceRegistry::new(pio.clone(), mmio.clone());
         let serial = add_legacy_devices(&vm, &mut registry, &stop, sink)?;
         let halt = HaltWatch::new(config.cpus);
-        let vcpus = create_vcpus(&vm, config, &mem, entry, (&pio, &mmio), &stop, &halt)?;
+        let gate = VcpuGate::new();
+        let vcpus = create_vcpus(
+            &vm,
+            config,
+            &mem,
+            entry,
+            (&pio, &mmio),
+            &stop,
+            (&halt, &gate),
+        )?;
         let router = match config.irqchip {
             IrqChip::Kernel => InterruptRouter::new(vm.fd().clone()),
             IrqChip::Split => {
@@ -402,7 +416,9 @@ impl Machine {
             mem.num_regions() as u32,
             vm.memslot_limit(),
         );
+        let control = VmControl::new(stop.clone(), gate, vm.fd().clone());
         Ok(Machine {
+            control,
             start,
             mem,
             vm,
@@ -446,6 +462,22 @@ impl Machine {
 
     pub fn registry(&self) -> &Arc<Mutex<DeviceRegistry>> {
         &self.registry
+    }
+
+    /// The VM's lifecycle handle (state Created until [`Machine::start`]).
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
+    }
+
+    /// The PCI root, if a PCI device was added.
+    pub fn pci(&self) -> Option<&Arc<Mutex<PciRoot>>> {
+        self.pci.as_ref()
+    }
+
+    /// What pressing the power button does ([`VmControl::power_button`]);
+    /// without this, the VM has no power button.
+    pub fn on_power_button(&mut self, press: PowerButton) {
+        self.control.set_power_button(press);
     }
 
     /// The PCI root, created with its config ports and ECAM on first use.
@@ -521,14 +553,14 @@ impl Machine {
         self.stop_hooks.push(Box::new(hook));
     }
 
-    /// Runs the VM until it stops, and says why.
-    pub fn run(self) -> Result<RunReport, MachineError> {
+    /// Starts the vCPUs: the VM goes from Created to Running. The caller
+    /// (the control thread) then waits in [`RunningMachine::wait`]; the
+    /// lifecycle is driven meanwhile through [`Machine::control`].
+    ///
+    /// Termination signals must already be blocked (see
+    /// [`control::Signals::block`]) so that no vCPU thread takes them.
+    pub fn start(self) -> Result<RunningMachine, MachineError> {
         let stop = self.stop.clone();
-        let stdin_to = match (&self.serial, self.serial_input) {
-            (Some(s), true) => Some(s.clone()),
-            _ => None,
-        };
-        let signals = control::Signals::block().map_err(MachineError::Control)?;
         let mut handles = Vec::with_capacity(self.vcpus.len());
         let mut spawn_error = None;
         for vcpu in self.vcpus {
@@ -543,28 +575,122 @@ impl Machine {
                 }
             }
         }
-        let loop_result =
-            control::wait_for_stop(&stop, &signals, stdin_to.as_ref(), (&self.halt, &handles));
+        self.control.set_pci(self.pci.clone());
+        let booted = self
+            .control
+            .booted(handles.iter().map(|h| h.kicker()).collect());
+        let running = RunningMachine {
+            start: self.start,
+            stop,
+            serial: self.serial,
+            handles,
+            halt: self.halt,
+            protocol: self.protocol,
+            serial_input: self.serial_input,
+            stop_hooks: self.stop_hooks,
+            control: self.control,
+            spawn_error,
+            _mem: self.mem,
+            _vm: self.vm,
+            _registry: self.registry,
+            _router: self.router,
+            _slots: self.slots,
+            _pci: self.pci,
+        };
+        if let Err(e) = booted {
+            running.stop.request(StopReason::HostError {
+                message: e.to_string(),
+            });
+            let _ = running.wait(None);
+            return Err(MachineError::Lifecycle(e));
+        }
+        crate::events::emit("vm", "booted", &[]);
+        Ok(running)
+    }
+
+    /// Runs the VM until it stops, and says why (start, then wait, with
+    /// termination signals turned into a stop).
+    pub fn run(self) -> Result<RunReport, MachineError> {
+        let signals = control::Signals::block().map_err(MachineError::Control)?;
+        let result = self.start()?.wait(Some(&signals));
+        drop(signals);
+        result
+    }
+}
+
+/// A started VM, held by the control thread until it stops.
+pub struct RunningMachine {
+    start: Instant,
+    stop: Arc<VmStop>,
+    serial: Option<Arc<Mutex<SerialConsole>>>,
+    handles: Vec<crate::vcpu::VcpuHandle>,
+    halt: Arc<HaltWatch>,
+    protocol: &'static str,
+    serial_input: bool,
+    stop_hooks: Vec<Box<dyn FnOnce() + Send>>,
+    control: Arc<VmControl>,
+    spawn_error: Option<VcpuError>,
+    // What the vCPUs and devices use, kept until they have stopped; the
+    // PCI root goes last of the devices (dropping it drops them).
+    _mem: GuestMemoryMmap,
+    _vm: Vm,
+    _registry: Arc<Mutex<DeviceRegistry>>,
+    _router: Arc<InterruptRouter>,
+    _slots: Arc<MemorySlots>,
+    _pci: Option<Arc<Mutex<PciRoot>>>,
+}
+
+impl RunningMachine {
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
+    }
+
+    /// Waits until the VM stops (forwarding stdin to the serial port when
+    /// asked, and turning `signals` into a stop), brings every vCPU home,
+    /// runs the stop hooks, and says why it stopped. The state is then
+    /// Shutdown.
+    pub fn wait(self, signals: Option<&control::Signals>) -> Result<RunReport, MachineError> {
+        let stop = self.stop.clone();
+        let stdin_to = match (&self.serial, self.serial_input) {
+            (Some(s), true) => Some(s.clone()),
+            _ => None,
+        };
+        let loop_result = control::wait_for_stop(
+            &stop,
+            signals,
+            stdin_to.as_ref(),
+            (&self.halt, &self.handles),
+        );
         let elapsed = self.start.elapsed();
         if let Err(e) = &loop_result {
             stop.request(StopReason::HostError {
                 message: e.to_string(),
             });
         }
-        control::stop_vcpus(handles);
+        // Nothing kicks the vCPU threads once the lifecycle is Shutdown;
+        // parked ones leave the gate.
+        self.control.finished();
+        control::stop_vcpus(self.handles);
         for hook in self.stop_hooks {
             hook();
         }
         if let Some(s) = &self.serial {
             s.lock().unwrap_or_else(|e| e.into_inner()).flush();
         }
-        drop(signals);
-        if let Some(e) = spawn_error {
+        if let Some(e) = self.spawn_error {
             return Err(MachineError::Vcpu(e));
         }
         let reason = stop.reason().unwrap_or(StopReason::HostError {
             message: "VM stopped without a reason".into(),
         });
+        crate::events::emit(
+            "vm",
+            "shutdown",
+            &[
+                ("reason", &reason.to_string()),
+                ("exit_code", &reason.exit_code().to_string()),
+            ],
+        );
         Ok(RunReport {
             reason,
             protocol: self.protocol,
