@@ -60,8 +60,14 @@ impl Signals {
         Ok(Signals { fd, old_mask })
     }
 
+    /// The signalfd, readable when a signal is pending.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
     /// Reads one pending signal number, if any.
-    fn read(&self) -> Option<i32> {
+    pub fn read(&self) -> Option<i32> {
         // SAFETY: signalfd_siginfo is plain data.
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::signalfd_siginfo>();

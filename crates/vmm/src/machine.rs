@@ -560,6 +560,13 @@ impl Machine {
     /// Termination signals must already be blocked (see
     /// [`control::Signals::block`]) so that no vCPU thread takes them.
     pub fn start(self) -> Result<RunningMachine, MachineError> {
+        let state = self.control.state();
+        if state != crate::lifecycle::VmState::Created {
+            return Err(MachineError::Lifecycle(LifecycleError::WrongState {
+                action: crate::lifecycle::Transition::Boot,
+                state,
+            }));
+        }
         let stop = self.stop.clone();
         let mut handles = Vec::with_capacity(self.vcpus.len());
         let mut spawn_error = None;
