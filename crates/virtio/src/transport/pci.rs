@@ -461,6 +461,7 @@ impl Drop for VirtioPciDevice {
     fn drop(&mut self) {
         if self.active {
             self.device.reset();
+            vmm::events::emit("device", "reset", &[("id", &self.name)]);
         }
         if let Some(base) = self.bar0.take() {
             self.unregister_ioeventfds(base);
