@@ -279,7 +279,10 @@ fn serve_create_boot_pause_resume_and_shutdown_vmm() {
     let written = before.3["devices"]["virtio-blk0"]["write_ops"]
         .as_u64()
         .unwrap();
-    assert!(written < 3072, "paused after the workload ended ({written})");
+    assert!(
+        written < 3072,
+        "paused after the workload ended ({written})"
+    );
     // Pausing twice is a state error.
     assert_eq!(request(&sock, "PUT", "vm.pause", b"").0, 409);
     remote_ok(&sock, &["resume"]);
@@ -314,7 +317,10 @@ fn serve_create_boot_pause_resume_and_shutdown_vmm() {
     assert_eq!(blk["write_bytes"].as_u64(), Some(12 << 20), "{c}");
     assert_eq!(blk["errors"].as_u64(), Some(0), "{c}");
     assert!(blk["interrupts"].as_u64().unwrap() > 0, "{c}");
-    assert!(c["iothreads"]["iothread0"]["sqes"].as_u64().unwrap() >= 3072, "{c}");
+    assert!(
+        c["iothreads"]["iothread0"]["sqes"].as_u64().unwrap() >= 3072,
+        "{c}"
+    );
     assert_eq!(request(&sock, "PUT", "vm.resume", b"").0, 409);
 
     remote_ok(&sock, &["shutdown-vmm"]);
@@ -449,7 +455,8 @@ fn error_statuses_slow_clients_and_vm_shutdown() {
     // Garbage.
     {
         let mut s = UnixStream::connect(&sock).unwrap();
-        s.write_all(b"\x16\x03\x01\x02\x00 garbage\r\n\r\n").unwrap();
+        s.write_all(b"\x16\x03\x01\x02\x00 garbage\r\n\r\n")
+            .unwrap();
         assert_eq!(read_response(&mut s).0, 400);
     }
     // A client that hangs up mid-request.
@@ -460,16 +467,24 @@ fn error_statuses_slow_clients_and_vm_shutdown() {
     // A slow client: half a request, then silence. A second client is
     // served meanwhile; the slow one gets 408 (or a closed connection).
     let mut slow = UnixStream::connect(&sock).unwrap();
-    slow.write_all(b"GET /api/v1/vm.info HTTP/1.1\r\nHost:").unwrap();
+    slow.write_all(b"GET /api/v1/vm.info HTTP/1.1\r\nHost:")
+        .unwrap();
     let t = Instant::now();
     let info = remote_json(&sock, "info");
     assert_eq!(info["state"], "Running");
-    assert!(t.elapsed() < Duration::from_secs(4), "the second client waited");
-    slow.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "the second client waited"
+    );
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut raw = Vec::new();
     let _ = slow.read_to_end(&mut raw);
     let text = String::from_utf8_lossy(&raw);
-    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
     // Keep-alive: two requests on one connection.
     {
         let mut s = UnixStream::connect(&sock).unwrap();
@@ -477,12 +492,20 @@ fn error_statuses_slow_clients_and_vm_shutdown() {
             .unwrap();
         let mut raw = Vec::new();
         let _ = s.read_to_end(&mut raw);
-        assert_eq!(String::from_utf8_lossy(&raw).matches("HTTP/1.1 200").count(), 2);
+        assert_eq!(
+            String::from_utf8_lossy(&raw)
+                .matches("HTTP/1.1 200")
+                .count(),
+            2
+        );
     }
     // The client reports the server's message and fails.
     let (code, _, err) = remote(&sock, &["resume"]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("cannot resume a VM that is Running") && err.contains("409"), "{err}");
+    assert!(
+        err.contains("cannot resume a VM that is Running") && err.contains("409"),
+        "{err}"
+    );
     // The guest kept running through all of it.
     assert!(vmm.child.try_wait().unwrap().is_none(), "{}", vmm.err());
     remote_ok(&sock, &["shutdown"]);
@@ -584,21 +607,24 @@ fn a_paused_guest_answers_no_udp_and_resumes_answering() {
     let dir = TempDir::new("api-net");
     let sock = dir.path().join("api.sock");
     let mut vmm = Vmm::spawn(
-        Command::new("ip").args(["netns", "exec", &ns.0]).arg(ringvm_bin()).args([
-            "run",
-            "--kernel",
-            "builtin",
-            "--memory",
-            "64M",
-            "--cpus",
-            "2",
-            "--api-socket",
-            sock.to_str().unwrap(),
-            "--net",
-            "tap=rvtap0",
-            "--cmdline",
-            "net.ip=10.0.0.2/24",
-        ]),
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(ringvm_bin())
+            .args([
+                "run",
+                "--kernel",
+                "builtin",
+                "--memory",
+                "64M",
+                "--cpus",
+                "2",
+                "--api-socket",
+                sock.to_str().unwrap(),
+                "--net",
+                "tap=rvtap0",
+                "--cmdline",
+                "net.ip=10.0.0.2/24",
+            ]),
         dir.path(),
         "net",
     );
@@ -619,7 +645,10 @@ fn a_paused_guest_answers_no_udp_and_resumes_answering() {
         );
     }
     let c1 = remote_json(&sock, "counters");
-    assert_eq!(c0["devices"], c1["devices"], "net counters moved while paused");
+    assert_eq!(
+        c0["devices"], c1["devices"],
+        "net counters moved while paused"
+    );
     remote_ok(&sock, &["resume"]);
     for i in 0..5 {
         let msg = format!("after-{i}");

@@ -259,9 +259,8 @@ impl Controller {
         let plan = args
             .to_plan()
             .map_err(|e| ApiError::bad_request(chain(&e)))?;
-        let built = vm::build(&plan).map_err(|f| {
-            ApiError::new(if f.bad_input { 400 } else { 500 }, chain(&f.error))
-        })?;
+        let built = vm::build(&plan)
+            .map_err(|f| ApiError::new(if f.bad_input { 400 } else { 500 }, chain(&f.error)))?;
         vmm::events::emit("vm", "created", &[]);
         inner.args = Some(args);
         inner.plan = Some(plan);
@@ -502,8 +501,7 @@ impl Backend for Controller {
                 "devices": devices,
             }));
         }
-        let (Some(built), Some(plan), Some(args)) = (&inner.built, &inner.plan, &inner.args)
-        else {
+        let (Some(built), Some(plan), Some(args)) = (&inner.built, &inner.plan, &inner.args) else {
             return Err(Self::no_vm());
         };
         Ok(json!({

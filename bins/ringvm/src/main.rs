@@ -205,7 +205,11 @@ fn remote(args: &RemoteArgs) -> ExitCode {
         eprintln!(
             "ringvm: error: remote {} takes {}",
             args.command,
-            if wants_arg { "one FILE.json" } else { "no argument" }
+            if wants_arg {
+                "one FILE.json"
+            } else {
+                "no argument"
+            }
         );
         return exit(exit_code::BAD_INPUT);
     }

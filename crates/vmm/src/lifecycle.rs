@@ -80,10 +80,7 @@ impl Transition {
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
     #[error("cannot {} a VM that is {state}", action.as_str())]
-    WrongState {
-        action: Transition,
-        state: VmState,
-    },
+    WrongState { action: Transition, state: VmState },
     #[error("the VM stopped while it was being paused")]
     StoppedWhilePausing,
     #[error("pausing device {name}")]

@@ -22,8 +22,8 @@ use crate::devices::ioapic::{Ioapic, IOAPIC_MMIO_LEN};
 use crate::devices::serial::{ConsoleSink, SerialConsole, COM1_GSI, COM1_LEN, COM1_PORT};
 use crate::devices::SerialOutput;
 use crate::interrupts::InterruptRouter;
-use crate::lifecycle::{LifecycleError, PowerButton, VcpuGate, VmControl};
 use crate::layout::{ram_regions, HIGH_RAM_START, IOAPIC_START, MIN_MEMORY};
+use crate::lifecycle::{LifecycleError, PowerButton, VcpuGate, VmControl};
 use crate::memslots::MemorySlots;
 use crate::pci::root::{
     PciConfigIo, PciEcam, ECAM_BUS0_SIZE, ECAM_START, PCI_CONFIG_ADDRESS, PCI_CONFIG_PORTS,

@@ -183,7 +183,9 @@ mod tests {
             },
             StopReason::Signal { signal: 15 },
             StopReason::Halted,
-            StopReason::Requested { request: "vm.shutdown" },
+            StopReason::Requested {
+                request: "vm.shutdown",
+            },
         ];
         let mut codes: Vec<i32> = reasons.iter().map(StopReason::exit_code).collect();
         codes.push(exit_code::BAD_INPUT);

@@ -115,9 +115,7 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
         if shared.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             shared.connections.fetch_sub(1, Ordering::SeqCst);
             let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-            let _ = stream.write_all(
-                &Response::error(503, "too many connections").to_bytes(true),
-            );
+            let _ = stream.write_all(&Response::error(503, "too many connections").to_bytes(true));
             continue;
         }
         let s = shared.clone();
@@ -161,7 +159,8 @@ fn serve_connection(mut stream: UnixStream, shared: &Shared) {
                 Ok(Parsed::Partial) => {}
                 Err(e) => {
                     failed("unparsable request", e.status(), &e.to_string());
-                    let _ = stream.write_all(&Response::error(e.status(), &e.to_string()).to_bytes(true));
+                    let _ = stream
+                        .write_all(&Response::error(e.status(), &e.to_string()).to_bytes(true));
                     return;
                 }
             }

@@ -201,7 +201,11 @@ impl VmConfig {
         }
         for d in &self.disks {
             let mut s = format!("path={}", plain("disks.path", &d.path)?);
-            s.push_str(&format!(",readonly={},direct={}", on(d.readonly), on(d.direct)));
+            s.push_str(&format!(
+                ",readonly={},direct={}",
+                on(d.readonly),
+                on(d.direct)
+            ));
             if let Some(n) = d.num_queues {
                 s.push_str(&format!(",queues={n}"));
             }
@@ -299,8 +303,7 @@ mod tests {
         let e = serde_json::from_str::<VmConfig>(r#"{"payload":{"kernel":"x"},"cpu":{}}"#);
         assert!(e.unwrap_err().to_string().contains("unknown field `cpu`"));
         let c: VmConfig =
-            serde_json::from_str(r#"{"payload":{"kernel":"x"},"disks":[{"path":"a,b"}]}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"payload":{"kernel":"x"},"disks":[{"path":"a,b"}]}"#).unwrap();
         assert!(matches!(c.to_run_args(), Err(ConfigError::Comma { .. })));
     }
 
@@ -313,9 +316,11 @@ mod tests {
         )
         .unwrap();
         let a = c.to_run_args().unwrap();
-        assert!(a
-            .windows(2)
-            .any(|w| w == ["--disk", "path=/d.img,readonly=off,direct=off,queues=2,iothread=0:1"]));
+        assert!(a.windows(2).any(|w| w
+            == [
+                "--disk",
+                "path=/d.img,readonly=off,direct=off,queues=2,iothread=0:1"
+            ]));
         assert!(a
             .windows(2)
             .any(|w| w == ["--net", "ip=10.0.0.1,mask=255.255.255.0,queues=2"]));

@@ -11,12 +11,12 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::config::DiskConfig;
-use super::stats::BlockStats;
 use super::request::{RequestLimits, MAX_DISCARD_SEGMENTS, SECTOR_SHIFT, VIRTIO_BLK_ID_BYTES};
+use super::stats::BlockStats;
 use super::worker::{serve_queue, QueueCtx};
 use crate::device::{
-    read_config_space, ActivateError, PauseError, QueueInit, VirtioDevice,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    read_config_space, ActivateError, PauseError, QueueInit, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::ratelimit::RateLimitedLog;
 use crate::workers::{spread_over_iothreads, WorkerCount};

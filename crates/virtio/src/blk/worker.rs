@@ -20,11 +20,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::ReturnedQueues;
-use super::stats::BlockStats;
 use super::request::{
     parse, Request, RequestKind, RequestLimits, SECTOR_SHIFT, VIRTIO_BLK_ID_BYTES,
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, WRITE_ZEROES_FLAG_UNMAP,
 };
+use super::stats::BlockStats;
 use crate::ratelimit::RateLimitedLog;
 use crate::workers::{WorkerCount, WorkerGuardToken};
 
