@@ -8,7 +8,8 @@ whole process). Usage:
     benches/startup.py [N]            # ringvm, and QEMU microvm if installed
 
 The guest is ringvm's built-in guest with `exit=0`, 64 MiB of RAM, 1 vCPU,
-serial to /dev/null.
+serial to /dev/null. The `--api-socket` row serves the HTTP API on a Unix
+socket while the guest runs (ringvm removes the socket when it exits).
 """
 import os, statistics, subprocess, sys, tempfile, time
 
@@ -47,7 +48,9 @@ def main():
     guest = os.path.join(tempfile.mkdtemp(), "guest.elf")
     subprocess.run([ringvm, "builtin-guest", "--output", guest], check=True, stderr=subprocess.DEVNULL)
     base = [ringvm, "run", "--kernel", guest, "--memory", "64M", "--cmdline", "exit=0", "--serial", "file=/dev/null"]
-    rows = [("ringvm", base, {0}), ("ringvm --irqchip split", base + ["--irqchip", "split"], {0})]
+    sock = os.path.join(tempfile.mkdtemp(), "api.sock")
+    rows = [("ringvm", base, {0}), ("ringvm --irqchip split", base + ["--irqchip", "split"], {0}),
+            ("ringvm --api-socket", base + ["--api-socket", sock], {0})]
     qemu = "/usr/bin/qemu-system-x86_64"
     if os.path.exists(qemu):
         rows.append(("qemu microvm (kvm)", [qemu, "-M", "microvm", "-accel", "kvm", "-m", "64M", "-smp", "1", "-nodefaults",

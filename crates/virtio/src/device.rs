@@ -6,6 +6,9 @@
 //! ```text
 //!   created --activate(mem, features, queues)--> active
 //!   active  --reset()--> created   (workers stopped, queues returned)
+//!   active  --pause()--> paused    (workers stopped, queue positions kept)
+//!   paused  --resume()--> active   (workers restarted where they stopped)
+//!   paused  --reset()--> created
 //! ```
 //! `activate` is called once the driver set DRIVER_OK with valid queues;
 //! `reset` when the driver writes 0 to the status register or the VM goes
