@@ -156,6 +156,15 @@ fn remote_ok(sock: &Path, args: &[&str]) {
     assert_eq!(code, Some(0), "remote {args:?}: {err}");
 }
 
+/// The names of a process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
 fn fnv(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
@@ -418,6 +427,30 @@ fn error_statuses_slow_clients_and_vm_shutdown() {
     );
     wait_for_socket(&sock);
     vmm.wait_line("blk: ");
+    assert!(thread_names(vmm.child.id()).iter().any(|n| n == "api"));
+    // The same VM without --api-socket has no API thread.
+    {
+        let d2 = disk(&dir, "d1.img", 4 << 20);
+        let plain = Vmm::spawn(
+            Command::new(ringvm_bin()).args([
+                "run",
+                "--kernel",
+                "builtin",
+                "--memory",
+                "128M",
+                "--disk",
+                &format!("path={}", d2.display()),
+                "--cmdline",
+                "blk.mode=randwrite blk.qd=2 blk.len=1M blk.secs=600 blk.seed=3",
+            ]),
+            dir.path(),
+            "plain",
+        );
+        plain.wait_line("blk: ");
+        let names = thread_names(plain.child.id());
+        assert!(names.iter().any(|n| n.starts_with("vcpu")), "{names:?}");
+        assert!(!names.iter().any(|n| n.starts_with("api")), "{names:?}");
+    }
     let status = |m: &str, e: &str, b: &[u8]| request(&sock, m, e, b);
     let (st, body) = status("PUT", "vm.resume", b"");
     assert_eq!(st, 409, "{body}");
@@ -508,6 +541,16 @@ fn error_statuses_slow_clients_and_vm_shutdown() {
     );
     // The guest kept running through all of it.
     assert!(vmm.child.try_wait().unwrap().is_none(), "{}", vmm.err());
+    // Reboot: the same VM is built and booted again (the guest starts over).
+    let hellos = |v: &Vmm| v.out().matches("hello from the built-in guest").count();
+    assert_eq!(hellos(&vmm), 1);
+    remote_ok(&sock, &["reboot"]);
+    let start = Instant::now();
+    while hellos(&vmm) < 2 {
+        assert!(start.elapsed() < DEADLINE, "no second boot: {}", vmm.err());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(remote_json(&sock, "info")["state"], "Running");
     remote_ok(&sock, &["shutdown"]);
     assert_eq!(vmm.wait(), Some(108), "{}", vmm.err());
 }

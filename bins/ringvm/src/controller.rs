@@ -269,6 +269,15 @@ impl Controller {
     }
 
     fn start(inner: &mut Inner) -> Result<(), ApiError> {
+        if let Some(b) = &inner.built {
+            let state = b.machine.control().state();
+            if state != vmm::VmState::Created {
+                return Err(lifecycle(LifecycleError::WrongState {
+                    action: vmm::lifecycle::Transition::Boot,
+                    state,
+                }));
+            }
+        }
         let Some(built) = inner.built.take() else {
             return Err(match Self::control(inner) {
                 Some(c) => lifecycle(LifecycleError::WrongState {
