@@ -375,12 +375,18 @@ impl Controller {
                 vm::print_stats(&cur.resources);
             }
         }
+        let kernel = match inner.plan.as_ref().map(|p| &p.vm.kernel) {
+            Some(KernelSource::Path(p)) => p.display().to_string(),
+            _ => "built-in guest".to_string(),
+        };
         let code = match &report {
             Ok(r) => {
+                // The same line as a plain `ringvm run`.
                 eprintln!(
-                    "ringvm: {} (exit code {}; {:.1} ms)",
+                    "ringvm: {} (exit code {}; {kernel}, {}; {:.1} ms)",
                     r.reason,
                     r.reason.exit_code(),
+                    r.protocol,
                     r.elapsed.as_secs_f64() * 1e3
                 );
                 r.reason.exit_code()
