@@ -417,6 +417,8 @@ fn error_statuses_slow_clients_and_vm_shutdown() {
             "128M",
             "--api-socket",
             sock.to_str().unwrap(),
+            "--event-monitor",
+            "fd=2",
             "--disk",
             &format!("path={}", d.display()),
             "--cmdline",
@@ -553,6 +555,24 @@ fn error_statuses_slow_clients_and_vm_shutdown() {
     assert_eq!(remote_json(&sock, "info")["state"], "Running");
     remote_ok(&sock, &["shutdown"]);
     assert_eq!(vmm.wait(), Some(108), "{}", vmm.err());
+    // The event monitor on an inherited fd (stderr here) logged the
+    // failed requests, with their status.
+    let err = vmm.err();
+    let failed: Vec<serde_json::Value> = err
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["event"] == "request-failed")
+        .collect();
+    assert!(
+        failed.iter().any(|v| v["properties"]["status"] == "405"
+            && v["properties"]["request"] == "GET /api/v1/vm.pause"),
+        "{err}"
+    );
+    assert!(
+        failed.iter().any(|v| v["properties"]["status"] == "413"),
+        "{err}"
+    );
 }
 
 /// A network namespace with a TAP at 10.0.0.1/24, deleted on drop.

@@ -223,14 +223,6 @@ impl PciRoot {
             .collect()
     }
 
-    /// The slot of the device called `name`.
-    pub fn slot_of(&self, name: &str) -> Option<u8> {
-        self.slots
-            .iter()
-            .position(|s| s.as_ref().is_some_and(|s| s.name == name))
-            .map(|i| i as u8)
-    }
-
     pub fn remove_device(&mut self, slot: u8) -> Option<Arc<Mutex<dyn PciDevice>>> {
         let s = self.slots.get_mut(usize::from(slot))?.take()?;
         if let Err(e) = lock(&self.registry).remove(&s.name) {
