@@ -74,7 +74,9 @@ impl Backend for Fake {
         Err(ApiError::conflict("no reboot here"))
     }
     fn power_button(&self) -> Result<(), ApiError> {
-        Err(ApiError::conflict("there is no ACPI power button in this VM"))
+        Err(ApiError::conflict(
+            "there is no ACPI power button in this VM",
+        ))
     }
 }
 
