@@ -619,3 +619,34 @@ impl Backend for Controller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifecycle_errors_map_to_409_or_500_with_their_causes() {
+        let wrong = lifecycle(LifecycleError::WrongState {
+            action: vmm::lifecycle::Transition::Resume,
+            state: vmm::VmState::Running,
+        });
+        assert_eq!(
+            (wrong.status, wrong.message.as_str()),
+            (409, "cannot resume a VM that is Running")
+        );
+        assert_eq!(lifecycle(LifecycleError::NoPowerButton).status, 409);
+        let host = lifecycle(LifecycleError::PauseDevice {
+            name: "virtio-blk0".into(),
+            source: "the disk is gone".into(),
+        });
+        assert_eq!(
+            (host.status, host.message.as_str()),
+            (500, "pausing device virtio-blk0: the disk is gone")
+        );
+        let clock = lifecycle(LifecycleError::GetClock(vmm_sys_util::errno::Error::new(
+            libc::EINVAL,
+        )));
+        assert_eq!(clock.status, 500);
+        assert!(clock.message.starts_with("reading the KVM clock: "));
+    }
+}
