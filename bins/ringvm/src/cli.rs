@@ -37,6 +37,7 @@ Exit codes:
   105   host-side error (KVM, threads, I/O) after the VM was built
   106   ringvm was stopped by SIGINT, SIGTERM or SIGHUP
   107   the guest halted with interrupts disabled on every vCPU (dead)
+  108   an API request stopped the VM (vm.shutdown) under `ringvm run`
   109   a ringvm thread made a system call its seccomp allow-list forbids";
 
 #[derive(Subcommand, Debug)]
@@ -45,6 +46,11 @@ Exit codes:
 pub enum Command {
     /// Boot a kernel in a new VM and run it until it stops.
     Run(RunArgs),
+    /// Start the VMM with no VM and serve the API until `vmm.shutdown`
+    /// (a VM is made with `vm.create` and started with `vm.boot`).
+    Serve(ServeArgs),
+    /// Send one request to a VMM's API socket and print the answer's JSON.
+    Remote(RemoteArgs),
     /// Write the built-in guest's ELF image to a file (it also boots under
     /// `qemu-system-x86_64 -kernel FILE`).
     BuiltinGuest {
@@ -52,6 +58,35 @@ pub enum Command {
         #[arg(long, short, value_name = "PATH")]
         output: PathBuf,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Where to create the API socket (mode 0600; a stale socket there is
+    /// replaced, anything else is refused).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Write lifecycle events as JSON lines: `path=PATH` (appended) or
+    /// `fd=N` (an open file descriptor).
+    #[arg(long, value_name = "path=PATH|fd=N")]
+    pub event_monitor: Option<String>,
+    /// Print each iothread's counters when a VM stops.
+    #[arg(long)]
+    pub iothread_stats: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RemoteArgs {
+    /// The VMM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// ping, info, counters, pause, resume, shutdown, reboot,
+    /// power-button, create FILE.json, boot, delete, shutdown-vmm.
+    #[arg(value_name = "COMMAND")]
+    pub command: String,
+    /// The command's argument (create: the VM configuration file).
+    #[arg(value_name = "ARG")]
+    pub args: Vec<String>,
 }
 
 #[derive(Args, Debug, Default)]
@@ -172,6 +207,16 @@ pub struct RunArgs {
     /// counters (turns, io_uring_enter calls, SQEs, CQEs) on stderr.
     #[arg(long)]
     pub iothread_stats: bool,
+
+    /// Serve the HTTP API on this Unix socket while the VM runs (see
+    /// `ringvm serve`); without it no API thread is started.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// Write lifecycle events as JSON lines: `path=PATH` (appended) or
+    /// `fd=N` (an open file descriptor).
+    #[arg(long, value_name = "path=PATH|fd=N")]
+    pub event_monitor: Option<String>,
 }
 
 fn parse_serial(s: &str) -> Result<SerialOutput> {

@@ -2,14 +2,15 @@
 //! assembles: the machine from `vmm`, iothreads from `uring-backend`, disks
 //! from `virtio`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use uring_backend::iothread::IoThread;
-use virtio::blk::{BlockDevice, DiskConfig};
-use virtio::net::{NetConfig, NetDevice};
+use virtio::blk::{BlockDevice, BlockStats, DiskConfig};
+use virtio::net::{NetConfig, NetDevice, NetStats};
 use virtio::transport::VirtioPciDevice;
 use virtio::VirtioDevice;
 use vmm::machine::Machine;
+use vmm::registry::DeviceRegistry;
 use vmm::{RunReport, VmConfig};
 
 /// Ring entries per iothread.
@@ -70,8 +71,25 @@ fn add_virtio_device(
     Ok(())
 }
 
-/// Builds the VM of `plan`, runs it to its stop and reports why.
-pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
+/// What outlives the machine's build and the API reads while the VM
+/// runs: iothreads (dropped after the machine) and device counters.
+pub struct Resources {
+    pub iothreads: Vec<Arc<IoThread>>,
+    pub disks: Vec<(String, Arc<BlockStats>)>,
+    pub nets: Vec<(String, Arc<NetStats>)>,
+    /// Held weakly: the registry (and the devices in it) go down with the
+    /// machine.
+    pub registry: Weak<Mutex<DeviceRegistry>>,
+}
+
+/// A VM built and not started (state Created).
+pub struct Built {
+    pub machine: Machine,
+    pub resources: Arc<Resources>,
+}
+
+/// Builds the VM of `plan`: machine, iothreads, devices.
+pub fn build(plan: &Plan) -> Result<Built, Failure> {
     let mut machine = Machine::build(&plan.vm).map_err(|e| Failure {
         bad_input: e.is_bad_input(),
         error: e.into(),
@@ -102,16 +120,18 @@ pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
     for t in &iothreads {
         t.set_poll(plan.iothread_poll.0, plan.iothread_poll.1);
     }
+    let mut disks = Vec::new();
     for (i, disk) in plan.disks.iter().enumerate() {
         let name = format!("virtio-blk{i}");
         let dev = BlockDevice::new(&name, disk, &iothreads).map_err(input)?;
+        disks.push((name.clone(), dev.stats_handle()));
         add_virtio_device(&mut machine, &name, Box::new(dev))?;
     }
-    let mut net_stats = Vec::new();
+    let mut nets = Vec::new();
     for (i, net) in plan.nets.iter().enumerate() {
         let name = format!("virtio-net{i}");
         let dev = NetDevice::new(&name, net, &iothreads).map_err(input)?;
-        net_stats.push((name.clone(), dev.stats_handle()));
+        nets.push((name.clone(), dev.stats_handle()));
         add_virtio_device(&mut machine, &name, Box::new(dev))?;
     }
     for (i, source) in plan.passthrough.iter().enumerate() {
@@ -122,27 +142,58 @@ pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
             }
         })?;
     }
+    let registry = Arc::downgrade(machine.registry());
+    Ok(Built {
+        machine,
+        resources: Arc::new(Resources {
+            iothreads,
+            disks,
+            nets,
+            registry,
+        }),
+    })
+}
+
+/// Prints what `--iothread-stats` asks for.
+pub fn print_stats(res: &Resources) {
+    for t in &res.iothreads {
+        let s = t.stats();
+        eprintln!(
+            "ringvm: {}: cpu_us={} turns={} io_uring_enter={} sqes={} cqes={}",
+            t.name(),
+            t.cpu_time().as_micros(),
+            s.turns,
+            s.enters,
+            s.sqes_submitted,
+            s.cqes_reaped
+        );
+    }
+    for (name, stats) in &res.nets {
+        eprintln!("ringvm: {name}: {}", stats.summary());
+    }
+}
+
+/// Builds the VM of `plan`, runs it to its stop and reports why.
+pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
+    let built = build(plan)?;
+    let signals = vmm::control::Signals::block().map_err(host)?;
     // Devices go down with the machine, before their iothreads.
-    let report = machine.run().map_err(host)?;
-    if plan.iothread_stats {
-        for t in &iothreads {
-            let s = t.stats();
-            eprintln!(
-                "ringvm: {}: cpu_us={} turns={} io_uring_enter={} sqes={} cqes={}",
-                t.name(),
-                t.cpu_time().as_micros(),
-                s.turns,
-                s.enters,
-                s.sqes_submitted,
-                s.cqes_reaped
-            );
-        }
+    let running = built.machine.start().map_err(host)?;
+    // One VM per process here: the control thread is sandboxed once every
+    // vCPU runs (with an API, the thread that builds VMs stays unfiltered).
+    if let Err(e) = vmm::seccomp::apply(vmm::seccomp::ThreadKind::Vmm, plan.vm.seccomp) {
+        running
+            .control()
+            .stop_handle()
+            .request(vmm::StopReason::HostError {
+                message: format!("{e:#}"),
+            });
     }
+    vmm::seccomp::test_call(vmm::seccomp::ThreadKind::Vmm);
+    let report = running.wait(Some(&signals)).map_err(host)?;
     if plan.iothread_stats {
-        for (name, stats) in &net_stats {
-            eprintln!("ringvm: {name}: {}", stats.summary());
-        }
+        print_stats(&built.resources);
     }
-    drop(iothreads);
+    drop(built.resources);
     Ok(report)
 }

@@ -15,4 +15,4 @@ pub mod ratelimit;
 pub mod transport;
 pub mod workers;
 
-pub use device::{ActivateError, QueueInit, VirtioDevice};
+pub use device::{ActivateError, PauseError, QueueInit, VirtioDevice};

@@ -8,8 +8,10 @@ pub mod bus;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod events;
 pub mod interrupts;
 pub mod layout;
+pub mod lifecycle;
 pub mod machine;
 pub mod memslots;
 pub mod pci;
@@ -20,5 +22,6 @@ pub mod vcpu;
 pub mod vm;
 
 pub use config::{parse_size, KernelSource, VmConfig};
-pub use machine::{run, MachineError, RunReport};
+pub use lifecycle::{LifecycleError, VmControl, VmState};
+pub use machine::{run, MachineError, RunReport, RunningMachine};
 pub use stop::{exit_code, StopReason};

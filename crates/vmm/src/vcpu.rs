@@ -12,6 +12,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::Bus;
+use crate::lifecycle::VcpuGate;
 use crate::stop::{StopReason, VmStop};
 
 /// Errors from starting vCPU threads.
@@ -106,6 +107,8 @@ pub struct Vcpu {
     /// The vCPU thread's seccomp filter, installed before its first
     /// `KVM_RUN`.
     pub seccomp: crate::seccomp::SeccompMode,
+    /// Where the thread parks while the VM is paused.
+    pub gate: Arc<VcpuGate>,
 }
 
 /// A running vCPU thread.
@@ -113,7 +116,28 @@ pub struct VcpuHandle {
     thread: JoinHandle<()>,
 }
 
+/// Kicks one vCPU thread out of `KVM_RUN` from any thread. Valid while
+/// the thread has not been joined (the lifecycle drops its kickers before
+/// the control thread joins).
+#[derive(Clone, Copy)]
+pub struct Kicker(libc::pthread_t);
+
+impl Kicker {
+    pub fn kick(&self) {
+        // SAFETY: the pthread_t names a thread that has not been joined
+        // (see the type's contract); a thread that already returned makes
+        // this fail with ESRCH, which is harmless.
+        unsafe { libc::pthread_kill(self.0, kick_signal()) };
+    }
+}
+
 impl VcpuHandle {
+    /// A kicker for this thread (see [`Kicker`] for when it may be used).
+    pub fn kicker(&self) -> Kicker {
+        use std::os::unix::thread::JoinHandleExt;
+        Kicker(self.thread.as_pthread_t())
+    }
+
     /// Makes the thread leave `KVM_RUN` soon; it stops if the VM is stopping.
     pub fn kick(&self) {
         // The thread may have exited already, in which case there is
@@ -158,6 +182,11 @@ impl Vcpu {
         }
         crate::seccomp::test_call(crate::seccomp::ThreadKind::Vcpu);
         while !self.stop.is_stopping() {
+            if self.gate.is_closed() {
+                self.settle();
+                self.gate.park(&self.stop);
+                continue;
+            }
             if let Some(reason) = self.run_once() {
                 self.stop.request(reason);
             }
@@ -231,6 +260,27 @@ impl Vcpu {
                 message: format!("unexpected KVM exit on vCPU {}: {other:?}", self.index),
             }),
         }
+    }
+
+    /// Before parking: an exit for a port or MMIO access is complete (and
+    /// the registers final) only after the next `KVM_RUN`; one with
+    /// `immediate_exit` set finishes it and returns at once.
+    fn settle(&mut self) {
+        for _ in 0..8 {
+            self.fd.set_kvm_immediate_exit(1);
+            // `run_once` clears the flag when KVM_RUN came back at once
+            // (EINTR); an exit it served instead (the access finished into
+            // another one, a string instruction's next element) leaves it
+            // set, and the loop goes in again.
+            if let Some(reason) = self.run_once() {
+                self.stop.request(reason);
+                break;
+            }
+            if self.fd.get_kvm_run().immediate_exit == 0 {
+                break;
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     /// Halted with interrupts off, or an AP never started.
