@@ -362,8 +362,7 @@ fn create_vcpus(
     mem: &GuestMemoryMmap,
     entry: regs::EntryMode,
     buses: (&Arc<Bus>, &Arc<Bus>),
-    stop: &Arc<VmStop>,
-    halt: &Arc<HaltWatch>,
+    (stop, halt, interrupts): (&Arc<VmStop>, &Arc<HaltWatch>, &Arc<InterruptRouter>),
 ) -> Result<Vec<Vcpu>, MachineError> {
     let mut vcpus = Vec::with_capacity(config.cpus);
     for index in 0..config.cpus {
@@ -405,6 +404,7 @@ fn create_vcpus(
             stop: stop.clone(),
             mem: mem.clone(),
             halt: halt.clone(),
+            interrupts: interrupts.clone(),
         });
     }
     Ok(vcpus)
@@ -467,7 +467,6 @@ impl Machine {
             None
         };
         let halt = HaltWatch::new(config.cpus);
-        let vcpus = create_vcpus(&vm, config, &mem, entry, (&pio, &mmio), &stop, &halt)?;
         let router = match config.irqchip {
             IrqChip::Kernel => InterruptRouter::new(vm.fd().clone()),
             IrqChip::Split => {
@@ -485,6 +484,8 @@ impl Machine {
                 router
             }
         };
+        let shared = (&stop, &halt, &router);
+        let vcpus = create_vcpus(&vm, config, &mem, entry, (&pio, &mmio), shared)?;
         // Guest RAM holds the first slots.
         let slots = MemorySlots::new(
             vm.fd().clone(),
