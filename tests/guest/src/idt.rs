@@ -12,9 +12,10 @@
 //!   the device register at `RINGVM_INTX_DEASSERT` (if set) to deassert
 //!   the line, then writes EOI: deassert before EOI, or the EOI's resample
 //!   would find the line still high and raise it again. The deassert is
-//!   the handler's first device access on purpose: on this host's PVM the
-//!   EOI of a level vector takes effect at the handler's first VM exit
-//!   (split irqchip) or even at delivery (in-kernel irqchip), not at the
+//!   the handler's first device access on purpose: on this host (PVM) the
+//!   EOI of a level vector was seen to reach the VMM at the handler's
+//!   first VM exit (split irqchip), and KVM's resampler to fire before the
+//!   handler's first device access (in-kernel irqchip), rather than at the
 //!   EOI write (see tests/passthrough.rs).
 //! * [`SPURIOUS_VECTOR`]: `iretq` (spurious APIC interrupts take no EOI).
 //!
