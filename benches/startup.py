@@ -47,7 +47,7 @@ def main():
     guest = os.path.join(tempfile.mkdtemp(), "guest.elf")
     subprocess.run([ringvm, "builtin-guest", "--output", guest], check=True, stderr=subprocess.DEVNULL)
     base = [ringvm, "run", "--kernel", guest, "--memory", "64M", "--cmdline", "exit=0", "--serial", "file=/dev/null"]
-    rows = [("ringvm", base, {0}), ("ringvm --irqchip split", base + ["--irqchip", "split"], {0})]
+    rows = [("ringvm (default: split)", base, {0}), ("ringvm --irqchip kernel", base + ["--irqchip", "kernel"], {0})]
     qemu = "/usr/bin/qemu-system-x86_64"
     if os.path.exists(qemu):
         rows.append(("qemu microvm (kvm)", [qemu, "-M", "microvm", "-accel", "kvm", "-m", "64M", "-smp", "1", "-nodefaults",
