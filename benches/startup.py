@@ -78,7 +78,7 @@ def main():
     subprocess.run([ringvm, "builtin-guest", "--output", guest], check=True, stderr=subprocess.DEVNULL)
     base = [ringvm, "run", "--kernel", guest, "--memory", "64M", "--cmdline", "exit=0", "--serial", "file=/dev/null"]
     sock = os.path.join(tempfile.mkdtemp(), "api.sock")
-    rows = [("ringvm", base, {0}), ("ringvm --irqchip split", base + ["--irqchip", "split"], {0}),
+    rows = [("ringvm (default: split)", base, {0}), ("ringvm --irqchip kernel", base + ["--irqchip", "kernel"], {0}),
             ("ringvm --api-socket", base + ["--api-socket", sock], {0})]
     qemu = "/usr/bin/qemu-system-x86_64"
     if os.path.exists(qemu):

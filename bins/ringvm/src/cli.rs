@@ -143,12 +143,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "path=PATH[,...]")]
     pub disk: Vec<String>,
 
-    /// Interrupt controllers: `kernel` (KVM's PIC, IOAPIC and PIT) or
-    /// `split` (local APICs in KVM, IOAPIC in ringvm, no PIC or PIT: much
-    /// faster VM creation and teardown; for guests that need neither the
-    /// PIT nor PCI INTx).
-    #[arg(long, value_name = "kernel|split", default_value = "kernel",
-          value_parser = ["kernel", "split"])]
+    /// Interrupt controllers: `split` (default: local APICs in KVM, the
+    /// IOAPIC in ringvm with level-triggered lines through EOI exits, no
+    /// PIC or PIT: much faster VM creation and teardown) or `kernel`
+    /// (KVM's PIC, IOAPIC and PIT, for guests that need the PIT or the
+    /// 8259s).
+    #[arg(long, value_name = "split|kernel", default_value = "split",
+          value_parser = ["split", "kernel"])]
     pub irqchip: String,
 
     /// ACPI tables (MADT, FADT, DSDT, MCFG; found through the PVH start
@@ -316,8 +317,8 @@ impl RunArgs {
             cpuid_hide,
             shared_memory: !self.user_device.is_empty(),
             irqchip: match self.irqchip.as_str() {
-                "split" => IrqChip::Split,
-                _ => IrqChip::Kernel,
+                "kernel" => IrqChip::Kernel,
+                _ => IrqChip::Split,
             },
             acpi: self.acpi != "off",
             seccomp: match self.seccomp.as_str() {

@@ -359,14 +359,21 @@ fn mmio64_window(memory_size: u64) -> (u64, u64) {
     (start, start + MMIO64_SIZE)
 }
 
+/// What every vCPU of a machine shares.
+struct VcpuShared<'a> {
+    stop: &'a Arc<VmStop>,
+    halt: &'a Arc<HaltWatch>,
+    gate: &'a Arc<VcpuGate>,
+    interrupts: &'a Arc<InterruptRouter>,
+}
+
 fn create_vcpus(
     vm: &Vm,
     config: &VmConfig,
     mem: &GuestMemoryMmap,
     entry: regs::EntryMode,
     buses: (&Arc<Bus>, &Arc<Bus>),
-    stop: &Arc<VmStop>,
-    (halt, gate): (&Arc<HaltWatch>, &Arc<VcpuGate>),
+    shared: VcpuShared<'_>,
 ) -> Result<Vec<Vcpu>, MachineError> {
     let mut vcpus = Vec::with_capacity(config.cpus);
     for index in 0..config.cpus {
@@ -405,11 +412,12 @@ fn create_vcpus(
             fd,
             pio: buses.0.clone(),
             mmio: buses.1.clone(),
-            stop: stop.clone(),
+            stop: shared.stop.clone(),
             mem: mem.clone(),
-            halt: halt.clone(),
+            halt: shared.halt.clone(),
             seccomp: config.seccomp,
-            gate: gate.clone(),
+            gate: shared.gate.clone(),
+            interrupts: shared.interrupts.clone(),
         });
     }
     Ok(vcpus)
@@ -474,15 +482,6 @@ impl Machine {
         };
         let halt = HaltWatch::new(config.cpus);
         let gate = VcpuGate::new();
-        let vcpus = create_vcpus(
-            &vm,
-            config,
-            &mem,
-            entry,
-            (&pio, &mmio),
-            &stop,
-            (&halt, &gate),
-        )?;
         let router = match config.irqchip {
             IrqChip::Kernel => InterruptRouter::new(vm.fd().clone()),
             IrqChip::Split => {
@@ -500,6 +499,13 @@ impl Machine {
                 router
             }
         };
+        let shared = VcpuShared {
+            stop: &stop,
+            halt: &halt,
+            gate: &gate,
+            interrupts: &router,
+        };
+        let vcpus = create_vcpus(&vm, config, &mem, entry, (&pio, &mmio), shared)?;
         // Guest RAM holds the first slots.
         let slots = MemorySlots::new(
             vm.fd().clone(),

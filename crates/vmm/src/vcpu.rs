@@ -1,5 +1,7 @@
-//! vCPU threads: `KVM_RUN`, exit dispatch to the buses, and the kick that
-//! gets a thread out of `KVM_RUN` when the VM stops.
+//! vCPU threads: `KVM_RUN`, exit dispatch to the buses (and, with a split
+//! irqchip, EOIs of level-triggered IOAPIC vectors to the interrupt
+//! router), and the kick that gets a thread out of `KVM_RUN` when the VM
+//! stops.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::Bus;
+use crate::interrupts::InterruptRouter;
 use crate::lifecycle::VcpuGate;
 use crate::stop::{StopReason, VmStop};
 
@@ -109,6 +112,9 @@ pub struct Vcpu {
     pub seccomp: crate::seccomp::SeccompMode,
     /// Where the thread parks while the VM is paused.
     pub gate: Arc<VcpuGate>,
+    /// Takes the guest's EOIs of level-triggered IOAPIC vectors (split
+    /// irqchip).
+    pub interrupts: Arc<InterruptRouter>,
 }
 
 /// A running vCPU thread.
@@ -255,6 +261,10 @@ impl Vcpu {
                     self.index
                 ),
             }),
+            VcpuExit::IoapicEoi(vector) => {
+                self.interrupts.end_of_interrupt(vector);
+                None
+            }
             VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
             other => Some(StopReason::HostError {
                 message: format!("unexpected KVM exit on vCPU {}: {other:?}", self.index),

@@ -148,7 +148,7 @@ fn default_iothreads() -> usize {
     1
 }
 fn default_irqchip() -> String {
-    "kernel".into()
+    "split".into()
 }
 
 /// Why a configuration cannot be mapped.
