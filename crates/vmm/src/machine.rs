@@ -383,6 +383,7 @@ fn create_vcpus(
             index as u8,
             config.cpus as u8,
             &config.cpuid_hide,
+            fd.get_tsc_khz().ok(),
         );
         fd.set_cpuid2(&cpuid)
             .map_err(|source| MachineError::Cpuid { index, source })?;
