@@ -13,8 +13,8 @@
 
 use acpi_tables::aml::{
     self, AddressSpace, AddressSpaceCacheable, Device, EISAName, Field, FieldAccessType,
-    FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local, Method, Name, Notify,
-    OpRegion, OpRegionSpace, Package, Path, ResourceTemplate, Scope, Store, IO,
+    FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local, Memory32Fixed, Method, Name,
+    Notify, OpRegion, OpRegionSpace, Package, Path, ResourceTemplate, Scope, Store, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
@@ -220,6 +220,39 @@ fn pci_host(pci: &PciHost, intx: &[IntxRoute]) -> Vec<u8> {
     ))
 }
 
+/// ECAM bytes per bus (32 devices x 8 functions x 4 KiB).
+const ECAM_BUS_SIZE: u64 = 1 << 20;
+
+/// A motherboard resource device (PNP0C02) reserving the ECAM. Linux uses
+/// the MCFG's ECAM only if the region is reserved there (or in the e820
+/// map); otherwise it prints "MMCONFIG ... not reserved in ACPI motherboard
+/// resources" and falls back to port I/O for all config space.
+fn motherboard_resources(pci: &PciHost) -> Vec<u8> {
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0C02"));
+    let uid = Name::new("_UID".into(), &aml::ZERO);
+    let fixed;
+    let wide;
+    let ecam: &dyn Aml = match u32::try_from(pci.ecam + ECAM_BUS_SIZE - 1) {
+        Ok(_) => {
+            fixed = Memory32Fixed::new(true, pci.ecam as u32, ECAM_BUS_SIZE as u32);
+            &fixed
+        }
+        Err(_) => {
+            wide = AddressSpace::<u64>::new_memory(
+                AddressSpaceCacheable::NotCacheable,
+                true,
+                pci.ecam,
+                pci.ecam + ECAM_BUS_SIZE - 1,
+                None,
+            );
+            &wide
+        }
+    };
+    let crs = ResourceTemplate::new(vec![ecam]);
+    let crs = Name::new("_CRS".into(), &crs);
+    aml_bytes(&Device::new("_SB_.MRES".into(), vec![&hid, &uid, &crs]))
+}
+
 fn com1() -> Vec<u8> {
     let hid = Name::new("_HID".into(), &EISAName::new("PNP0501"));
     let uid = Name::new("_UID".into(), &aml::ONE);
@@ -276,6 +309,7 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     body.extend(aml_bytes(&Scope::new("\\_SB_".into(), vec![])));
     if let Some(pci) = &cfg.pci {
         body.extend(pci_host(pci, &cfg.intx));
+        body.extend(motherboard_resources(pci));
     }
     if cfg.serial {
         body.extend(com1());

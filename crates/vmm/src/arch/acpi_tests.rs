@@ -180,6 +180,13 @@ fn dsdt_decodes_with_acpica() {
         "0x00000010FFFFFFFF,",
         "Name (_PRT, Package (0x01)",
         "0x0003FFFF,",
+        // The ECAM reserved as a motherboard resource (else Linux does
+        // not use it).
+        "Device (_SB.MRES)",
+        "EisaId (\"PNP0C02\")",
+        "Memory32Fixed (ReadWrite,",
+        "0xE0000000,",
+        "0x00100000,",
         "Device (_SB.COM1)",
         "EisaId (\"PNP0501\")",
         "0x03F8,",
