@@ -115,6 +115,12 @@ fn start_rings(
         let size = active.queues.iter().map(|q| q.size).max().unwrap_or(0);
         let count = active.queues.iter().map(|q| q.index + 1).max().unwrap_or(0);
         *inflight = session.get_inflight(count, size)?;
+        if let Some((info, _)) = inflight {
+            log::info!(
+                "vhost-user: the backend keeps an inflight region of {} bytes for {count} queues",
+                info.mmap_size
+            );
+        }
     }
     if let Some((info, file)) = inflight.as_ref() {
         session.set_inflight(info, file)?;
@@ -418,6 +424,7 @@ fn wait(fd: Option<i32>, stop: &EventFd, timeout: Option<Duration>) -> bool {
 /// The watcher: waits for the backend to hang up, logs it once, and with
 /// `reconnect=on` brings a new backend up to where the old one was.
 fn watch(shared: &Shared, stop: &EventFd) {
+    uring_backend::iothread::block_process_signals();
     loop {
         // Only this thread drops a session, so the fd stays valid while
         // it is polled.
@@ -458,8 +465,8 @@ fn watch(shared: &Shared, stop: &EventFd) {
                 ),
             }
         }
-        log::info!(
-            "{}: vhost-user backend on {} is back",
+        log::warn!(
+            "{}: vhost-user backend on {} is back; the queues run again",
             shared.name,
             shared.cfg.socket.display()
         );

@@ -124,6 +124,12 @@ impl Session {
                 .get_protocol_features()
                 .map_err(proto("GET_PROTOCOL_FEATURES"))?;
             protocol = offered & wanted_protocol_features();
+            log::debug!(
+                "vhost-user {}: features {features:#x}, protocol features offered {:#x}, used {:#x}",
+                path.display(),
+                offered.bits(),
+                protocol.bits()
+            );
             fe.set_protocol_features(protocol)
                 .map_err(proto("SET_PROTOCOL_FEATURES"))?;
             if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
