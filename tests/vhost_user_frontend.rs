@@ -309,28 +309,26 @@ fn read_only_exports_offer_ro_and_fail_writes_with_ioerr() {
     }
 }
 
-/// A `ringvm` run in the background with stderr in a file.
+/// A `ringvm` run in the background with its output in files.
 struct Vm {
     child: Child,
-    stdout: std::thread::JoinHandle<String>,
+    stdout: PathBuf,
     stderr: PathBuf,
 }
 
 impl Vm {
-    fn start(args: &[&str], stderr: PathBuf) -> Vm {
-        let mut child = Command::new(ringvm_bin())
-            .args(args)
+    fn start(args: &[&str], dir: &Path) -> Vm {
+        Self::spawn(Command::new(ringvm_bin()).args(args), dir)
+    }
+
+    fn spawn(cmd: &mut Command, dir: &Path) -> Vm {
+        let (stdout, stderr) = (dir.join("vm.out"), dir.join("vm.err"));
+        let child = cmd
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(File::create(&stdout).unwrap())
             .stderr(File::create(&stderr).unwrap())
             .spawn()
             .expect("starting ringvm");
-        let mut out = child.stdout.take().unwrap();
-        let stdout = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = out.read_to_string(&mut s);
-            s
-        });
         Vm {
             child,
             stdout,
@@ -342,13 +340,19 @@ impl Vm {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
-    /// Waits until stderr contains `text`; panics if ringvm ends first.
-    fn wait_stderr(&mut self, text: &str) {
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// Waits until stdout or stderr contains `text`; panics if ringvm
+    /// ends first.
+    fn wait_for(&mut self, text: &str) {
         let start = Instant::now();
-        while !self.stderr().contains(text) {
+        while !self.stderr().contains(text) && !self.stdout().contains(text) {
             assert!(
                 self.child.try_wait().unwrap().is_none(),
-                "ringvm ended: {}",
+                "ringvm ended: {}\n{}",
+                self.stdout(),
                 self.stderr()
             );
             assert!(start.elapsed() < DEADLINE, "no {text:?}: {}", self.stderr());
@@ -369,9 +373,7 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let stderr = self.stderr();
-        let stdout = self.stdout.join().unwrap();
-        (status.code(), stdout, stderr)
+        (status.code(), self.stdout(), self.stderr())
     }
 }
 
@@ -422,11 +424,11 @@ fn backend_killed_mid_workload_vm_survives_and_stops_on_sigterm() {
             "--cmdline",
             &cmdline,
         ],
-        dir.path().join("vm.err"),
+        dir.path(),
     );
     wait_for_sector(&disk, 5, 2048, &mut vm);
     kill(b);
-    vm.wait_stderr("went away");
+    vm.wait_for("went away");
     // Still running, with its vCPU and control thread alive.
     std::thread::sleep(Duration::from_millis(500));
     assert!(vm.child.try_wait().unwrap().is_none(), "{}", vm.stderr());
@@ -469,18 +471,18 @@ fn reconnect(backend: Backend, qd: u32, queues: u16) {
             "--cmdline",
             &cmdline,
         ],
-        dir.path().join("vm.err"),
+        dir.path(),
     );
     wait_for_sector(&disk, seed, 2048, &mut vm);
     kill(b);
-    vm.wait_stderr("went away");
+    vm.wait_for("went away");
     let last = File::open(&disk).unwrap();
     assert!(
         !sector_has_pattern(&last, seed, KILL_LEN / 512 - 1),
         "the workload ended before the backend was killed"
     );
     let b = backend.spawn(&socket, &disk, queues, false);
-    vm.wait_stderr("is back");
+    vm.wait_for("is back");
     let (code, stdout, stderr) = vm.finish();
     terminate(b);
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
@@ -511,4 +513,215 @@ fn reconnect_to_a_restarted_qemu_storage_daemon_finishes_the_workload() {
     if kvm_available() && Backend::Qsd.available() {
         reconnect(Backend::Qsd, 1, 2);
     }
+}
+
+/// A network namespace for one test, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Option<Netns> {
+        let name = format!("rvvhu-{tag}-{}", std::process::id());
+        let made = Command::new("ip").args(["netns", "add", &name]).output();
+        if !made.as_ref().is_ok_and(|o| o.status.success()) {
+            assert!(
+                !ci(),
+                "cannot create a network namespace and CI=true: {made:?}"
+            );
+            eprintln!("skipping: cannot create a network namespace: {made:?}");
+            return None;
+        }
+        let ns = Netns(name);
+        ns.run(&["ip", "link", "set", "lo", "up"]);
+        Some(ns)
+    }
+
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).arg(program);
+        c
+    }
+
+    fn run(&self, argv: &[&str]) -> std::process::Output {
+        let out = self
+            .command(argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{argv:?} in {}: {out:?}", self.0);
+        out
+    }
+
+    /// Runs `f` on a thread that joined this namespace.
+    fn thread<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let ns = File::open(&path).unwrap();
+            // SAFETY: setns(2) on a valid namespace fd moves only the
+            // calling thread, which makes its sockets afterwards.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// `dpdk-testpmd` without hugepages: port 0 a vhost-user server on
+/// `socket`, port 1 a TAP `tap` in `ns`, frames forwarded between them
+/// unchanged (io mode). Its stdin is held open: it runs until dropped.
+struct Testpmd {
+    child: Child,
+}
+
+impl Testpmd {
+    fn start(ns: &Netns, socket: &Path, tap: &str, log: &Path) -> Testpmd {
+        let child = ns
+            .command(TESTPMD)
+            .args(["--no-huge", "-m", "512", "--no-pci", "-l", "0-1"])
+            .arg(format!("--file-prefix=rvvhu{}", std::process::id()))
+            .arg(format!(
+                "--vdev=net_vhost0,iface={},client=0",
+                socket.display()
+            ))
+            .arg(format!("--vdev=net_tap0,iface={tap}"))
+            .args(["--", "--forward-mode=io", "--auto-start", "--nb-cores=1"])
+            .arg("--total-num-mbufs=8192")
+            .stdin(Stdio::piped())
+            .stdout(File::create(log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting dpdk-testpmd");
+        let tp = Testpmd { child };
+        let start = Instant::now();
+        let up = || {
+            socket.exists()
+                && ns
+                    .command("ip")
+                    .args(["link", "show", "dev", tap])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+        };
+        while !up() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "testpmd did not come up: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        tp
+    }
+}
+
+impl Drop for Testpmd {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends `count` numbered datagrams to the guest's echo port, at most
+/// `window` unanswered; returns how many distinct ones came back. Runs
+/// inside the namespace.
+fn udp_echoes(count: u64, window: u64) -> u64 {
+    let s = std::net::UdpSocket::bind(("10.0.0.1", 0)).unwrap();
+    s.connect(("10.0.0.2", 7)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut seen = vec![false; count as usize];
+    let (mut sent, mut got) = (0u64, 0u64);
+    let mut buf = [0u8; 2048];
+    while got < count {
+        while sent < count && sent - got < window {
+            let mut payload = [0x5au8; 64];
+            payload[..8].copy_from_slice(&sent.to_le_bytes());
+            s.send(&payload).unwrap();
+            sent += 1;
+        }
+        match s.recv(&mut buf) {
+            Ok(64) => {
+                let seq = u64::from_le_bytes(buf[..8].try_into().unwrap()) as usize;
+                if seq < seen.len() && !seen[seq] {
+                    seen[seq] = true;
+                    got += 1;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+#[test]
+fn ping_and_udp_echo_through_dpdk_testpmd_vhost_user() {
+    if !kvm_available() || !have(TESTPMD, "dpdk-dev") || !have("/usr/bin/ping", "iputils-ping") {
+        return;
+    }
+    let Some(ns) = Netns::new("tpmd") else { return };
+    let dir = TempDir::new("vhu-testpmd");
+    let socket = dir.path().join("net.sock");
+    let tp = Testpmd::start(&ns, &socket, "rvdtap0", &dir.path().join("testpmd.log"));
+    ns.run(&["ip", "addr", "add", "10.0.0.1/24", "dev", "rvdtap0"]);
+    ns.run(&["ip", "link", "set", "rvdtap0", "up"]);
+    let count = 200;
+    let net = format!(
+        "vhost_user=on,socket={},mac=52:54:00:12:34:58",
+        socket.display()
+    );
+    let cmdline = format!("net.ip=10.0.0.2/24 net.mode=respond net.count={count}");
+    let mut vm = Vm::spawn(
+        ns.command(ringvm_bin()).args([
+            "run",
+            "--kernel",
+            "builtin",
+            "--memory",
+            "128M",
+            "--net",
+            &net,
+            "--cmdline",
+            &cmdline,
+        ]),
+        dir.path(),
+    );
+    vm.wait_for(" link=");
+    assert!(
+        vm.stdout().contains("mac=52:54:00:12:34:58"),
+        "{}",
+        vm.stdout()
+    );
+    let ping = ns
+        .command("ping")
+        .args(["-c", "3", "-i", "0.5", "-W", "30", "10.0.0.2"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&ping.stdout);
+    assert!(
+        ping.status.success() && text.contains(" 3 received"),
+        "{ping:?}"
+    );
+    let got = ns.thread(move || udp_echoes(count, 16)).join().unwrap();
+    let (code, stdout, stderr) = vm.finish();
+    drop(tp);
+    assert_eq!(got, count, "{stdout}\n{stderr}");
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let f = result_fields(&stdout).unwrap();
+    assert_eq!(
+        (f["udp"].as_str(), f["bad"].as_str()),
+        (count.to_string().as_str(), "0"),
+        "{f:?}"
+    );
 }
