@@ -10,16 +10,16 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{crc32, kvm_available, result_fields, ringvm_bin, run_ringvm, Outcome, TempDir};
+use ringvm_test_devices::vhost_user_script::{
+    blk_config as script_config, Lie, Received, Script, ScriptedBackend, *,
+};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 /// ringvm's exit code when stopped by SIGINT, SIGTERM or SIGHUP.
@@ -724,4 +724,194 @@ fn ping_and_udp_echo_through_dpdk_testpmd_vhost_user() {
         (count.to_string().as_str(), "0"),
         "{f:?}"
     );
+}
+
+fn script(lie: Lie) -> Script {
+    Script {
+        features: F_VERSION_1 | F_PROTOCOL_FEATURES | (1 << 2) | (1 << 6) | (1 << 9) | (1 << 12),
+        protocol: PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_INFLIGHT_SHMFD | PF_CONFIGURE_MEM_SLOTS,
+        queue_num: 4,
+        config: script_config(2048, 512, 4),
+        lie,
+    }
+}
+
+/// Backends that lie or fail during the handshake: one clear error line,
+/// exit code 2, no panic, and the guest never runs.
+#[test]
+fn a_lying_backend_is_refused_at_start_with_exit_code_2() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("vhu-lies");
+    let socket = dir.path().join("lie.sock");
+    let no_v1 = Script {
+        features: F_PROTOCOL_FEATURES | (1 << 6),
+        ..script(Lie::None)
+    };
+    let bad_block = Script {
+        config: script_config(2048, 1000, 4),
+        ..script(Lie::None)
+    };
+    let no_config = Script {
+        protocol: PF_MQ | PF_REPLY_ACK,
+        ..script(Lie::None)
+    };
+    let one_queue = Script {
+        queue_num: 1,
+        ..script(Lie::None)
+    };
+    let cases: Vec<(&str, Option<Script>, &str, &str)> = vec![
+        ("no backend", None, "", "connecting to"),
+        (
+            "no VERSION_1",
+            Some(no_v1),
+            "",
+            "does not offer VIRTIO_F_VERSION_1",
+        ),
+        ("bad block size", Some(bad_block), "", "block size 1000"),
+        ("no CONFIG", Some(no_config), "", "CONFIG protocol feature"),
+        (
+            "too few queues",
+            Some(one_queue),
+            ",queues=4",
+            "offers 1 queues; 4 are configured",
+        ),
+        (
+            "short config",
+            Some(script(Lie::ShortConfig)),
+            "",
+            "GET_CONFIG",
+        ),
+        (
+            "garbage",
+            Some(script(Lie::Garbage(GET_FEATURES))),
+            "",
+            "GET_FEATURES",
+        ),
+        (
+            "out of order",
+            Some(script(Lie::WrongReply(GET_PROTOCOL_FEATURES))),
+            "",
+            "GET_PROTOCOL_FEATURES",
+        ),
+        (
+            "silent",
+            Some(script(Lie::Silent(GET_CONFIG))),
+            "",
+            "GET_CONFIG",
+        ),
+    ];
+    for (what, script, extra, expect) in cases {
+        let _ = std::fs::remove_file(&socket);
+        let _backend = script.map(|s| ScriptedBackend::start(&socket, s));
+        let out = run_ringvm(
+            &[
+                "run",
+                "--kernel",
+                "builtin",
+                "--memory",
+                "64M",
+                "--disk",
+                &vhost_disk(&socket, extra),
+                "--cmdline",
+                "blk.mode=read blk.count=1",
+            ],
+            DEADLINE,
+        );
+        assert_eq!(out.code, Some(2), "{what}: {out:#?}");
+        let line = out.stderr.lines().find(|l| l.starts_with("ringvm: error:"));
+        assert!(
+            line.is_some_and(|l| l.contains(expect) && l.contains("vhost-user-blk0")),
+            "{what}: expected {expect:?}: {out:#?}"
+        );
+        assert!(!out.stderr.contains("panicked"), "{what}: {out:#?}");
+        assert!(
+            !out.stdout.contains("hello"),
+            "{what}: the guest ran: {out:#?}"
+        );
+    }
+}
+
+/// The order of a vring's setup, the inflight region, and its replay:
+/// the scripted backend hangs up once the guest's queue is running, the
+/// watcher reconnects, and the second connection gets the memory table,
+/// the same inflight region (not a new one) and the vring again.
+#[test]
+fn vring_setup_order_and_inflight_region_replayed_on_reconnect() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("vhu-order");
+    let socket = dir.path().join("order.sock");
+    let backend = ScriptedBackend::start(&socket, script(Lie::HangupAfter(SET_VRING_ENABLE)));
+    // The scripted backend serves no request: the guest's watchdog ends
+    // the run.
+    let out = run_ringvm(
+        &[
+            "run",
+            "--kernel",
+            "builtin",
+            "--memory",
+            "64M",
+            "--disk",
+            &vhost_disk(&socket, ",reconnect=on"),
+            "--cmdline",
+            "blk.mode=read blk.count=1 blk.timeout=3",
+        ],
+        DEADLINE,
+    );
+    assert!(
+        out.stderr.contains("went away") && out.stderr.contains("is back"),
+        "{out:#?}"
+    );
+    assert!(!out.stderr.contains("panicked"), "{out:#?}");
+    let got = backend.received();
+    let codes = |conn: usize| -> Vec<u32> {
+        got.iter()
+            .filter(|m| m.conn == conn)
+            .map(|m| m.code)
+            .collect()
+    };
+    let handshake = [
+        SET_OWNER,
+        GET_FEATURES,
+        GET_PROTOCOL_FEATURES,
+        SET_PROTOCOL_FEATURES,
+        GET_QUEUE_NUM,
+    ];
+    let vring = [
+        SET_VRING_NUM,
+        SET_VRING_BASE,
+        SET_VRING_ADDR,
+        SET_VRING_CALL,
+        SET_VRING_KICK,
+        SET_VRING_ENABLE,
+    ];
+    let first: Vec<u32> = handshake
+        .iter()
+        .chain(&[GET_CONFIG, GET_MAX_MEM_SLOTS, ADD_MEM_REG])
+        .chain(&[SET_FEATURES, GET_INFLIGHT_FD, SET_INFLIGHT_FD])
+        .chain(&vring)
+        .copied()
+        .collect();
+    assert_eq!(codes(0), first, "{got:#?}");
+    let second: Vec<u32> = handshake
+        .iter()
+        .chain(&[GET_MAX_MEM_SLOTS, ADD_MEM_REG])
+        .chain(&[SET_FEATURES, SET_INFLIGHT_FD])
+        .chain(&vring)
+        .copied()
+        .collect();
+    assert_eq!(&codes(1)[..second.len()], &second[..], "{got:#?}");
+    // Both SET_INFLIGHT_FDs carry the region the first backend made.
+    let inflight: Vec<&Received> = got.iter().filter(|m| m.code == SET_INFLIGHT_FD).collect();
+    assert_eq!(inflight.len(), 2);
+    for m in inflight {
+        assert_eq!(m.files, vec![backend.inflight], "{m:?}");
+    }
+    // Guest RAM went over as a file both times.
+    for m in got.iter().filter(|m| m.code == ADD_MEM_REG) {
+        assert_eq!(m.files.len(), 1, "{m:?}");
+    }
 }

@@ -9,7 +9,9 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight};
 use vhost::vhost_user::{
@@ -40,6 +42,10 @@ pub enum SessionError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{op}: no reply within {timeout:?}", timeout = REPLY_TIMEOUT)]
+    Timeout { op: &'static str },
+    #[error("starting the reply-deadline thread")]
+    Thread(#[source] std::io::Error),
     #[error("{op}")]
     Protocol {
         op: &'static str,
@@ -68,14 +74,58 @@ impl SessionError {
                         | vhost::vhost_user::Error::InvalidParam
                 )
             ),
-            SessionError::Connect { .. } => true,
+            SessionError::Connect { .. } | SessionError::Timeout { .. } => true,
             _ => false,
         }
     }
 }
 
-fn proto(op: &'static str) -> impl FnOnce(vhost::Error) -> SessionError {
-    move |source| SessionError::Protocol { op, source }
+/// The reply deadline: a thread that shuts the socket down when a
+/// request has waited longer than [`REPLY_TIMEOUT`]. (A socket timeout
+/// would not do: the `vhost` crate retries a timed-out read forever.)
+struct Deadline {
+    state: Mutex<DeadlineState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct DeadlineState {
+    until: Option<Instant>,
+    fired: bool,
+    quit: bool,
+}
+
+impl Deadline {
+    fn lock(&self) -> MutexGuard<'_, DeadlineState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn run(&self, fd: RawFd) {
+        uring_backend::iothread::block_process_signals();
+        let mut st = self.lock();
+        loop {
+            if st.quit {
+                return;
+            }
+            st = match st.until {
+                None => self.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
+                Some(t) if Instant::now() >= t => {
+                    // SAFETY: shutdown on the session's socket, which
+                    // stays open until this thread has quit.
+                    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                    st.until = None;
+                    st.fired = true;
+                    st
+                }
+                Some(t) => {
+                    self.cv
+                        .wait_timeout(st, t.saturating_duration_since(Instant::now()))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
 }
 
 /// One vring as the driver set it up: host addresses of its parts.
@@ -94,6 +144,8 @@ pub struct VringSetup<'a> {
 /// A connected, negotiated backend.
 pub struct Session {
     fe: Frontend,
+    deadline: Arc<Deadline>,
+    deadline_thread: Option<JoinHandle<()>>,
     /// The backend's virtio features (with VHOST_USER_F_PROTOCOL_FEATURES).
     pub features: u64,
     /// Protocol features both sides use.
@@ -111,47 +163,84 @@ impl Session {
             source,
         };
         let stream = UnixStream::connect(path).map_err(connect_err)?;
-        stream
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .and_then(|()| stream.set_write_timeout(Some(REPLY_TIMEOUT)))
-            .map_err(connect_err)?;
-        let mut fe = Frontend::from_stream(stream, u64::from(queues));
-        fe.set_owner().map_err(proto("SET_OWNER"))?;
-        let features = fe.get_features().map_err(proto("GET_FEATURES"))?;
-        let mut protocol = VhostUserProtocolFeatures::empty();
+        let fd = stream.as_raw_fd();
+        let deadline = Arc::new(Deadline {
+            state: Mutex::new(DeadlineState::default()),
+            cv: Condvar::new(),
+        });
+        let thread = {
+            let deadline = deadline.clone();
+            std::thread::Builder::new()
+                .name("vhost-user-deadline".into())
+                .spawn(move || deadline.run(fd))
+                .map_err(SessionError::Thread)?
+        };
+        let mut session = Session {
+            fe: Frontend::from_stream(stream, u64::from(queues)),
+            deadline,
+            deadline_thread: Some(thread),
+            features: 0,
+            protocol: VhostUserProtocolFeatures::empty(),
+            queues: u64::from(queues),
+        };
+        session.handshake(path, queues)?;
+        Ok(session)
+    }
+
+    /// Runs one request (or a few) under the reply deadline.
+    fn call<T>(
+        &mut self,
+        op: &'static str,
+        f: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+    ) -> Result<T, SessionError> {
+        self.deadline.lock().until = Some(Instant::now() + REPLY_TIMEOUT);
+        self.deadline.cv.notify_one();
+        let r = f(&mut self.fe);
+        let fired = {
+            let mut st = self.deadline.lock();
+            st.until = None;
+            st.fired
+        };
+        match r {
+            Ok(v) => Ok(v),
+            Err(_) if fired => Err(SessionError::Timeout { op }),
+            Err(source) => Err(SessionError::Protocol { op, source }),
+        }
+    }
+
+    fn handshake(&mut self, path: &Path, queues: u16) -> Result<(), SessionError> {
+        self.call("SET_OWNER", |fe| fe.set_owner())?;
+        let features = self.call("GET_FEATURES", |fe| fe.get_features())?;
+        self.features = features;
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            let offered = fe
-                .get_protocol_features()
-                .map_err(proto("GET_PROTOCOL_FEATURES"))?;
-            protocol = offered & wanted_protocol_features();
+            let offered = self.call("GET_PROTOCOL_FEATURES", |fe| fe.get_protocol_features())?;
+            let protocol = offered & wanted_protocol_features();
             log::debug!(
                 "vhost-user {}: features {features:#x}, protocol features offered {:#x}, used {:#x}",
                 path.display(),
                 offered.bits(),
                 protocol.bits()
             );
-            fe.set_protocol_features(protocol)
-                .map_err(proto("SET_PROTOCOL_FEATURES"))?;
+            self.call("SET_PROTOCOL_FEATURES", |fe| {
+                fe.set_protocol_features(protocol)
+            })?;
             if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-                fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+                self.fe
+                    .set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
             }
+            self.protocol = protocol;
         }
-        let mut backend_queues = u64::from(queues);
-        if protocol.contains(VhostUserProtocolFeatures::MQ) {
-            backend_queues = fe.get_queue_num().map_err(proto("GET_QUEUE_NUM"))?;
+        if self.has(VhostUserProtocolFeatures::MQ) {
+            let backend_queues = self.call("GET_QUEUE_NUM", |fe| fe.get_queue_num())?;
             if backend_queues < u64::from(queues) {
                 return Err(SessionError::TooFewQueues {
                     offered: backend_queues,
                     wanted: queues,
                 });
             }
+            self.queues = backend_queues;
         }
-        Ok(Session {
-            fe,
-            features,
-            protocol,
-            queues: backend_queues,
-        })
+        Ok(())
     }
 
     /// The socket's fd (for watching for hangup).
@@ -172,27 +261,25 @@ impl Session {
     /// GET_CONFIG of `len` bytes from offset 0.
     pub fn get_config(&mut self, len: u32) -> Result<Vec<u8>, SessionError> {
         let buf = vec![0u8; len as usize];
-        let (_, payload) = self
-            .fe
-            .get_config(0, len, VhostUserConfigFlags::WRITABLE, &buf)
-            .map_err(proto("GET_CONFIG"))?;
+        let (_, payload) = self.call("GET_CONFIG", |fe| {
+            fe.get_config(0, len, VhostUserConfigFlags::WRITABLE, &buf)
+        })?;
         Ok(payload)
     }
 
     /// SET_CONFIG at `offset`.
     pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), SessionError> {
-        self.fe
-            .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
-            .map_err(proto("SET_CONFIG"))
+        self.call("SET_CONFIG", |fe| {
+            fe.set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+        })
     }
 
     /// SET_FEATURES: `driver` features plus PROTOCOL_FEATURES when the
     /// backend offered it.
     pub fn set_features(&mut self, driver: u64) -> Result<(), SessionError> {
         let protocol = self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        self.fe
-            .set_features((driver & self.features) | protocol)
-            .map_err(proto("SET_FEATURES"))
+        let features = (driver & self.features) | protocol;
+        self.call("SET_FEATURES", |fe| fe.set_features(features))
     }
 
     /// The memory table: ADD_MEM_REG per region with CONFIGURE_MEM_SLOTS,
@@ -209,10 +296,7 @@ impl Session {
             );
         }
         if self.has(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
-            let max = self
-                .fe
-                .get_max_mem_slots()
-                .map_err(proto("GET_MAX_MEM_SLOTS"))?;
+            let max = self.call("GET_MAX_MEM_SLOTS", |fe| fe.get_max_mem_slots())?;
             if regions.len() as u64 > max {
                 return Err(SessionError::TooManyRegions {
                     regions: regions.len(),
@@ -220,12 +304,10 @@ impl Session {
                 });
             }
             for r in &regions {
-                self.fe.add_mem_region(r).map_err(proto("ADD_MEM_REG"))?;
+                self.call("ADD_MEM_REG", |fe| fe.add_mem_region(r))?;
             }
         } else {
-            self.fe
-                .set_mem_table(&regions)
-                .map_err(proto("SET_MEM_TABLE"))?;
+            self.call("SET_MEM_TABLE", |fe| fe.set_mem_table(&regions))?;
         }
         Ok(())
     }
@@ -240,10 +322,7 @@ impl Session {
             return Ok(None);
         }
         let ask = VhostUserInflight::new(0, 0, queues, size);
-        let (info, file) = self
-            .fe
-            .get_inflight_fd(&ask)
-            .map_err(proto("GET_INFLIGHT_FD"))?;
+        let (info, file) = self.call("GET_INFLIGHT_FD", |fe| fe.get_inflight_fd(&ask))?;
         Ok(Some((info, file)))
     }
 
@@ -253,21 +332,17 @@ impl Session {
         info: &VhostUserInflight,
         file: &File,
     ) -> Result<(), SessionError> {
-        self.fe
-            .set_inflight_fd(info, file.as_raw_fd())
-            .map_err(proto("SET_INFLIGHT_FD"))
+        self.call("SET_INFLIGHT_FD", |fe| {
+            fe.set_inflight_fd(info, file.as_raw_fd())
+        })
     }
 
     /// Starts one vring: NUM, BASE, ADDR, CALL, KICK, then ENABLE (with
     /// protocol features the ring starts disabled).
     pub fn start_vring(&mut self, v: &VringSetup) -> Result<(), SessionError> {
         let i = usize::from(v.index);
-        self.fe
-            .set_vring_num(i, v.size)
-            .map_err(proto("SET_VRING_NUM"))?;
-        self.fe
-            .set_vring_base(i, v.base)
-            .map_err(proto("SET_VRING_BASE"))?;
+        self.call("SET_VRING_NUM", |fe| fe.set_vring_num(i, v.size))?;
+        self.call("SET_VRING_BASE", |fe| fe.set_vring_base(i, v.base))?;
         let addr = VringConfigData {
             queue_max_size: v.size,
             queue_size: v.size,
@@ -277,20 +352,12 @@ impl Session {
             avail_ring_addr: v.avail,
             log_addr: None,
         };
-        self.fe
-            .set_vring_addr(i, &addr)
-            .map_err(proto("SET_VRING_ADDR"))?;
+        self.call("SET_VRING_ADDR", |fe| fe.set_vring_addr(i, &addr))?;
         // The call fd first, so no completion goes to a stale one.
-        self.fe
-            .set_vring_call(i, v.call)
-            .map_err(proto("SET_VRING_CALL"))?;
-        self.fe
-            .set_vring_kick(i, v.kick)
-            .map_err(proto("SET_VRING_KICK"))?;
+        self.call("SET_VRING_CALL", |fe| fe.set_vring_call(i, v.call))?;
+        self.call("SET_VRING_KICK", |fe| fe.set_vring_kick(i, v.kick))?;
         if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            self.fe
-                .set_vring_enable(i, true)
-                .map_err(proto("SET_VRING_ENABLE"))?;
+            self.call("SET_VRING_ENABLE", |fe| fe.set_vring_enable(i, true))?;
         }
         Ok(())
     }
@@ -300,10 +367,18 @@ impl Session {
     pub fn stop_vring(&mut self, index: u16) -> Result<u32, SessionError> {
         let i = usize::from(index);
         if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            self.fe
-                .set_vring_enable(i, false)
-                .map_err(proto("SET_VRING_ENABLE"))?;
+            self.call("SET_VRING_ENABLE", |fe| fe.set_vring_enable(i, false))?;
         }
-        self.fe.get_vring_base(i).map_err(proto("GET_VRING_BASE"))
+        self.call("GET_VRING_BASE", |fe| fe.get_vring_base(i))
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.deadline.lock().quit = true;
+        self.deadline.cv.notify_one();
+        if let Some(t) = self.deadline_thread.take() {
+            let _ = t.join();
+        }
     }
 }
