@@ -170,6 +170,15 @@ impl VhostUserConfig {
         if cfg.socket.as_os_str().is_empty() {
             return Err(VhostUserConfigError::NoSocket { option });
         }
+        if kind == Kind::Net && cfg.queues > 1 {
+            // Several pairs need the control queue (VIRTIO_NET_F_MQ
+            // requires it), which a vhost-user NIC does not have yet.
+            return Err(bad(
+                "queues",
+                &cfg.queues.to_string(),
+                "a vhost-user NIC has one queue pair (no control queue yet)".into(),
+            ));
+        }
         Ok(cfg)
     }
 }
