@@ -16,8 +16,12 @@ use virtio::transport::common::STATUS_DEVICE_NEEDS_RESET;
 
 /// The parts of the contract that hold for any device.
 fn run_contract(make: &dyn Fn() -> Box<dyn VirtioDevice>) {
-    let vm = TestVm::new();
-    let mut drv = Driver::new(&vm, make());
+    run_contract_on(&TestVm::new(), &|_| make());
+}
+
+/// The contract on `vm`, for devices that need its memory.
+fn run_contract_on(vm: &TestVm, make: &dyn Fn(&TestVm) -> Box<dyn VirtioDevice>) {
+    let mut drv = Driver::new(vm, make(vm));
 
     // Capabilities a modern driver needs are all there.
     let caps = drv.vendor_caps();
@@ -236,4 +240,47 @@ fn backend_enospc_becomes_ioerr_and_the_device_carries_on() {
     let (st, back) = drv.blk_read(0, 0, 4096);
     assert_eq!((st, back), (0, block.to_vec()));
     drop(drv);
+}
+
+/// A vhost-user disk keeps the contract against a backend that answers
+/// every control message (the scripted one of tests/devices; it serves no
+/// queue, so no I/O here: tests/vhost_user_frontend.rs does I/O against
+/// real backends).
+#[test]
+fn vhost_user_blk_keeps_the_device_contract() {
+    use ringvm_test_devices::vhost_user_script::*;
+    use virtio::vhost_user::{Kind, VhostUserConfig, VhostUserDevice};
+    if !kvm_available() {
+        return;
+    }
+    let socket =
+        std::env::temp_dir().join(format!("ringvm-contract-vhu-{}.sock", std::process::id()));
+    let _backend = ScriptedBackend::start(
+        &socket,
+        Script {
+            features: F_VERSION_1 | F_PROTOCOL_FEATURES | (1 << 6) | (1 << 9) | (1 << 12),
+            protocol: PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_INFLIGHT_SHMFD | PF_CONFIGURE_MEM_SLOTS,
+            queue_num: 2,
+            config: blk_config(2048, 512, 2),
+            lie: Lie::None,
+        },
+    );
+    let cfg = VhostUserConfig::parse(
+        Kind::Blk,
+        &format!("vhost_user=on,socket={},queues=2", socket.display()),
+    )
+    .unwrap();
+    let vm = TestVm::new_shared();
+    run_contract_on(&vm, &|vm| {
+        Box::new(
+            VhostUserDevice::new(
+                "vhu-contract",
+                &cfg,
+                vm.mem.clone(),
+                [0x52, 0x54, 0, 0, 0, 1],
+            )
+            .unwrap(),
+        )
+    });
+    let _ = std::fs::remove_file(&socket);
 }
