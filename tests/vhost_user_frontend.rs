@@ -105,7 +105,7 @@ impl Backend {
             Backend::RingvmBlk => {
                 let mut c = Command::new(ringvm_blk_bin());
                 c.arg("--socket").arg(socket).arg("--disk").arg(format!(
-                    "path={},queues={queues}{}",
+                    "path={},queues={queues},serial=vhu-serial{}",
                     disk.display(),
                     if readonly { ",readonly=on" } else { "" }
                 ));
@@ -212,7 +212,12 @@ fn pattern_and_crc(backend: Backend, queues: u16) {
     // The flush completed: the pattern is in the host file.
     assert_eq!(bad_sectors(&disk, seed, 2 << 20), 0);
 
-    // The same backend serves a second VM (a new front-end).
+    // GET_ID is the backend's (ringvm-blk was given serial=vhu-serial).
+    if let Backend::RingvmBlk = backend {
+        let (out, _) = guest(&spec, "blk.id=1 blk.mode=read blk.count=1");
+        assert!(out.stdout.contains("blk: id=vhu-serial"), "{out:#?}");
+    }
+    // The same backend serves another VM (a new front-end).
     let (out, f) = guest(
         &spec,
         &format!(
@@ -831,6 +836,44 @@ fn a_lying_backend_is_refused_at_start_with_exit_code_2() {
             "{what}: the guest ran: {out:#?}"
         );
     }
+}
+
+/// A backend that answers garbage once the guest starts the device: the
+/// failure is logged and contained (the device asks for a reset; the
+/// guest, seeing no completion, gives up), and ringvm ends normally with
+/// the guest's status.
+#[test]
+fn garbage_from_the_backend_at_activation_is_a_logged_contained_failure() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("vhu-late-lie");
+    let socket = dir.path().join("late.sock");
+    let _backend = ScriptedBackend::start(&socket, script(Lie::Garbage(SET_VRING_KICK)));
+    let out = run_ringvm(
+        &[
+            "run",
+            "--kernel",
+            "builtin",
+            "--memory",
+            "64M",
+            "--disk",
+            &vhost_disk(&socket, ""),
+            "--cmdline",
+            "blk.mode=read blk.count=1 blk.timeout=2",
+        ],
+        DEADLINE,
+    );
+    assert!(out.stdout.contains("hello"), "the guest ran: {out:#?}");
+    assert!(
+        out.stderr.contains("starting the queues: SET_VRING_KICK"),
+        "{out:#?}"
+    );
+    assert!(
+        out.stop_line().contains("guest exited with status"),
+        "{out:#?}"
+    );
+    assert!(!out.stderr.contains("panicked"), "{out:#?}");
 }
 
 /// The order of a vring's setup, the inflight region, and its replay:
