@@ -24,6 +24,7 @@ ringvm, ringvm_blk = os.path.join(rel, "ringvm"), os.path.join(rel, "ringvm-blk"
 qsd = "/usr/bin/qemu-storage-daemon"
 disk = "/dev/shm/ringvm-vhu-bench.img"
 TICK = os.sysconf("SC_CLK_TCK")
+wall = [0.0]  # wall time of the last ringvm run
 
 def result(text):
     line = next((l for l in text.splitlines() if l.startswith("RINGVM-RESULT")), None)
@@ -58,6 +59,7 @@ def process_cpu_us(pid):
 def run_vm(disk_arg, mode, qd):
     """Runs one guest; returns (ops, vcpu_us, other_us) of ringvm."""
     cmd = f"blk.mode={mode} blk.qd={qd} blk.bs=4096 blk.secs={SECS} blk.len=256M blk.seed=3"
+    t0 = time.monotonic()
     p = subprocess.Popen([ringvm, "run", "--kernel", "builtin", "--memory", "256M", "--disk", disk_arg,
                           "--cmdline", cmd], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     seen, done = {}, [False]
@@ -76,13 +78,15 @@ def run_vm(disk_arg, mode, qd):
     t.join()
     vcpu = sum(v for comm, v in seen.values() if comm.startswith("vcpu"))
     total = int((ru.ru_utime + ru.ru_stime) * 1e6)
+    wall[0] = time.monotonic() - t0
     return int(result(out)["ops"]), vcpu, max(total - vcpu, 0)
 
 def backend(kind, sock):
     if os.path.exists(sock):
         os.unlink(sock)
-    if kind == "ringvm-blk":
-        argv = [ringvm_blk, "--socket", sock, "--disk", f"path={disk}"]
+    if kind.startswith("ringvm-blk"):
+        fixed = "off" if kind.endswith("nofixed") else "on"
+        argv = [ringvm_blk, "--socket", sock, "--disk", f"path={disk},fixed_buffers={fixed}"]
     else:
         argv = [qsd, "--blockdev", f"driver=file,node-name=f,filename={disk},aio=io_uring",
                 "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on"]
@@ -107,7 +111,9 @@ def main():
     for p in (ringvm, ringvm_blk):
         if not os.path.exists(p):
             sys.exit("build first: cargo build --release -p ringvm -p ringvm-blk")
-    configs = ["in-VMM", "ringvm-blk"] + (["qsd"] if os.path.exists(qsd) else [])
+    # ringvm-blk registers the front-end's RAM as fixed buffers at connect
+    # (pinning it: a per-connection cost); -nofixed shows it without.
+    configs = ["in-VMM", "ringvm-blk", "ringvm-blk-nofixed"] + (["qsd"] if os.path.exists(qsd) else [])
     with open(disk, "wb") as f:
         f.truncate(256 << 20)
     sock = os.path.join(tempfile.mkdtemp(), "bench.sock")
@@ -118,13 +124,14 @@ def main():
                 for c in configs:
                     ops, total, device = one(c, mode, qd, sock)
                     rows.setdefault((mode, qd, c), []).append((ops / SECS, total / ops, device / ops))
-                    print(f"round {r}: {c:<11} {mode:<9} qd{qd:<3} {ops / SECS:8.0f} IOPS "
-                          f"{total / ops:8.1f} us/req total {device / ops:6.2f} us/req device", flush=True)
+                    print(f"round {r}: {c:<18} {mode:<9} qd{qd:<3} {ops / SECS:8.0f} IOPS "
+                          f"{total / ops:8.1f} us/req total {device / ops:6.2f} us/req device "
+                          f"({ops} ops, run {wall[0]:.1f} s wall)", flush=True)
     os.unlink(disk)
     print(f"\nmedians of {ROUNDS} interleaved rounds, {SECS} s each, 4 KiB, {disk}")
-    print(f"{'mode':<9} {'qd':>3} {'config':<11} {'IOPS':>8} {'CPU/req total':>14} {'CPU/req device':>15}")
+    print(f"{'mode':<9} {'qd':>3} {'config':<18} {'IOPS':>8} {'CPU/req total':>14} {'CPU/req device':>15}")
     for (mode, qd, c), v in rows.items():
         med = [statistics.median(x[i] for x in v) for i in range(3)]
-        print(f"{mode:<9} {qd:>3} {c:<11} {med[0]:8.0f} {med[1]:11.1f} us {med[2]:12.2f} us")
+        print(f"{mode:<9} {qd:>3} {c:<18} {med[0]:8.0f} {med[1]:11.1f} us {med[2]:12.2f} us")
 
 main()
