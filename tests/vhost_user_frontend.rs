@@ -588,17 +588,22 @@ struct Testpmd {
 }
 
 impl Testpmd {
-    fn start(ns: &Netns, socket: &Path, tap: &str, log: &Path) -> Testpmd {
+    fn start(ns: &Netns, socket: &Path, tap: &str, queues: u16, log: &Path) -> Testpmd {
         let child = ns
             .command(TESTPMD)
             .args(["--no-huge", "-m", "512", "--no-pci", "-l", "0-1"])
-            .arg(format!("--file-prefix=rvvhu{}", std::process::id()))
             .arg(format!(
-                "--vdev=net_vhost0,iface={},client=0",
+                "--file-prefix=rvvhu{}-{queues}",
+                std::process::id()
+            ))
+            .arg(format!(
+                "--vdev=net_vhost0,iface={},client=0,queues={queues}",
                 socket.display()
             ))
             .arg(format!("--vdev=net_tap0,iface={tap}"))
             .args(["--", "--forward-mode=io", "--auto-start", "--nb-cores=1"])
+            .arg(format!("--rxq={queues}"))
+            .arg(format!("--txq={queues}"))
             .arg("--total-num-mbufs=8192")
             .stdin(Stdio::piped())
             .stdout(File::create(log).unwrap())
@@ -670,23 +675,28 @@ fn udp_echoes(count: u64, window: u64) -> u64 {
     got
 }
 
-#[test]
-fn ping_and_udp_echo_through_dpdk_testpmd_vhost_user() {
+/// Ping and UDP echoes through testpmd with `pairs` queue pairs (more
+/// than one: the guest switches them on through ringvm's control queue).
+fn through_testpmd(pairs: u16) {
     if !kvm_available() || !have(TESTPMD, "dpdk-dev") || !have("/usr/bin/ping", "iputils-ping") {
         return;
     }
-    let Some(ns) = Netns::new("tpmd") else { return };
-    let dir = TempDir::new("vhu-testpmd");
+    let Some(ns) = Netns::new(&format!("tpmd{pairs}")) else {
+        return;
+    };
+    let dir = TempDir::new(&format!("vhu-testpmd-{pairs}"));
     let socket = dir.path().join("net.sock");
-    let tp = Testpmd::start(&ns, &socket, "rvdtap0", &dir.path().join("testpmd.log"));
-    ns.run(&["ip", "addr", "add", "10.0.0.1/24", "dev", "rvdtap0"]);
-    ns.run(&["ip", "link", "set", "rvdtap0", "up"]);
+    let tap = "rvdtap0";
+    let tp = Testpmd::start(&ns, &socket, tap, pairs, &dir.path().join("testpmd.log"));
+    ns.run(&["ip", "addr", "add", "10.0.0.1/24", "dev", tap]);
+    ns.run(&["ip", "link", "set", tap, "up"]);
     let count = 200;
     let net = format!(
-        "vhost_user=on,socket={},mac=52:54:00:12:34:58",
+        "vhost_user=on,socket={},mac=52:54:00:12:34:58,queues={pairs}",
         socket.display()
     );
-    let cmdline = format!("net.ip=10.0.0.2/24 net.mode=respond net.count={count}");
+    let cmdline =
+        format!("net.ip=10.0.0.2/24 net.mode=respond net.count={count} net.queues={pairs}");
     let mut vm = Vm::spawn(
         ns.command(ringvm_bin()).args([
             "run",
@@ -702,11 +712,9 @@ fn ping_and_udp_echo_through_dpdk_testpmd_vhost_user() {
         dir.path(),
     );
     vm.wait_for(" link=");
-    assert!(
-        vm.stdout().contains("mac=52:54:00:12:34:58"),
-        "{}",
-        vm.stdout()
-    );
+    let up = vm.stdout();
+    assert!(up.contains("mac=52:54:00:12:34:58"), "{up}");
+    assert!(up.contains(&format!("queues={pairs}")), "{up}");
     let ping = ns
         .command("ping")
         .args(["-c", "3", "-i", "0.5", "-W", "30", "10.0.0.2"])
@@ -729,6 +737,17 @@ fn ping_and_udp_echo_through_dpdk_testpmd_vhost_user() {
         (count.to_string().as_str(), "0"),
         "{f:?}"
     );
+    assert!(!stderr.contains("control command refused"), "{stderr}");
+}
+
+#[test]
+fn ping_and_udp_echo_through_dpdk_testpmd_vhost_user() {
+    through_testpmd(1);
+}
+
+#[test]
+fn two_queue_pairs_through_dpdk_testpmd_with_the_control_queue_in_ringvm() {
+    through_testpmd(2);
 }
 
 fn script(lie: Lie) -> Script {

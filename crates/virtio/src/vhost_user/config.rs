@@ -88,7 +88,7 @@ impl VhostUserConfig {
         let option = kind.option();
         let expected = match kind {
             Kind::Blk => "vhost_user, socket, queues, queue_size, reconnect",
-            Kind::Net => "vhost_user, socket, mac, queues, queue_size, reconnect",
+            Kind::Net => "vhost_user, socket, mac, queues (pairs), queue_size, reconnect",
         };
         let bad = |key: &'static str, value: &str, why: String| VhostUserConfigError::BadValue {
             option,
@@ -169,15 +169,6 @@ impl VhostUserConfig {
         }
         if cfg.socket.as_os_str().is_empty() {
             return Err(VhostUserConfigError::NoSocket { option });
-        }
-        if kind == Kind::Net && cfg.queues > 1 {
-            // Several pairs need the control queue (VIRTIO_NET_F_MQ
-            // requires it), which a vhost-user NIC does not have yet.
-            return Err(bad(
-                "queues",
-                &cfg.queues.to_string(),
-                "a vhost-user NIC has one queue pair (no control queue yet)".into(),
-            ));
         }
         Ok(cfg)
     }

@@ -21,6 +21,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config::{Kind, VhostUserConfig};
+use super::ctrl::{CtrlQueue, CtrlSetup, SetPairs};
 use super::personality::{self, PersonalityError, BLK_CONFIG_LEN};
 use super::session::{Session, SessionError, VringSetup};
 use crate::device::{read_config_space, ActivateError, QueueInit, VirtioDevice};
@@ -78,6 +79,8 @@ struct State {
     broken: bool,
     active: Option<Active>,
     inflight: Option<(VhostUserInflight, File)>,
+    /// NIC: queue pairs the driver asked for (the others are disabled).
+    pairs: u16,
 }
 
 struct Shared {
@@ -105,12 +108,18 @@ fn host_addr(mem: &GuestMemoryMmap, addr: GuestAddress, index: u16) -> Result<u6
 /// Programs every vring of `active` into `session`, from `base(q)`.
 fn start_rings(
     session: &mut Session,
-    mem: &GuestMemoryMmap,
+    shared: &Shared,
     active: &Active,
-    inflight: &mut Option<(VhostUserInflight, File)>,
+    st_inflight: &mut Option<(VhostUserInflight, File)>,
+    pairs: u16,
     base: &dyn Fn(&ActiveQueue) -> u16,
 ) -> Result<(), SessionError> {
-    session.set_features(active.features)?;
+    let mem = &shared.mem;
+    let inflight = st_inflight;
+    session.set_features(personality::backend_features(
+        shared.cfg.kind,
+        active.features,
+    ))?;
     if inflight.is_none() {
         let size = active.queues.iter().map(|q| q.size).max().unwrap_or(0);
         let count = active.queues.iter().map(|q| q.index + 1).max().unwrap_or(0);
@@ -133,6 +142,7 @@ fn start_rings(
             avail: host_addr(mem, q.avail, q.index)?,
             used: host_addr(mem, q.used, q.index)?,
             base: base(q),
+            enable: shared.cfg.kind == Kind::Blk || q.index < 2 * pairs,
             kick: &q.kick,
             call: &q.call,
         })?;
@@ -156,6 +166,8 @@ pub struct VhostUserDevice {
     shared: Arc<Shared>,
     stop_watch: EventFd,
     watcher: Option<JoinHandle<()>>,
+    /// NIC: the control queue, served by ringvm while the device runs.
+    ctrl: Option<CtrlQueue>,
 }
 
 impl VhostUserDevice {
@@ -201,6 +213,7 @@ impl VhostUserDevice {
                 broken: false,
                 active: None,
                 inflight: None,
+                pairs: 1,
             }),
         });
         let stop_watch = EventFd::new(EFD_NONBLOCK).map_err(|source| VhostUserError::Watcher {
@@ -227,11 +240,55 @@ impl VhostUserDevice {
             kind: cfg.kind,
             features,
             config_space,
-            queue_sizes: vec![cfg.queue_size; usize::from(vrings)],
+            queue_sizes: match cfg.kind {
+                Kind::Blk => vec![cfg.queue_size; usize::from(vrings)],
+                Kind::Net => {
+                    let mut v = vec![cfg.queue_size; usize::from(vrings)];
+                    v.push(personality::CTRL_QUEUE_SIZE);
+                    v
+                }
+            },
             shared,
             stop_watch,
             watcher: Some(watcher),
+            ctrl: None,
         })
+    }
+
+    /// Starts the NIC's control queue: "use N pairs" enables the first N
+    /// pairs' vrings in the backend and disables the rest.
+    fn start_ctrl(&self, q: QueueInit) -> std::io::Result<CtrlQueue> {
+        let shared = self.shared.clone();
+        let set_pairs: SetPairs = Box::new(move |n| {
+            let mut st = shared.lock();
+            let st = &mut *st;
+            st.pairs = n;
+            let broken = st.broken;
+            let (Some(session), Some(active)) =
+                (st.session.as_mut().filter(|_| !broken), st.active.as_ref())
+            else {
+                // Applied when the backend is back.
+                return true;
+            };
+            for q in &active.queues {
+                if let Err(e) = session.enable_vring(q.index, q.index < 2 * n) {
+                    log::error!("{}: switching to {n} queue pairs: {e}", shared.name);
+                    return false;
+                }
+            }
+            true
+        });
+        CtrlQueue::start(
+            &self.shared.name,
+            CtrlSetup {
+                mem: self.shared.mem.clone(),
+                queue: q.queue,
+                kick: q.kick,
+                call: q.interrupt,
+                max_pairs: self.shared.cfg.queues,
+                set_pairs,
+            },
+        )
     }
 
     /// Whether the backend is connected (for tests and logs).
@@ -311,7 +368,13 @@ impl VirtioDevice for VhostUserDevice {
             features,
             queues: Vec::with_capacity(queues.len()),
         };
+        let ctrl_index = personality::vrings(&self.shared.cfg);
+        let mut ctrl = None;
         for q in queues {
+            if self.kind == Kind::Net && q.index == ctrl_index {
+                ctrl = Some(q);
+                continue;
+            }
             let call = match q.interrupt {
                 Some(fd) => fd,
                 // No vector: the backend still needs somewhere to signal.
@@ -328,13 +391,17 @@ impl VirtioDevice for VhostUserDevice {
                 call,
             });
         }
+        if let Some(q) = ctrl {
+            self.ctrl = Some(self.start_ctrl(q).map_err(ActivateError::EventFd)?);
+        }
         let shared = &self.shared;
         let mut st = shared.lock();
         let st = &mut *st;
+        st.pairs = 1;
         let broken = st.broken;
         match st.session.as_mut().filter(|_| !broken) {
             Some(session) => {
-                match start_rings(session, &shared.mem, &active, &mut st.inflight, &|q| {
+                match start_rings(session, shared, &active, &mut st.inflight, 1, &|q| {
                     q.next_avail
                 }) {
                     Ok(()) => st.active = Some(active),
@@ -365,6 +432,8 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn reset(&mut self) {
+        // The control thread may be waiting for the lock: stop it first.
+        self.ctrl = None;
         let shared = &self.shared;
         let mut st = shared.lock();
         let st = &mut *st;
@@ -515,9 +584,14 @@ fn reconnect(shared: &Shared) -> Result<(), Retry> {
             st.inflight = None;
         }
         let mem = &shared.mem;
-        start_rings(&mut session, mem, active, &mut st.inflight, &|q| {
-            used_idx(mem, q)
-        })
+        start_rings(
+            &mut session,
+            shared,
+            active,
+            &mut st.inflight,
+            st.pairs,
+            &|q| used_idx(mem, q),
+        )
         .map_err(logged)?;
         // The old backend may have eaten the last kick.
         for q in &active.queues {

@@ -7,6 +7,7 @@
 //! through ringvm.
 
 pub mod config;
+pub mod ctrl;
 pub mod device;
 pub mod personality;
 pub mod session;

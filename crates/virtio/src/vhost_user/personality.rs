@@ -52,9 +52,18 @@ const NET_F_HOST_ECN: u64 = 1 << 13;
 const NET_F_HOST_UFO: u64 = 1 << 14;
 const NET_F_MRG_RXBUF: u64 = 1 << 15;
 pub const NET_F_STATUS: u64 = 1 << 16;
+pub const NET_F_CTRL_VQ: u64 = 1 << 17;
+const NET_F_CTRL_RX: u64 = 1 << 18;
+const NET_F_CTRL_VLAN: u64 = 1 << 19;
+const NET_F_GUEST_ANNOUNCE: u64 = 1 << 21;
+pub const NET_F_MQ: u64 = 1 << 22;
+const NET_F_CTRL_MAC_ADDR: u64 = 1 << 23;
 
-/// Offloads and MRG_RXBUF pass to the backend; MAC and STATUS are
-/// ringvm's (its configuration space). No control queue (see README).
+/// Size of a NIC's control queue (ringvm's own).
+pub const CTRL_QUEUE_SIZE: u16 = 64;
+
+/// Offloads, MRG_RXBUF and MQ pass to the backend; MAC, STATUS and the
+/// control queue are ringvm's.
 const NET_FEATURES: u64 = NET_F_CSUM
     | NET_F_GUEST_CSUM
     | NET_F_GUEST_TSO4
@@ -91,8 +100,8 @@ pub enum PersonalityError {
     DiscardSeg,
     #[error("the backend offers WRITE_ZEROES with max_write_zeroes_seg 0")]
     WriteZeroesSeg,
-    #[error("{pairs} queue pairs need a control queue, which a vhost-user NIC does not have yet")]
-    NetPairs { pairs: u16 },
+    #[error("{pairs} queue pairs need VIRTIO_NET_F_MQ, which the backend does not offer")]
+    NetMq { pairs: u16 },
 }
 
 fn u16_at(b: &[u8], o: usize) -> u16 {
@@ -124,12 +133,32 @@ pub fn guest_features(cfg: &VhostUserConfig, backend: u64) -> Result<u64, Person
             backend & BLK_FEATURES
         }
         Kind::Net => {
+            let mut f = (backend & NET_FEATURES) | NET_F_MAC | NET_F_STATUS | NET_F_CTRL_VQ;
             if cfg.queues > 1 {
-                return Err(PersonalityError::NetPairs { pairs: cfg.queues });
+                if backend & NET_F_MQ == 0 {
+                    return Err(PersonalityError::NetMq { pairs: cfg.queues });
+                }
+                f |= NET_F_MQ;
             }
-            (backend & NET_FEATURES) | NET_F_MAC | NET_F_STATUS
+            f
         }
     })
+}
+
+/// What of the driver's features goes to the backend: never what ringvm
+/// does itself (the control queue and its commands).
+pub fn backend_features(kind: Kind, driver: u64) -> u64 {
+    match kind {
+        Kind::Blk => driver,
+        Kind::Net => {
+            driver
+                & !(NET_F_CTRL_VQ
+                    | NET_F_CTRL_RX
+                    | NET_F_CTRL_VLAN
+                    | NET_F_GUEST_ANNOUNCE
+                    | NET_F_CTRL_MAC_ADDR)
+        }
+    }
 }
 
 /// Checks a disk backend's configuration space (`features` as offered to

@@ -137,6 +137,8 @@ pub struct VringSetup<'a> {
     pub used: u64,
     /// Where the backend starts in the available ring.
     pub base: u16,
+    /// Whether the ring is enabled once set up.
+    pub enable: bool,
     pub kick: &'a EventFd,
     pub call: &'a EventFd,
 }
@@ -356,8 +358,16 @@ impl Session {
         // The call fd first, so no completion goes to a stale one.
         self.call("SET_VRING_CALL", |fe| fe.set_vring_call(i, v.call))?;
         self.call("SET_VRING_KICK", |fe| fe.set_vring_kick(i, v.kick))?;
+        self.enable_vring(v.index, v.enable)
+    }
+
+    /// SET_VRING_ENABLE (with protocol features; without them every ring
+    /// runs once set up).
+    pub fn enable_vring(&mut self, index: u16, enable: bool) -> Result<(), SessionError> {
         if self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            self.call("SET_VRING_ENABLE", |fe| fe.set_vring_enable(i, true))?;
+            self.call("SET_VRING_ENABLE", |fe| {
+                fe.set_vring_enable(usize::from(index), enable)
+            })?;
         }
         Ok(())
     }
