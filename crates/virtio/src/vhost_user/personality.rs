@@ -255,12 +255,21 @@ mod tests {
         );
         let net = guest_features(
             &cfg(Kind::Net, 1),
-            VIRTIO_F_VERSION_1 | NET_F_MRG_RXBUF | (1 << 17),
+            VIRTIO_F_VERSION_1 | NET_F_MRG_RXBUF | NET_F_CTRL_RX | NET_F_MQ,
         )
         .unwrap();
         assert_eq!(
             net,
-            VIRTIO_F_VERSION_1 | NET_F_MRG_RXBUF | NET_F_MAC | NET_F_STATUS
+            VIRTIO_F_VERSION_1 | NET_F_MRG_RXBUF | NET_F_MAC | NET_F_STATUS | NET_F_CTRL_VQ
+        );
+        assert_eq!(
+            guest_features(&cfg(Kind::Net, 2), VIRTIO_F_VERSION_1),
+            Err(PersonalityError::NetMq { pairs: 2 })
+        );
+        // The control queue is ringvm's: the backend never hears of it.
+        assert_eq!(
+            backend_features(Kind::Net, net | NET_F_MQ | NET_F_CTRL_RX),
+            VIRTIO_F_VERSION_1 | NET_F_MRG_RXBUF | NET_F_MAC | NET_F_STATUS | NET_F_MQ
         );
     }
 
