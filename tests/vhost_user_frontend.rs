@@ -1,21 +1,21 @@
-//! ringvm as a vhost-user front-end: the built-in guest's virtio-blk and
-//! virtio-net drivers against devices whose queues real backend processes
-//! serve: `ringvm-blk`, `qemu-storage-daemon --export type=vhost-user-blk`
-//! (an independent backend) and DPDK's `dpdk-testpmd` with a `net_vhost`
-//! port forwarding to a `net_tap` port. A scripted backend in this file
-//! lies in the handshake. Deadlines are generous: the guest runs under an
+//! ringvm as a vhost-user front-end for disks: the built-in guest's
+//! virtio-blk driver against devices whose queues real backend processes
+//! serve: `ringvm-blk` and `qemu-storage-daemon --export
+//! type=vhost-user-blk` (an independent backend). The scripted backend of
+//! tests/devices lies in the handshake and records the message order. The
+//! NIC tests (DPDK's testpmd) are in tests/vhost_user_net.rs. Deadlines are generous: the guest runs under an
 //! instruction emulator; nothing asserts on time.
 
 mod common;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::background::Vm;
 use common::{crc32, kvm_available, result_fields, ringvm_bin, run_ringvm, Outcome, TempDir};
 use ringvm_test_devices::vhost_user_script::{
     blk_config as script_config, Lie, Received, Script, ScriptedBackend, *,
@@ -25,7 +25,6 @@ const DEADLINE: Duration = Duration::from_secs(300);
 /// ringvm's exit code when stopped by SIGINT, SIGTERM or SIGHUP.
 const EXIT_SIGNALLED: i32 = 106;
 const QSD: &str = "/usr/bin/qemu-storage-daemon";
-const TESTPMD: &str = "/usr/bin/dpdk-testpmd";
 const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 
 fn ci() -> bool {
@@ -314,74 +313,6 @@ fn read_only_exports_offer_ro_and_fail_writes_with_ioerr() {
     }
 }
 
-/// A `ringvm` run in the background with its output in files.
-struct Vm {
-    child: Child,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Vm {
-    fn start(args: &[&str], dir: &Path) -> Vm {
-        Self::spawn(Command::new(ringvm_bin()).args(args), dir)
-    }
-
-    fn spawn(cmd: &mut Command, dir: &Path) -> Vm {
-        let (stdout, stderr) = (dir.join("vm.out"), dir.join("vm.err"));
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout).unwrap())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .expect("starting ringvm");
-        Vm {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    /// Waits until stdout or stderr contains `text`; panics if ringvm
-    /// ends first.
-    fn wait_for(&mut self, text: &str) {
-        let start = Instant::now();
-        while !self.stderr().contains(text) && !self.stdout().contains(text) {
-            assert!(
-                self.child.try_wait().unwrap().is_none(),
-                "ringvm ended: {}\n{}",
-                self.stdout(),
-                self.stderr()
-            );
-            assert!(start.elapsed() < DEADLINE, "no {text:?}: {}", self.stderr());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn finish(mut self) -> (Option<i32>, String, String) {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if start.elapsed() > DEADLINE {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("ringvm still running: {}", self.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        (status.code(), self.stdout(), self.stderr())
-    }
-}
-
 /// Waits until the guest's sequential write reached sector `sector`.
 fn wait_for_sector(disk: &Path, seed: u64, sector: u64, vm: &mut Vm) {
     let f = File::open(disk).unwrap();
@@ -518,236 +449,6 @@ fn reconnect_to_a_restarted_qemu_storage_daemon_finishes_the_workload() {
     if kvm_available() && Backend::Qsd.available() {
         reconnect(Backend::Qsd, 1, 2);
     }
-}
-
-/// A network namespace for one test, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Option<Netns> {
-        let name = format!("rvvhu-{tag}-{}", std::process::id());
-        let made = Command::new("ip").args(["netns", "add", &name]).output();
-        if !made.as_ref().is_ok_and(|o| o.status.success()) {
-            assert!(
-                !ci(),
-                "cannot create a network namespace and CI=true: {made:?}"
-            );
-            eprintln!("skipping: cannot create a network namespace: {made:?}");
-            return None;
-        }
-        let ns = Netns(name);
-        ns.run(&["ip", "link", "set", "lo", "up"]);
-        Some(ns)
-    }
-
-    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).arg(program);
-        c
-    }
-
-    fn run(&self, argv: &[&str]) -> std::process::Output {
-        let out = self
-            .command(argv[0])
-            .args(&argv[1..])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{argv:?} in {}: {out:?}", self.0);
-        out
-    }
-
-    /// Runs `f` on a thread that joined this namespace.
-    fn thread<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let ns = File::open(&path).unwrap();
-            // SAFETY: setns(2) on a valid namespace fd moves only the
-            // calling thread, which makes its sockets afterwards.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
-/// `dpdk-testpmd` without hugepages: port 0 a vhost-user server on
-/// `socket`, port 1 a TAP `tap` in `ns`, frames forwarded between them
-/// unchanged (io mode). Its stdin is held open: it runs until dropped.
-struct Testpmd {
-    child: Child,
-}
-
-impl Testpmd {
-    fn start(ns: &Netns, socket: &Path, tap: &str, queues: u16, log: &Path) -> Testpmd {
-        let child = ns
-            .command(TESTPMD)
-            .args(["--no-huge", "-m", "512", "--no-pci", "-l", "0-1"])
-            .arg(format!(
-                "--file-prefix=rvvhu{}-{queues}",
-                std::process::id()
-            ))
-            .arg(format!(
-                "--vdev=net_vhost0,iface={},client=0,queues={queues}",
-                socket.display()
-            ))
-            .arg(format!("--vdev=net_tap0,iface={tap}"))
-            .args(["--", "--forward-mode=io", "--auto-start", "--nb-cores=1"])
-            .arg(format!("--rxq={queues}"))
-            .arg(format!("--txq={queues}"))
-            .arg("--total-num-mbufs=8192")
-            .stdin(Stdio::piped())
-            .stdout(File::create(log).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting dpdk-testpmd");
-        let tp = Testpmd { child };
-        let start = Instant::now();
-        let up = || {
-            socket.exists()
-                && ns
-                    .command("ip")
-                    .args(["link", "show", "dev", tap])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
-        };
-        while !up() {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "testpmd did not come up: {}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        tp
-    }
-}
-
-impl Drop for Testpmd {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        // SAFETY: kill(2) on a child we spawned and have not reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-/// Sends `count` numbered datagrams to the guest's echo port, at most
-/// `window` unanswered; returns how many distinct ones came back. Runs
-/// inside the namespace.
-fn udp_echoes(count: u64, window: u64) -> u64 {
-    let s = std::net::UdpSocket::bind(("10.0.0.1", 0)).unwrap();
-    s.connect(("10.0.0.2", 7)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut seen = vec![false; count as usize];
-    let (mut sent, mut got) = (0u64, 0u64);
-    let mut buf = [0u8; 2048];
-    while got < count {
-        while sent < count && sent - got < window {
-            let mut payload = [0x5au8; 64];
-            payload[..8].copy_from_slice(&sent.to_le_bytes());
-            s.send(&payload).unwrap();
-            sent += 1;
-        }
-        match s.recv(&mut buf) {
-            Ok(64) => {
-                let seq = u64::from_le_bytes(buf[..8].try_into().unwrap()) as usize;
-                if seq < seen.len() && !seen[seq] {
-                    seen[seq] = true;
-                    got += 1;
-                }
-            }
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
-    got
-}
-
-/// Ping and UDP echoes through testpmd with `pairs` queue pairs (more
-/// than one: the guest switches them on through ringvm's control queue).
-fn through_testpmd(pairs: u16) {
-    if !kvm_available() || !have(TESTPMD, "dpdk-dev") || !have("/usr/bin/ping", "iputils-ping") {
-        return;
-    }
-    let Some(ns) = Netns::new(&format!("tpmd{pairs}")) else {
-        return;
-    };
-    let dir = TempDir::new(&format!("vhu-testpmd-{pairs}"));
-    let socket = dir.path().join("net.sock");
-    let tap = "rvdtap0";
-    let tp = Testpmd::start(&ns, &socket, tap, pairs, &dir.path().join("testpmd.log"));
-    ns.run(&["ip", "addr", "add", "10.0.0.1/24", "dev", tap]);
-    ns.run(&["ip", "link", "set", tap, "up"]);
-    let count = 200;
-    let net = format!(
-        "vhost_user=on,socket={},mac=52:54:00:12:34:58,queues={pairs}",
-        socket.display()
-    );
-    let cmdline =
-        format!("net.ip=10.0.0.2/24 net.mode=respond net.count={count} net.queues={pairs}");
-    let mut vm = Vm::spawn(
-        ns.command(ringvm_bin()).args([
-            "run",
-            "--kernel",
-            "builtin",
-            "--memory",
-            "128M",
-            "--net",
-            &net,
-            "--cmdline",
-            &cmdline,
-        ]),
-        dir.path(),
-    );
-    vm.wait_for(" link=");
-    let up = vm.stdout();
-    assert!(up.contains("mac=52:54:00:12:34:58"), "{up}");
-    assert!(up.contains(&format!("queues={pairs}")), "{up}");
-    let ping = ns
-        .command("ping")
-        .args(["-c", "3", "-i", "0.5", "-W", "30", "10.0.0.2"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&ping.stdout);
-    assert!(
-        ping.status.success() && text.contains(" 3 received"),
-        "{ping:?}"
-    );
-    let got = ns.thread(move || udp_echoes(count, 16)).join().unwrap();
-    let (code, stdout, stderr) = vm.finish();
-    drop(tp);
-    assert_eq!(got, count, "{stdout}\n{stderr}");
-    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
-    let f = result_fields(&stdout).unwrap();
-    assert_eq!(
-        (f["udp"].as_str(), f["bad"].as_str()),
-        (count.to_string().as_str(), "0"),
-        "{f:?}"
-    );
-    assert!(!stderr.contains("control command refused"), "{stderr}");
-}
-
-#[test]
-fn ping_and_udp_echo_through_dpdk_testpmd_vhost_user() {
-    through_testpmd(1);
-}
-
-#[test]
-fn two_queue_pairs_through_dpdk_testpmd_with_the_control_queue_in_ringvm() {
-    through_testpmd(2);
 }
 
 fn script(lie: Lie) -> Script {

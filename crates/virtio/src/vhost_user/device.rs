@@ -566,9 +566,15 @@ fn reconnect(shared: &Shared) -> Result<(), Retry> {
         ))
     };
     if let Some(active) = &st.active {
-        let missing = active.features
+        // What ringvm provides itself (a NIC's MAC, status and control
+        // queue) need not come from the backend.
+        let ours = match shared.cfg.kind {
+            Kind::Blk => 0,
+            Kind::Net => personality::NET_F_MAC | personality::NET_F_STATUS,
+        };
+        let missing = personality::backend_features(shared.cfg.kind, active.features)
             & !session.features
-            & !(personality::NET_F_MAC | personality::NET_F_STATUS);
+            & !ours;
         if missing != 0 {
             return Err(Retry::Logged(format!(
                 "the backend lacks negotiated features {missing:#x}"
