@@ -15,6 +15,7 @@ use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::net::ctrl::{handle, CtrlFeatures, Effect, RxFilter, VIRTIO_NET_ERR, VIRTIO_NET_OK};
+use crate::ratelimit::RateLimitedLog;
 
 /// Largest command read (MQ commands are 4 bytes).
 const MAX_COMMAND: usize = 4096;
@@ -36,11 +37,13 @@ struct Ctx {
     call: Option<EventFd>,
     features: CtrlFeatures,
     set_pairs: SetPairs,
-    name: String,
+    log: Arc<RateLimitedLog>,
 }
 
 /// What the control queue is served with.
 pub struct CtrlSetup {
+    /// Where refused commands are logged (guest-caused: rate-limited).
+    pub log: Arc<RateLimitedLog>,
     pub mem: GuestMemoryMmap,
     pub queue: Queue,
     pub kick: EventFd,
@@ -66,7 +69,7 @@ impl CtrlQueue {
                 max_pairs: setup.max_pairs,
             },
             set_pairs: setup.set_pairs,
-            name: name.into(),
+            log: setup.log,
         };
         let thread = {
             let stop = stop.clone();
@@ -162,7 +165,7 @@ fn command(
     let code = match status {
         Ok(()) => VIRTIO_NET_OK,
         Err(why) => {
-            log::warn!("{}: control command refused: {why}", ctx.name);
+            ctx.log.warn(format_args!("control command refused: {why}"));
             VIRTIO_NET_ERR
         }
     };
@@ -191,7 +194,8 @@ fn serve(mut ctx: Ctx, stop: &AtomicBool, wake: &EventFd) {
             }
             for (head, len) in done {
                 if ctx.queue.add_used(&mem, head, len).is_err() {
-                    log::warn!("{}: control queue: used ring not writable", ctx.name);
+                    ctx.log
+                        .warn(format_args!("control queue: used ring not writable"));
                 }
             }
             if ctx.queue.needs_notification(&mem).unwrap_or(true) {

@@ -25,6 +25,7 @@ use super::ctrl::{CtrlQueue, CtrlSetup, SetPairs};
 use super::personality::{self, PersonalityError, BLK_CONFIG_LEN};
 use super::session::{Session, SessionError, VringSetup};
 use crate::device::{read_config_space, ActivateError, QueueInit, VirtioDevice};
+use crate::ratelimit::RateLimitedLog;
 
 /// How often the watcher tries to reconnect.
 const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
@@ -168,6 +169,8 @@ pub struct VhostUserDevice {
     watcher: Option<JoinHandle<()>>,
     /// NIC: the control queue, served by ringvm while the device runs.
     ctrl: Option<CtrlQueue>,
+    /// Guest-caused errors (bad config writes, control commands).
+    log: Arc<RateLimitedLog>,
 }
 
 impl VhostUserDevice {
@@ -252,6 +255,7 @@ impl VhostUserDevice {
             stop_watch,
             watcher: Some(watcher),
             ctrl: None,
+            log: Arc::new(RateLimitedLog::new(name)),
         })
     }
 
@@ -281,6 +285,7 @@ impl VhostUserDevice {
         CtrlQueue::start(
             &self.shared.name,
             CtrlSetup {
+                log: self.log.clone(),
                 mem: self.shared.mem.clone(),
                 queue: q.queue,
                 kick: q.kick,
@@ -341,11 +346,10 @@ impl VirtioDevice for VhostUserDevice {
         // Only the disk's writeback byte (CONFIG_WCE) is writable; it goes
         // to the backend. Anything else is ignored, as in-VMM devices do.
         if self.kind != Kind::Blk || offset != 32 || data.len() != 1 {
-            log::warn!(
-                "{}: ignored write of {} bytes to config offset {offset:#x}",
-                self.shared.name,
+            self.log.warn(format_args!(
+                "ignored write of {} bytes to config offset {offset:#x}",
                 data.len()
-            );
+            ));
             return;
         }
         let mut st = self.shared.lock();
