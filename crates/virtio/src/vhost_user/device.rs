@@ -594,6 +594,25 @@ fn reconnect(shared: &Shared) -> Result<(), Retry> {
             st.inflight = None;
         }
         let mem = &shared.mem;
+        // Without an inflight region the rings restart at the used index.
+        // (A NIC's posted receive buffers are not requests: they are only
+        // offered again.)
+        if st.inflight.is_none() && shared.cfg.kind == Kind::Blk {
+            for q in &active.queues {
+                let avail = mem
+                    .read_obj::<u16>(q.avail.unchecked_add(2))
+                    .map(u16::from_le)
+                    .unwrap_or(0);
+                let pending = avail.wrapping_sub(used_idx(mem, q));
+                if pending > 1 {
+                    log::warn!(
+                        "{}: queue {}: {pending} requests were outstanding and the backend keeps no inflight region: they restart at the used index, which is exact only if the old backend completed in order",
+                        shared.name,
+                        q.index
+                    );
+                }
+            }
+        }
         start_rings(
             &mut session,
             shared,
