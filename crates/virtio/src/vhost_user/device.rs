@@ -259,6 +259,46 @@ impl VhostUserDevice {
         })
     }
 
+    /// Starts the backend's vrings for `active` (or keeps them for the
+    /// backend's return when it is away and `reconnect=on`).
+    fn start_queues(&self, active: Active) -> Result<(), ActivateError> {
+        let shared = &*self.shared;
+        let mut st = shared.lock();
+        let st = &mut *st;
+        st.pairs = 1;
+        let broken = st.broken;
+        match st.session.as_mut().filter(|_| !broken) {
+            Some(session) => {
+                match start_rings(session, shared, &active, &mut st.inflight, 1, &|q| {
+                    q.next_avail
+                }) {
+                    Ok(()) => st.active = Some(active),
+                    Err(e) => {
+                        failed(shared, st, "starting the queues", &e);
+                        if !e.is_broken() || !shared.cfg.reconnect {
+                            return Err(ActivateError::Worker(Box::new(e)));
+                        }
+                        // A new backend gets these queues on reconnect.
+                        st.active = Some(active);
+                    }
+                }
+            }
+            None => {
+                log::warn!(
+                    "{}: the driver started the device while its vhost-user backend is away{}",
+                    shared.name,
+                    if shared.cfg.reconnect {
+                        "; the queues start when it is back"
+                    } else {
+                        "; its queues stay stopped"
+                    }
+                );
+                st.active = Some(active);
+            }
+        }
+        Ok(())
+    }
+
     /// Starts the NIC's control queue: "use N pairs" enables the first N
     /// pairs' vrings in the backend and disables the rest.
     fn start_ctrl(&self, q: QueueInit) -> std::io::Result<CtrlQueue> {
@@ -398,41 +438,13 @@ impl VirtioDevice for VhostUserDevice {
         if let Some(q) = ctrl {
             self.ctrl = Some(self.start_ctrl(q).map_err(ActivateError::EventFd)?);
         }
-        let shared = &self.shared;
-        let mut st = shared.lock();
-        let st = &mut *st;
-        st.pairs = 1;
-        let broken = st.broken;
-        match st.session.as_mut().filter(|_| !broken) {
-            Some(session) => {
-                match start_rings(session, shared, &active, &mut st.inflight, 1, &|q| {
-                    q.next_avail
-                }) {
-                    Ok(()) => st.active = Some(active),
-                    Err(e) => {
-                        failed(shared, st, "starting the queues", &e);
-                        if !e.is_broken() || !shared.cfg.reconnect {
-                            return Err(ActivateError::Worker(Box::new(e)));
-                        }
-                        // A new backend gets these queues on reconnect.
-                        st.active = Some(active);
-                    }
-                }
-            }
-            None => {
-                log::warn!(
-                    "{}: the driver started the device while its vhost-user backend is away{}",
-                    shared.name,
-                    if shared.cfg.reconnect {
-                        "; the queues start when it is back"
-                    } else {
-                        "; its queues stay stopped"
-                    }
-                );
-                st.active = Some(active);
-            }
+        let result = self.start_queues(active);
+        if result.is_err() {
+            // Not started: no control queue either (the lock is free now,
+            // so its thread can be joined).
+            self.ctrl = None;
         }
-        Ok(())
+        result
     }
 
     fn reset(&mut self) {
