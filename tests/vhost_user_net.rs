@@ -99,6 +99,8 @@ impl Drop for Netns {
 /// unchanged (io mode). Its stdin is held open: it runs until dropped.
 struct Testpmd {
     child: Child,
+    /// DPDK's runtime directory of this instance (--file-prefix).
+    runtime: std::path::PathBuf,
 }
 
 impl Testpmd {
@@ -122,7 +124,10 @@ impl Testpmd {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting dpdk-testpmd");
-        let tp = Testpmd { child };
+        let tp = Testpmd {
+            child,
+            runtime: Path::new("/var/run/dpdk").join(&ns.0),
+        };
         let start = Instant::now();
         let up = || {
             socket.exists()
@@ -152,6 +157,8 @@ impl Drop for Testpmd {
         // SAFETY: kill(2) on a child we spawned and have not reaped.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
+        // DPDK leaves it behind.
+        let _ = std::fs::remove_dir_all(&self.runtime);
     }
 }
 
