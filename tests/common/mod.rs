@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod background;
 pub mod netns;
 
 use std::io::Read;

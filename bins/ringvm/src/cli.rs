@@ -13,6 +13,7 @@ use crate::vm::Plan;
 use crate::BUILTIN_GUEST;
 use virtio::blk::DiskConfig;
 use virtio::net::NetConfig;
+use virtio::vhost_user::{is_vhost_user, Kind, VhostUserConfig};
 
 /// ringvm: a KVM virtual machine monitor whose device backends run on io_uring.
 ///
@@ -139,7 +140,10 @@ pub struct RunArgs {
     /// A virtio-blk disk (repeatable):
     /// `path=PATH[,readonly=on][,direct=on][,queues=N][,queue_size=N][,serial=ID][,iothread=I[:J...]]`.
     /// `direct=on` opens the file with O_DIRECT; `iothread` lists the
-    /// iothreads its queues are spread over (default: all).
+    /// iothreads its queues are spread over (default: all). Or a disk
+    /// served by a vhost-user backend:
+    /// `vhost_user=on,socket=PATH[,queues=N][,queue_size=N][,reconnect=on]`
+    /// (guest RAM is then shared memory).
     #[arg(long, value_name = "path=PATH[,...]")]
     pub disk: Vec<String>,
 
@@ -172,7 +176,8 @@ pub struct RunArgs {
     /// attaches to an existing TAP (created with `multi_queue` for N > 1);
     /// `ip=A.B.C.D,mask=A.B.C.D[,mac=MAC][,queues=N]` creates a TAP and
     /// gives the host side that address. Also `queue_size=N` and
-    /// `iothread=I[:J...]`.
+    /// `iothread=I[:J...]`. Or a NIC served by a vhost-user backend:
+    /// `vhost_user=on,socket=PATH[,mac=MAC][,queue_size=N][,reconnect=on]`.
     #[arg(long, value_name = "tap=NAME|ip=IP,mask=MASK[,...]")]
     pub net: Vec<String>,
 
@@ -249,15 +254,18 @@ impl RunArgs {
         let disks = self
             .disk
             .iter()
+            .filter(|d| !is_vhost_user(d))
             .map(|d| DiskConfig::parse(d))
             .collect::<Result<Vec<_>, _>>()
             .context("--disk")?;
         let nets = self
             .net
             .iter()
+            .filter(|n| !is_vhost_user(n))
             .map(|n| NetConfig::parse(n))
             .collect::<Result<Vec<_>, _>>()
             .context("--net")?;
+        let vhost_user = self.vhost_user_devices()?;
         let passthrough = self
             .device
             .iter()
@@ -278,6 +286,7 @@ impl RunArgs {
             vm: self.to_config()?,
             disks,
             nets,
+            vhost_user,
             passthrough,
             iothreads: self.iothreads,
             iothread_poll: (
@@ -290,6 +299,21 @@ impl RunArgs {
             ),
             iothread_stats: self.iothread_stats,
         })
+    }
+
+    /// The `vhost_user=on` disks, then NICs, in command-line order.
+    fn vhost_user_devices(&self) -> Result<Vec<VhostUserConfig>> {
+        let disks = self
+            .disk
+            .iter()
+            .filter(|d| is_vhost_user(d))
+            .map(|d| VhostUserConfig::parse(Kind::Blk, d));
+        let nets = self
+            .net
+            .iter()
+            .filter(|n| is_vhost_user(n))
+            .map(|n| VhostUserConfig::parse(Kind::Net, n));
+        Ok(disks.chain(nets).collect::<Result<Vec<_>, _>>()?)
     }
 
     pub fn to_config(&self) -> Result<VmConfig> {
@@ -315,7 +339,9 @@ impl RunArgs {
             serial,
             serial_input: true,
             cpuid_hide,
-            shared_memory: !self.user_device.is_empty(),
+            // Shared (a memfd) only when another process maps guest RAM.
+            shared_memory: !self.user_device.is_empty()
+                || self.disk.iter().chain(&self.net).any(|d| is_vhost_user(d)),
             irqchip: match self.irqchip.as_str() {
                 "kernel" => IrqChip::Kernel,
                 _ => IrqChip::Split,

@@ -8,6 +8,7 @@ use uring_backend::iothread::IoThread;
 use virtio::blk::{BlockDevice, BlockStats, DiskConfig};
 use virtio::net::{NetConfig, NetDevice, NetStats};
 use virtio::transport::VirtioPciDevice;
+use virtio::vhost_user::{Kind, VhostUserConfig, VhostUserDevice};
 use virtio::VirtioDevice;
 use vmm::machine::Machine;
 use vmm::registry::DeviceRegistry;
@@ -21,6 +22,8 @@ pub struct Plan {
     pub vm: VmConfig,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
+    /// Disks and NICs served by vhost-user backends.
+    pub vhost_user: Vec<VhostUserConfig>,
     /// PCI functions passed through (kernel VFIO or vfio-user).
     pub passthrough: Vec<passthrough::Source>,
     pub iothreads: usize,
@@ -90,6 +93,8 @@ pub struct Built {
 
 /// Builds the VM of `plan`: machine, iothreads, devices.
 pub fn build(plan: &Plan) -> Result<Built, Failure> {
+    // Threads devices start on their own take this mode too.
+    vmm::seccomp::set_default_mode(plan.vm.seccomp);
     let mut machine = Machine::build(&plan.vm).map_err(|e| Failure {
         bad_input: e.is_bad_input(),
         error: e.into(),
@@ -132,6 +137,16 @@ pub fn build(plan: &Plan) -> Result<Built, Failure> {
         let name = format!("virtio-net{i}");
         let dev = NetDevice::new(&name, net, &iothreads).map_err(input)?;
         nets.push((name.clone(), dev.stats_handle()));
+        add_virtio_device(&mut machine, &name, Box::new(dev))?;
+    }
+    let (mut blk, mut net) = (0, 0);
+    for cfg in &plan.vhost_user {
+        let name = match cfg.kind {
+            Kind::Blk => (format!("vhost-user-blk{blk}"), blk += 1).0,
+            Kind::Net => (format!("vhost-user-net{net}"), net += 1).0,
+        };
+        let mac = cfg.mac.unwrap_or_else(virtio::net::device::random_mac);
+        let dev = VhostUserDevice::new(&name, cfg, machine.memory().clone(), mac).map_err(input)?;
         add_virtio_device(&mut machine, &name, Box::new(dev))?;
     }
     for (i, source) in plan.passthrough.iter().enumerate() {

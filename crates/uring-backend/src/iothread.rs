@@ -110,10 +110,11 @@ async fn serve_jobs(ex: Rc<Executor>, jobs: Receiver<Job>, fd: Arc<EventFd>) {
     }
 }
 
-/// An iothread takes no process-directed signals (SIGTERM, SIGINT, ...):
-/// they belong to the thread that waits for them, whether the iothread was
+/// An iothread (or any helper thread, such as a vhost-user device's
+/// watcher) takes no process-directed signals (SIGTERM, SIGINT, ...): they
+/// belong to the thread that waits for them, whether the helper was
 /// started before or after that thread blocked them.
-fn block_process_signals() {
+pub fn block_process_signals() {
     // SAFETY: sigset_t is plain data; sigfillset initialises it.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t.

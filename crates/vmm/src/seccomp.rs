@@ -73,6 +73,9 @@ pub enum ThreadKind {
     VhostUser,
     /// A thread that only waits for stop signals and passes them on.
     Signals,
+    /// A deadline thread: sleeps on a condition variable and shuts a
+    /// socket down when a peer's reply is late.
+    Watchdog,
 }
 
 impl ThreadKind {
@@ -83,6 +86,7 @@ impl ThreadKind {
             ThreadKind::IoThread => "iothread",
             ThreadKind::VhostUser => "vhost-user",
             ThreadKind::Signals => "signals",
+            ThreadKind::Watchdog => "watchdog",
         }
     }
 }
@@ -138,6 +142,11 @@ const COMMON: &[i64] = &[
     libc::SYS_exit_group,
     libc::SYS_getrandom,
     libc::SYS_rseq,
+    // A thread started by a sandboxed one tightens its inherited filter
+    // with its own (filters only ever add restrictions); seccompiler sets
+    // no_new_privs first.
+    libc::SYS_seccomp,
+    libc::SYS_prctl,
 ];
 
 /// The main thread's control loop and teardown.
@@ -188,6 +197,14 @@ const VCPU: &[i64] = &[
     libc::SYS_fsync,
     libc::SYS_fdatasync,
     libc::SYS_lseek,
+    // A vhost-user NIC started by the guest gets its control-queue thread
+    // (threads only: `clone` needs CLONE_THREAD, `clone3` is answered
+    // ENOSYS); the thread inherits this list.
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_set_robust_list,
+    libc::SYS_prctl,
+    libc::SYS_sched_getaffinity,
 ];
 
 /// An iothread: the ring, eventfds, TAP control for queue pairs and
@@ -323,7 +340,14 @@ const VHOST_USER: &[i64] = &[
     // The listening socket's path is removed when the daemon stops.
     libc::SYS_unlink,
     libc::SYS_unlinkat,
+    // A front-end reconnecting to its backend (`reconnect=on`): a Unix
+    // socket (AF_UNIX only, see `socket_rules`) and connect.
+    libc::SYS_socket,
+    libc::SYS_connect,
 ];
+
+/// A deadline thread (see [`ThreadKind::Watchdog`]).
+const WATCHDOG: &[i64] = &[libc::SYS_shutdown];
 
 /// A signal thread: `sigwait`, then an eventfd write or a socket
 /// shutdown.
@@ -336,6 +360,50 @@ fn list(kind: ThreadKind) -> &'static [i64] {
         ThreadKind::IoThread => IOTHREAD,
         ThreadKind::VhostUser => VHOST_USER,
         ThreadKind::Signals => SIGNALS,
+        ThreadKind::Watchdog => WATCHDOG,
+    }
+}
+
+/// Threads of this kind may start threads (see [`clone_rules`]).
+fn starts_threads(kind: ThreadKind) -> bool {
+    matches!(kind, ThreadKind::VhostUser | ThreadKind::Vcpu)
+}
+
+/// `socket` for Unix sockets only.
+fn socket_rules() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::AF_UNIX as u64,
+    )?])?])
+}
+
+/// The mode for threads that devices start on their own (vhost-user
+/// watchers and deadline threads): set once by the binary
+/// ([`set_default_mode`]); off until then (library tests).
+static DEFAULT_MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
+/// Sets the mode [`apply_default`] uses.
+pub fn set_default_mode(mode: SeccompMode) {
+    let v = match mode {
+        SeccompMode::Enforce => 0,
+        SeccompMode::Log => 1,
+        SeccompMode::Off => 2,
+    };
+    DEFAULT_MODE.store(v, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Installs `kind`'s filter in the process's default mode; a failure is
+/// logged (the thread then runs unfiltered).
+pub fn apply_default(kind: ThreadKind) {
+    let mode = match DEFAULT_MODE.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => SeccompMode::Enforce,
+        1 => SeccompMode::Log,
+        _ => SeccompMode::Off,
+    };
+    if let Err(e) = apply(kind, mode) {
+        log::error!("{} thread: {e}", kind.name());
     }
 }
 
@@ -380,12 +448,15 @@ fn build(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, Seccom
     for &nr in COMMON.iter().chain(list(kind)) {
         rules.insert(nr, Vec::new());
     }
+    let build_err = |source| SeccompError::Build {
+        kind: kind.name(),
+        source,
+    };
+    if starts_threads(kind) {
+        rules.insert(libc::SYS_clone, clone_rules().map_err(build_err)?);
+    }
     if kind == ThreadKind::VhostUser {
-        let clone = clone_rules().map_err(|source| SeccompError::Build {
-            kind: kind.name(),
-            source,
-        })?;
-        rules.insert(libc::SYS_clone, clone);
+        rules.insert(libc::SYS_socket, socket_rules().map_err(build_err)?);
     }
     if kind == ThreadKind::Vcpu {
         let ioctls = ioctl_rules(&vcpu_ioctls()).map_err(|source| SeccompError::Build {
@@ -464,7 +535,7 @@ pub fn apply(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
     let len = n.len().min(15);
     name[..len].copy_from_slice(&n[..len]);
     NAME.with(|c| c.set(name));
-    if kind == ThreadKind::VhostUser {
+    if starts_threads(kind) {
         let enosys = clone3_enosys().map_err(|source| SeccompError::Compile {
             kind: kind.name(),
             source,
@@ -599,6 +670,7 @@ mod tests {
             ThreadKind::IoThread,
             ThreadKind::VhostUser,
             ThreadKind::Signals,
+            ThreadKind::Watchdog,
         ] {
             assert!(program(kind, SeccompMode::Off).unwrap().is_none());
             for mode in [SeccompMode::Enforce, SeccompMode::Log] {

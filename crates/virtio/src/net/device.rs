@@ -246,7 +246,7 @@ pub struct NetDevice {
 }
 
 /// A locally administered unicast MAC, different per device and run.
-fn random_mac() -> [u8; 6] {
+pub fn random_mac() -> [u8; 6] {
     let mut bytes = [0u8; 4];
     // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
     let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
