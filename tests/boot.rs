@@ -81,7 +81,7 @@ fn two_vcpus_count_both(irqchip: &str) {
 }
 
 #[test]
-fn builtin_guest_on_two_vcpus_counts_both() {
+fn in_kernel_irqchip_boots_the_builtin_guest_on_two_vcpus() {
     two_vcpus_count_both("kernel");
 }
 

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod background;
 pub mod netns;
 
 use std::io::Read;
@@ -81,6 +82,64 @@ pub fn run_command(cmd: &mut Command, deadline: Duration) -> Outcome {
         code: status.code(),
         stdout: String::from_utf8_lossy(&t_out.join().unwrap()).into_owned(),
         stderr: String::from_utf8_lossy(&t_err.join().unwrap()).into_owned(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// Runs `cmd` until its stdout has a line containing `until` (then sends
+/// it SIGTERM and collects what it printed) or it ends by itself; fails
+/// after `deadline`.
+pub fn run_until_line(cmd: &mut Command, until: &str, deadline: Duration) -> Outcome {
+    use std::io::BufRead;
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning ringvm");
+    let pid = child.id() as libc::pid_t;
+    let out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let until = until.to_string();
+    let t_out = std::thread::spawn(move || {
+        let mut text = String::new();
+        let mut seen = false;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            text.push_str(&line);
+            text.push('\n');
+            if !seen && line.contains(&until) {
+                seen = true;
+                // SAFETY: kill(2) on our child, not reaped yet (the main
+                // thread only reaps after this thread has ended).
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+        text
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    while !t_out.is_finished() {
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stdout = t_out.join().unwrap();
+    let status = child.wait().expect("waiting for ringvm");
+    let stderr = String::from_utf8_lossy(&t_err.join().unwrap()).into_owned();
+    assert!(
+        start.elapsed() <= deadline,
+        "ringvm still running after {deadline:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    Outcome {
+        code: status.code(),
+        stdout,
+        stderr,
         elapsed: start.elapsed(),
     }
 }

@@ -29,6 +29,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::ShutdownHandle;
 use virtio::blk::{BlockDevice, DiskConfig};
 use virtio::VirtioDevice;
+use vmm::seccomp::{SeccompMode, ThreadKind};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const BAD_INPUT: u8 = 2;
@@ -64,6 +65,13 @@ struct Cli {
     #[arg(long, value_name = "always|io", default_value = "always",
           value_parser = ["always", "io"])]
     poll_mode: String,
+    /// Seccomp filters per thread kind, as `ringvm run --seccomp`: the
+    /// protocol thread (and the per-connection handler it starts), the
+    /// iothreads and the signal thread. `true` ends the daemon (exit code
+    /// 109, naming the thread and the call) on a call outside the list.
+    #[arg(long, value_name = "true|false|log", default_value = "true",
+          value_parser = ["true", "false", "log"])]
+    seccomp: String,
 }
 
 struct StderrLogger;
@@ -154,10 +162,17 @@ impl Stop {
     }
 }
 
-fn spawn_signal_thread(set: libc::sigset_t, stop: Arc<Stop>) -> Result<()> {
+fn spawn_signal_thread(set: libc::sigset_t, stop: Arc<Stop>, mode: SeccompMode) -> Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
+            static SANDBOXED: std::sync::Once = std::sync::Once::new();
+            SANDBOXED.call_once(|| {
+                if let Err(e) = vmm::seccomp::apply(ThreadKind::Signals, mode) {
+                    log::error!("signal thread: {e}; stopping");
+                    stop.request();
+                }
+            });
             let mut sig: libc::c_int = 0;
             // SAFETY: `set` is an initialised sigset and `sig` a valid out
             // pointer; the signals are blocked in every thread.
@@ -253,8 +268,19 @@ fn run(cli: Cli) -> Result<u8> {
             std::io::Error::from_raw_os_error(rc)
         );
     }
+    let mode: SeccompMode = cli.seccomp.parse().context("--seccomp")?;
     let iothreads = (0..cli.iothreads)
-        .map(|i| IoThread::spawn(&format!("iothread{i}"), IOTHREAD_RING_ENTRIES).map(Arc::new))
+        .map(|i| {
+            let sandbox: uring_backend::iothread::Sandbox = Box::new(move || {
+                vmm::seccomp::apply(ThreadKind::IoThread, mode).map_err(|e| format!("{e:#}"))
+            });
+            IoThread::spawn_sandboxed(
+                &format!("iothread{i}"),
+                IOTHREAD_RING_ENTRIES,
+                Some(sandbox),
+            )
+            .map(Arc::new)
+        })
         .collect::<Result<Vec<_>, _>>()
         .context("starting the iothreads")?;
     for t in &iothreads {
@@ -293,7 +319,16 @@ fn run(cli: Cli) -> Result<u8> {
         event: EventFd::new(EFD_NONBLOCK).context("creating the stop eventfd")?,
         connection: Mutex::new(None),
     });
-    spawn_signal_thread(set, stop.clone())?;
+    spawn_signal_thread(set, stop.clone(), mode)?;
+    // Opened now: the protocol thread may not open files once sandboxed.
+    let sync_file = if disk.readonly() {
+        None
+    } else {
+        Some(
+            std::fs::File::open(disk.path())
+                .with_context(|| format!("opening {} to flush it", disk.path().display()))?,
+        )
+    };
     eprintln!(
         "ringvm-blk: serving {} ({sectors} sectors, {} queue(s){}) on {}",
         config.path.display(),
@@ -301,15 +336,16 @@ fn run(cli: Cli) -> Result<u8> {
         if config.readonly { ", read-only" } else { "" },
         cli.socket.display()
     );
+    vmm::seccomp::apply(ThreadKind::VhostUser, mode).context("seccomp")?;
+    vmm::seccomp::test_call(ThreadKind::VhostUser);
     let served = serve(&mut listener, &device, &stop);
     // Every request has completed once the device is reset; then make
     // what was written durable.
     device.lock().unwrap_or_else(|e| e.into_inner()).reset();
     let _ = std::fs::remove_file(&cli.socket);
     served?;
-    if !disk.readonly() {
-        std::fs::File::open(disk.path())
-            .and_then(|f| f.sync_all())
+    if let Some(f) = sync_file {
+        f.sync_all()
             .with_context(|| format!("flushing {}", disk.path().display()))?;
     }
     drop(iothreads);

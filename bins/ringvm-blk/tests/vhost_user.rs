@@ -394,3 +394,70 @@ fn malformed_messages_end_the_connection_not_the_daemon() {
     drop(s);
     assert_eq!(d.terminate().code, Some(0));
 }
+
+/// `Seccomp:` of every thread of `pid` (name, mode).
+fn thread_seccomp(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        out.push((field("Name:"), field("Seccomp:")));
+    }
+    out
+}
+
+/// Every thread of the daemon runs under a seccomp filter once it serves,
+/// the front-end's session included (the tests above run with the default
+/// `--seccomp true`); a forbidden call on the protocol thread is reported.
+#[test]
+fn every_daemon_thread_is_filtered_and_a_forbidden_call_is_named() {
+    let dir = TempDir::new("seccomp");
+    let disk = dir.disk("d.img", 1 << 20);
+    let spec = format!("path={},queues=2", disk.display());
+    let daemon = Daemon::start(&dir, "sc", &spec);
+    let pid = daemon.child.as_ref().unwrap().id();
+    // The signal thread sandboxes itself as it starts waiting.
+    let start = Instant::now();
+    let threads = loop {
+        let t = thread_seccomp(pid);
+        if t.iter().all(|(_, s)| s == "2") || start.elapsed() > Duration::from_secs(10) {
+            break t;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(threads.len() >= 3, "{threads:?}");
+    assert!(threads.iter().all(|(_, s)| s == "2"), "{threads:?}");
+    assert!(threads.iter().any(|(n, _)| n == "iothread0"), "{threads:?}");
+    assert!(threads.iter().any(|(n, _)| n == "signals"), "{threads:?}");
+    let out = daemon.terminate();
+    assert_eq!(out.code, Some(0), "{out:?}");
+
+    let out = run(
+        Command::new(daemon_bin())
+            .arg("--socket")
+            .arg(dir.0.join("sc2.sock"))
+            .args(["--disk", &spec])
+            .env(
+                "RINGVM_TEST_SECCOMP_CALL",
+                format!("vhost-user:{}", libc::SYS_socket),
+            ),
+        "ringvm-blk",
+    );
+    assert_eq!(out.code, Some(109), "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "made system call {} (socket), which its allow-list forbids",
+            libc::SYS_socket
+        )),
+        "{out:?}"
+    );
+}

@@ -13,6 +13,7 @@ use crate::vm::Plan;
 use crate::BUILTIN_GUEST;
 use virtio::blk::DiskConfig;
 use virtio::net::NetConfig;
+use virtio::vhost_user::{is_vhost_user, Kind, VhostUserConfig};
 
 /// ringvm: a KVM virtual machine monitor whose device backends run on io_uring.
 ///
@@ -36,7 +37,9 @@ Exit codes:
   104   KVM internal error, e.g. an instruction KVM cannot emulate
   105   host-side error (KVM, threads, I/O) after the VM was built
   106   ringvm was stopped by SIGINT, SIGTERM or SIGHUP
-  107   the guest halted with interrupts disabled on every vCPU (dead)";
+  107   the guest halted with interrupts disabled on every vCPU (dead)
+  108   an API request stopped the VM (vm.shutdown) under `ringvm run`
+  109   a ringvm thread made a system call its seccomp allow-list forbids";
 
 #[derive(Subcommand, Debug)]
 // Parsed once per run; boxing the arguments would buy nothing.
@@ -44,6 +47,11 @@ Exit codes:
 pub enum Command {
     /// Boot a kernel in a new VM and run it until it stops.
     Run(RunArgs),
+    /// Start the VMM with no VM and serve the API until `vmm.shutdown`
+    /// (a VM is made with `vm.create` and started with `vm.boot`).
+    Serve(ServeArgs),
+    /// Send one request to a VMM's API socket and print the answer's JSON.
+    Remote(RemoteArgs),
     /// Write the built-in guest's ELF image to a file (it also boots under
     /// `qemu-system-x86_64 -kernel FILE`).
     BuiltinGuest {
@@ -51,6 +59,35 @@ pub enum Command {
         #[arg(long, short, value_name = "PATH")]
         output: PathBuf,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Where to create the API socket (mode 0600; a stale socket there is
+    /// replaced, anything else is refused).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Write lifecycle events as JSON lines: `path=PATH` (appended) or
+    /// `fd=N` (an open file descriptor).
+    #[arg(long, value_name = "path=PATH|fd=N")]
+    pub event_monitor: Option<String>,
+    /// Print each iothread's counters when a VM stops.
+    #[arg(long)]
+    pub iothread_stats: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RemoteArgs {
+    /// The VMM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// ping, info, counters, pause, resume, shutdown, reboot,
+    /// power-button, create FILE.json, boot, delete, shutdown-vmm.
+    #[arg(value_name = "COMMAND")]
+    pub command: String,
+    /// The command's argument (create: the VM configuration file).
+    #[arg(value_name = "ARG")]
+    pub args: Vec<String>,
 }
 
 #[derive(Args, Debug, Default)]
@@ -103,16 +140,20 @@ pub struct RunArgs {
     /// A virtio-blk disk (repeatable):
     /// `path=PATH[,readonly=on][,direct=on][,queues=N][,queue_size=N][,serial=ID][,iothread=I[:J...]]`.
     /// `direct=on` opens the file with O_DIRECT; `iothread` lists the
-    /// iothreads its queues are spread over (default: all).
+    /// iothreads its queues are spread over (default: all). Or a disk
+    /// served by a vhost-user backend:
+    /// `vhost_user=on,socket=PATH[,queues=N][,queue_size=N][,reconnect=on]`
+    /// (guest RAM is then shared memory).
     #[arg(long, value_name = "path=PATH[,...]")]
     pub disk: Vec<String>,
 
-    /// Interrupt controllers: `kernel` (KVM's PIC, IOAPIC and PIT) or
-    /// `split` (local APICs in KVM, IOAPIC in ringvm, no PIC or PIT: much
-    /// faster VM creation and teardown; for guests that need neither the
-    /// PIT nor PCI INTx).
-    #[arg(long, value_name = "kernel|split", default_value = "kernel",
-          value_parser = ["kernel", "split"])]
+    /// Interrupt controllers: `split` (default: local APICs in KVM, the
+    /// IOAPIC in ringvm with level-triggered lines through EOI exits, no
+    /// PIC or PIT: much faster VM creation and teardown) or `kernel`
+    /// (KVM's PIC, IOAPIC and PIT, for guests that need the PIT or the
+    /// 8259s).
+    #[arg(long, value_name = "split|kernel", default_value = "split",
+          value_parser = ["split", "kernel"])]
     pub irqchip: String,
 
     /// ACPI tables (MADT, FADT, DSDT, MCFG; found through the PVH start
@@ -123,11 +164,20 @@ pub struct RunArgs {
           value_parser = ["on", "off"])]
     pub acpi: String,
 
+    /// Seccomp filters, one allow-list per thread kind (vCPU, iothread,
+    /// control thread): `true` stops ringvm (exit code 109, naming the
+    /// thread and the call) on a system call outside the list, `log` lets
+    /// it through and has the kernel log it (dmesg), `false` installs none.
+    #[arg(long, value_name = "true|false|log", default_value = "true",
+          value_parser = ["true", "false", "log"])]
+    pub seccomp: String,
+
     /// A virtio-net device (repeatable): `tap=NAME[,mac=MAC][,queues=N]`
     /// attaches to an existing TAP (created with `multi_queue` for N > 1);
     /// `ip=A.B.C.D,mask=A.B.C.D[,mac=MAC][,queues=N]` creates a TAP and
     /// gives the host side that address. Also `queue_size=N` and
-    /// `iothread=I[:J...]`.
+    /// `iothread=I[:J...]`. Or a NIC served by a vhost-user backend:
+    /// `vhost_user=on,socket=PATH[,mac=MAC][,queue_size=N][,reconnect=on]`.
     #[arg(long, value_name = "tap=NAME|ip=IP,mask=MASK[,...]")]
     pub net: Vec<String>,
 
@@ -163,6 +213,16 @@ pub struct RunArgs {
     /// counters (turns, io_uring_enter calls, SQEs, CQEs) on stderr.
     #[arg(long)]
     pub iothread_stats: bool,
+
+    /// Serve the HTTP API on this Unix socket while the VM runs (see
+    /// `ringvm serve`); without it no API thread is started.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// Write lifecycle events as JSON lines: `path=PATH` (appended) or
+    /// `fd=N` (an open file descriptor).
+    #[arg(long, value_name = "path=PATH|fd=N")]
+    pub event_monitor: Option<String>,
 }
 
 fn parse_serial(s: &str) -> Result<SerialOutput> {
@@ -194,15 +254,18 @@ impl RunArgs {
         let disks = self
             .disk
             .iter()
+            .filter(|d| !is_vhost_user(d))
             .map(|d| DiskConfig::parse(d))
             .collect::<Result<Vec<_>, _>>()
             .context("--disk")?;
         let nets = self
             .net
             .iter()
+            .filter(|n| !is_vhost_user(n))
             .map(|n| NetConfig::parse(n))
             .collect::<Result<Vec<_>, _>>()
             .context("--net")?;
+        let vhost_user = self.vhost_user_devices()?;
         let passthrough = self
             .device
             .iter()
@@ -223,6 +286,7 @@ impl RunArgs {
             vm: self.to_config()?,
             disks,
             nets,
+            vhost_user,
             passthrough,
             iothreads: self.iothreads,
             iothread_poll: (
@@ -235,6 +299,21 @@ impl RunArgs {
             ),
             iothread_stats: self.iothread_stats,
         })
+    }
+
+    /// The `vhost_user=on` disks, then NICs, in command-line order.
+    fn vhost_user_devices(&self) -> Result<Vec<VhostUserConfig>> {
+        let disks = self
+            .disk
+            .iter()
+            .filter(|d| is_vhost_user(d))
+            .map(|d| VhostUserConfig::parse(Kind::Blk, d));
+        let nets = self
+            .net
+            .iter()
+            .filter(|n| is_vhost_user(n))
+            .map(|n| VhostUserConfig::parse(Kind::Net, n));
+        Ok(disks.chain(nets).collect::<Result<Vec<_>, _>>()?)
     }
 
     pub fn to_config(&self) -> Result<VmConfig> {
@@ -260,12 +339,18 @@ impl RunArgs {
             serial,
             serial_input: true,
             cpuid_hide,
-            shared_memory: !self.user_device.is_empty(),
+            // Shared (a memfd) only when another process maps guest RAM.
+            shared_memory: !self.user_device.is_empty()
+                || self.disk.iter().chain(&self.net).any(|d| is_vhost_user(d)),
             irqchip: match self.irqchip.as_str() {
-                "split" => IrqChip::Split,
-                _ => IrqChip::Kernel,
+                "kernel" => IrqChip::Kernel,
+                _ => IrqChip::Split,
             },
             acpi: self.acpi != "off",
+            seccomp: match self.seccomp.as_str() {
+                "" => Default::default(),
+                s => s.parse().context("--seccomp")?,
+            },
         })
     }
 }

@@ -1,6 +1,7 @@
 //! The `ringvm` command.
 
 mod cli;
+mod controller;
 mod logger;
 mod vm;
 
@@ -9,7 +10,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cli::{Cli, Command, RunArgs};
+use cli::{Cli, Command, RemoteArgs, RunArgs, ServeArgs};
+use ringvm::api::{client, dispatch::Endpoint, server, types::VmConfig as ApiConfig};
 use vmm::config::format_size;
 use vmm::{exit_code, KernelSource, RunReport};
 
@@ -62,18 +64,227 @@ fn print_stop_line(plan: &vm::Plan, report: &RunReport) {
     );
 }
 
-fn run(args: &RunArgs) -> ExitCode {
-    match args.to_plan() {
-        Ok(plan) => exit(run_plan(&plan)),
+/// Installs the `--event-monitor` writer: `path=PATH` or `fd=N`.
+fn event_monitor(spec: &str) -> Result<()> {
+    let writer: Box<dyn Write + Send> = if let Some(path) = spec.strip_prefix("path=") {
+        Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("--event-monitor: opening {path}"))?,
+        )
+    } else if let Some(fd) = spec.strip_prefix("fd=") {
+        use std::os::fd::FromRawFd;
+        let fd: i32 = fd
+            .parse()
+            .ok()
+            .filter(|&n| n >= 0)
+            .with_context(|| format!("--event-monitor: invalid fd {fd:?}"))?;
+        // SAFETY: F_GETFD only asks whether the descriptor is open.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            anyhow::bail!("--event-monitor: fd {fd} is not open");
+        }
+        // SAFETY: the descriptor is open and handed to ringvm for this use
+        // alone; the monitor owns it from now on.
+        Box::new(unsafe { std::fs::File::from_raw_fd(fd) })
+    } else {
+        anyhow::bail!("invalid --event-monitor {spec:?}: expected path=PATH or fd=N");
+    };
+    vmm::events::install(writer);
+    Ok(())
+}
+
+/// Binds the API socket and starts the API thread.
+fn start_api(path: &std::path::Path, ctl: &std::sync::Arc<controller::Controller>) -> Result<()> {
+    let listener = server::bind(path).context("--api-socket")?;
+    server::spawn(listener, ctl.clone()).context("--api-socket")?;
+    Ok(())
+}
+
+/// `ringvm run --api-socket`: the same VM as a plain run, with the API
+/// serving it; the process ends when the VM stops.
+fn run_with_api(args: RunArgs) -> ExitCode {
+    let Some(path) = args.api_socket.clone() else {
+        return exit(exit_code::HOST_ERROR);
+    };
+    let stats = args.iothread_stats;
+    // Before any thread starts, so that none takes termination signals.
+    let signals = match vmm::control::Signals::block() {
+        Ok(s) => s,
+        Err(e) => {
+            error_line(&e.into());
+            return exit(exit_code::HOST_ERROR);
+        }
+    };
+    let ctl = match controller::Controller::new(false) {
+        Ok(c) => c,
         Err(e) => {
             error_line(&e);
-            exit(exit_code::BAD_INPUT)
+            return exit(exit_code::HOST_ERROR);
+        }
+    };
+    if let Err(e) = start_api(&path, &ctl) {
+        error_line(&e);
+        return exit(exit_code::BAD_INPUT);
+    }
+    vmm::events::emit("vmm", "starting", &[]);
+    let started = ctl.create_from_args(args).and_then(|()| ctl.boot_vm());
+    let code = match started {
+        Ok(()) => ctl.main_loop(&signals, stats),
+        Err(e) => {
+            eprintln!("ringvm: error: {}", e.message);
+            if e.status == 400 {
+                exit_code::BAD_INPUT
+            } else {
+                exit_code::HOST_ERROR
+            }
+        }
+    };
+    let _ = std::fs::remove_file(&path);
+    vmm::events::emit("vmm", "shutdown", &[("exit_code", &code.to_string())]);
+    exit(code)
+}
+
+/// `ringvm serve`: the API with no VM until one is created.
+fn serve(args: &ServeArgs) -> ExitCode {
+    if let Some(spec) = &args.event_monitor {
+        if let Err(e) = event_monitor(spec) {
+            error_line(&e);
+            return exit(exit_code::BAD_INPUT);
+        }
+    }
+    let signals = match vmm::control::Signals::block() {
+        Ok(s) => s,
+        Err(e) => {
+            error_line(&e.into());
+            return exit(exit_code::HOST_ERROR);
+        }
+    };
+    let ctl = match controller::Controller::new(true) {
+        Ok(c) => c,
+        Err(e) => {
+            error_line(&e);
+            return exit(exit_code::HOST_ERROR);
+        }
+    };
+    if let Err(e) = start_api(&args.api_socket, &ctl) {
+        error_line(&e);
+        return exit(exit_code::BAD_INPUT);
+    }
+    vmm::events::emit("vmm", "starting", &[]);
+    let code = ctl.main_loop(&signals, args.iothread_stats);
+    let _ = std::fs::remove_file(&args.api_socket);
+    vmm::events::emit("vmm", "shutdown", &[("exit_code", &code.to_string())]);
+    exit(code)
+}
+
+/// `ringvm remote`: one request, the answer's JSON on stdout; the
+/// server's error on stderr and exit code 1.
+fn remote(args: &RemoteArgs) -> ExitCode {
+    let ep = match args.command.as_str() {
+        "ping" => Endpoint::VmmPing,
+        "shutdown-vmm" => Endpoint::VmmShutdown,
+        "create" => Endpoint::VmCreate,
+        "boot" => Endpoint::VmBoot,
+        "delete" => Endpoint::VmDelete,
+        "info" => Endpoint::VmInfo,
+        "counters" => Endpoint::VmCounters,
+        "pause" => Endpoint::VmPause,
+        "resume" => Endpoint::VmResume,
+        "shutdown" => Endpoint::VmShutdown,
+        "reboot" => Endpoint::VmReboot,
+        "power-button" => Endpoint::VmPowerButton,
+        other => {
+            eprintln!("ringvm: error: unknown remote command {other:?} (see ringvm remote --help)");
+            return exit(exit_code::BAD_INPUT);
+        }
+    };
+    let wants_arg = ep == Endpoint::VmCreate;
+    if args.args.len() != usize::from(wants_arg) {
+        eprintln!(
+            "ringvm: error: remote {} takes {}",
+            args.command,
+            if wants_arg {
+                "one FILE.json"
+            } else {
+                "no argument"
+            }
+        );
+        return exit(exit_code::BAD_INPUT);
+    }
+    let body = if wants_arg {
+        let file = &args.args[0];
+        let parsed = std::fs::read(file)
+            .with_context(|| format!("reading {file}"))
+            .and_then(|b| {
+                serde_json::from_slice::<ApiConfig>(&b)
+                    .with_context(|| format!("{file} is not a VM configuration"))
+            });
+        match parsed.and_then(|c| serde_json::to_vec(&c).context("encoding")) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                error_line(&e);
+                return exit(exit_code::BAD_INPUT);
+            }
+        }
+    } else {
+        None
+    };
+    match client::request(&args.api_socket, ep, body.as_deref()) {
+        Ok(r) if (200..300).contains(&r.status) => {
+            if !r.body.is_empty() {
+                let mut out = std::io::stdout();
+                let _ = out.write_all(&r.body);
+                let _ = out.write_all(b"\n");
+            }
+            exit(0)
+        }
+        Ok(r) => {
+            let msg = serde_json::from_slice::<serde_json::Value>(&r.body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(String::from))
+                .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
+            eprintln!("ringvm: error: {} (HTTP {})", msg, r.status);
+            exit(1)
+        }
+        Err(e) => {
+            error_line(&e.into());
+            exit(1)
+        }
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    if let Some(spec) = &args.event_monitor {
+        if let Err(e) = event_monitor(spec) {
+            error_line(&e);
+            return exit(exit_code::BAD_INPUT);
+        }
+    }
+    if args.api_socket.is_some() {
+        return run_with_api(args);
+    }
+    vmm::events::emit("vmm", "starting", &[]);
+    let code = run_plain(&args);
+    vmm::events::emit("vmm", "shutdown", &[("exit_code", &code.to_string())]);
+    exit(code)
+}
+
+fn run_plain(args: &RunArgs) -> i32 {
+    match args.to_plan() {
+        Ok(plan) => run_plan(&plan),
+        Err(e) => {
+            error_line(&e);
+            exit_code::BAD_INPUT
         }
     }
 }
 
 /// Bare `ringvm`: the built-in guest writes a pattern to a temporary disk,
-/// then a second VM reads it back and checks it.
+/// then a second VM reads it back and checks it. Each VM is a `ringvm run`
+/// child process: a VM's control thread is sandboxed for the rest of its
+/// process's life, so one process runs one VM.
 fn demo() -> ExitCode {
     const DISK_SIZE: u64 = 16 << 20;
     let path = std::env::temp_dir().join(format!("ringvm-demo-{}.img", std::process::id()));
@@ -108,7 +319,7 @@ fn demo() -> ExitCode {
             path.display(),
             plan.vm.cmdline
         );
-        code = run_plan(&plan);
+        code = run_child(&args);
         if code != 0 {
             break;
         }
@@ -118,6 +329,33 @@ fn demo() -> ExitCode {
         eprintln!("ringvm: the guest wrote 1 MiB through virtio-blk and read it back intact");
     }
     exit(code)
+}
+
+/// Runs the VM of `args` as `ringvm run ...` in a child process with this
+/// process's stdio; returns its exit code.
+fn run_child(args: &RunArgs) -> i32 {
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            error_line(&anyhow::Error::new(e).context("finding the ringvm binary"));
+            return exit_code::HOST_ERROR;
+        }
+    };
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["run", "--kernel", &args.kernel, "--memory", &args.memory])
+        .args(["--cpus", &args.cpus.to_string(), "--serial", &args.serial])
+        .args(["--iothreads", &args.iothreads.to_string()])
+        .args(["--cmdline", &args.cmdline]);
+    for d in &args.disk {
+        cmd.args(["--disk", d]);
+    }
+    match cmd.status() {
+        Ok(status) => status.code().unwrap_or(exit_code::HOST_ERROR),
+        Err(e) => {
+            error_line(&anyhow::Error::new(e).context("starting ringvm run"));
+            exit_code::HOST_ERROR
+        }
+    }
 }
 
 fn write_builtin(path: &std::path::Path) -> Result<()> {
@@ -157,7 +395,9 @@ fn main() -> ExitCode {
     };
     match cli.command {
         None => demo(),
-        Some(Command::Run(args)) => run(&args),
+        Some(Command::Run(args)) => run(args),
+        Some(Command::Serve(args)) => serve(&args),
+        Some(Command::Remote(args)) => remote(&args),
         Some(Command::BuiltinGuest { output }) => match write_builtin(&output) {
             Ok(()) => {
                 eprintln!(

@@ -2,14 +2,16 @@
 //! assembles: the machine from `vmm`, iothreads from `uring-backend`, disks
 //! from `virtio`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use uring_backend::iothread::IoThread;
-use virtio::blk::{BlockDevice, DiskConfig};
-use virtio::net::{NetConfig, NetDevice};
+use virtio::blk::{BlockDevice, BlockStats, DiskConfig};
+use virtio::net::{NetConfig, NetDevice, NetStats};
 use virtio::transport::VirtioPciDevice;
+use virtio::vhost_user::{Kind, VhostUserConfig, VhostUserDevice};
 use virtio::VirtioDevice;
 use vmm::machine::Machine;
+use vmm::registry::DeviceRegistry;
 use vmm::{RunReport, VmConfig};
 
 /// Ring entries per iothread.
@@ -20,6 +22,8 @@ pub struct Plan {
     pub vm: VmConfig,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
+    /// Disks and NICs served by vhost-user backends.
+    pub vhost_user: Vec<VhostUserConfig>,
     /// PCI functions passed through (kernel VFIO or vfio-user).
     pub passthrough: Vec<passthrough::Source>,
     pub iothreads: usize,
@@ -70,8 +74,27 @@ fn add_virtio_device(
     Ok(())
 }
 
-/// Builds the VM of `plan`, runs it to its stop and reports why.
-pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
+/// What outlives the machine's build and the API reads while the VM
+/// runs: iothreads (dropped after the machine) and device counters.
+pub struct Resources {
+    pub iothreads: Vec<Arc<IoThread>>,
+    pub disks: Vec<(String, Arc<BlockStats>)>,
+    pub nets: Vec<(String, Arc<NetStats>)>,
+    /// Held weakly: the registry (and the devices in it) go down with the
+    /// machine.
+    pub registry: Weak<Mutex<DeviceRegistry>>,
+}
+
+/// A VM built and not started (state Created).
+pub struct Built {
+    pub machine: Machine,
+    pub resources: Arc<Resources>,
+}
+
+/// Builds the VM of `plan`: machine, iothreads, devices.
+pub fn build(plan: &Plan) -> Result<Built, Failure> {
+    // Threads devices start on their own take this mode too.
+    vmm::seccomp::set_default_mode(plan.vm.seccomp);
     let mut machine = Machine::build(&plan.vm).map_err(|e| Failure {
         bad_input: e.is_bad_input(),
         error: e.into(),
@@ -80,24 +103,50 @@ pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
     let iothreads: Vec<Arc<IoThread>> = if plan.disks.is_empty() && plan.nets.is_empty() {
         Vec::new()
     } else {
+        let mode = plan.vm.seccomp;
         (0..plan.iothreads)
-            .map(|i| IoThread::spawn(&format!("iothread{i}"), IOTHREAD_RING_ENTRIES).map(Arc::new))
+            .map(|i| {
+                let sandbox: uring_backend::iothread::Sandbox = Box::new(move || {
+                    vmm::seccomp::apply(vmm::seccomp::ThreadKind::IoThread, mode)
+                        .map_err(|e| format!("{e:#}"))?;
+                    vmm::seccomp::test_call(vmm::seccomp::ThreadKind::IoThread);
+                    Ok(())
+                });
+                IoThread::spawn_sandboxed(
+                    &format!("iothread{i}"),
+                    IOTHREAD_RING_ENTRIES,
+                    Some(sandbox),
+                )
+                .map(Arc::new)
+            })
             .collect::<Result<_, _>>()
             .map_err(host)?
     };
     for t in &iothreads {
         t.set_poll(plan.iothread_poll.0, plan.iothread_poll.1);
     }
+    let mut disks = Vec::new();
     for (i, disk) in plan.disks.iter().enumerate() {
         let name = format!("virtio-blk{i}");
         let dev = BlockDevice::new(&name, disk, &iothreads).map_err(input)?;
+        disks.push((name.clone(), dev.stats_handle()));
         add_virtio_device(&mut machine, &name, Box::new(dev))?;
     }
-    let mut net_stats = Vec::new();
+    let mut nets = Vec::new();
     for (i, net) in plan.nets.iter().enumerate() {
         let name = format!("virtio-net{i}");
         let dev = NetDevice::new(&name, net, &iothreads).map_err(input)?;
-        net_stats.push((name.clone(), dev.stats_handle()));
+        nets.push((name.clone(), dev.stats_handle()));
+        add_virtio_device(&mut machine, &name, Box::new(dev))?;
+    }
+    let (mut blk, mut net) = (0, 0);
+    for cfg in &plan.vhost_user {
+        let name = match cfg.kind {
+            Kind::Blk => (format!("vhost-user-blk{blk}"), blk += 1).0,
+            Kind::Net => (format!("vhost-user-net{net}"), net += 1).0,
+        };
+        let mac = cfg.mac.unwrap_or_else(virtio::net::device::random_mac);
+        let dev = VhostUserDevice::new(&name, cfg, machine.memory().clone(), mac).map_err(input)?;
         add_virtio_device(&mut machine, &name, Box::new(dev))?;
     }
     for (i, source) in plan.passthrough.iter().enumerate() {
@@ -108,27 +157,58 @@ pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
             }
         })?;
     }
+    let registry = Arc::downgrade(machine.registry());
+    Ok(Built {
+        machine,
+        resources: Arc::new(Resources {
+            iothreads,
+            disks,
+            nets,
+            registry,
+        }),
+    })
+}
+
+/// Prints what `--iothread-stats` asks for.
+pub fn print_stats(res: &Resources) {
+    for t in &res.iothreads {
+        let s = t.stats();
+        eprintln!(
+            "ringvm: {}: cpu_us={} turns={} io_uring_enter={} sqes={} cqes={}",
+            t.name(),
+            t.cpu_time().as_micros(),
+            s.turns,
+            s.enters,
+            s.sqes_submitted,
+            s.cqes_reaped
+        );
+    }
+    for (name, stats) in &res.nets {
+        eprintln!("ringvm: {name}: {}", stats.summary());
+    }
+}
+
+/// Builds the VM of `plan`, runs it to its stop and reports why.
+pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
+    let built = build(plan)?;
+    let signals = vmm::control::Signals::block().map_err(host)?;
     // Devices go down with the machine, before their iothreads.
-    let report = machine.run().map_err(host)?;
-    if plan.iothread_stats {
-        for t in &iothreads {
-            let s = t.stats();
-            eprintln!(
-                "ringvm: {}: cpu_us={} turns={} io_uring_enter={} sqes={} cqes={}",
-                t.name(),
-                t.cpu_time().as_micros(),
-                s.turns,
-                s.enters,
-                s.sqes_submitted,
-                s.cqes_reaped
-            );
-        }
+    let running = built.machine.start().map_err(host)?;
+    // One VM per process here: the control thread is sandboxed once every
+    // vCPU runs (with an API, the thread that builds VMs stays unfiltered).
+    if let Err(e) = vmm::seccomp::apply(vmm::seccomp::ThreadKind::Vmm, plan.vm.seccomp) {
+        running
+            .control()
+            .stop_handle()
+            .request(vmm::StopReason::HostError {
+                message: format!("{e:#}"),
+            });
     }
+    vmm::seccomp::test_call(vmm::seccomp::ThreadKind::Vmm);
+    let report = running.wait(Some(&signals)).map_err(host)?;
     if plan.iothread_stats {
-        for (name, stats) in &net_stats {
-            eprintln!("ringvm: {name}: {}", stats.summary());
-        }
+        print_stats(&built.resources);
     }
-    drop(iothreads);
+    drop(built.resources);
     Ok(report)
 }

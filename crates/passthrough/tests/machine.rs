@@ -58,6 +58,7 @@ fn machine(shared: bool) -> Machine {
         shared_memory: shared,
         irqchip: Default::default(),
         acpi: true,
+        seccomp: vmm::seccomp::SeccompMode::Off,
     })
     .expect("building the machine")
 }

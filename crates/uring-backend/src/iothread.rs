@@ -110,14 +110,27 @@ async fn serve_jobs(ex: Rc<Executor>, jobs: Receiver<Job>, fd: Arc<EventFd>) {
     }
 }
 
-/// An iothread takes no process-directed signals (SIGTERM, SIGINT, ...):
-/// they belong to the thread that waits for them, whether the iothread was
+/// An iothread (or any helper thread, such as a vhost-user device's
+/// watcher) takes no process-directed signals (SIGTERM, SIGINT, ...): they
+/// belong to the thread that waits for them, whether the helper was
 /// started before or after that thread blocked them.
-fn block_process_signals() {
+pub fn block_process_signals() {
     // SAFETY: sigset_t is plain data; sigfillset initialises it.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t.
     unsafe { libc::sigfillset(&mut set) };
+    // Synchronous signals stay deliverable: a blocked SIGSYS from a
+    // seccomp filter (or SIGSEGV, SIGBUS) kills without a report.
+    for sig in [
+        libc::SIGSYS,
+        libc::SIGSEGV,
+        libc::SIGBUS,
+        libc::SIGILL,
+        libc::SIGFPE,
+    ] {
+        // SAFETY: `set` is a valid sigset_t.
+        unsafe { libc::sigdelset(&mut set, sig) };
+    }
     // SAFETY: blocking signals in the calling thread only; a null old-mask
     // pointer is allowed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -129,11 +142,16 @@ fn block_process_signals() {
     }
 }
 
+/// Run by an iothread once its executor is set up and before it takes
+/// jobs (e.g. installing a seccomp filter); an error ends the thread.
+pub type Sandbox = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
 fn thread_main(
     entries: u32,
     jobs: Receiver<Job>,
     job_fd: Arc<EventFd>,
     ready: Sender<Result<Ready, ExecutorError>>,
+    sandbox: Option<Sandbox>,
 ) -> Result<(), ExecutorError> {
     block_process_signals();
     let ex = match Executor::new(entries) {
@@ -143,6 +161,12 @@ fn thread_main(
             return Ok(());
         }
     };
+    if let Some(sandbox) = sandbox {
+        if let Err(e) = sandbox() {
+            let _ = ready.send(Err(ExecutorError::Sandbox(e)));
+            return Ok(());
+        }
+    }
     let cpu = Arc::new(CpuClock {
         clock: CpuClock::current_thread().unwrap_or(libc::CLOCK_THREAD_CPUTIME_ID),
         ended: AtomicBool::new(false),
@@ -167,6 +191,16 @@ impl IoThread {
     /// Starts a thread named `name` with an executor of `entries` ring
     /// entries; returns once the executor is set up.
     pub fn spawn(name: &str, entries: u32) -> Result<IoThread, IoThreadError> {
+        Self::spawn_sandboxed(name, entries, None)
+    }
+
+    /// As [`IoThread::spawn`], running `sandbox` on the thread after the
+    /// executor's set-up and before its first job.
+    pub fn spawn_sandboxed(
+        name: &str,
+        entries: u32,
+        sandbox: Option<Sandbox>,
+    ) -> Result<IoThread, IoThreadError> {
         let job_fd =
             EventFd::new(EFD_NONBLOCK)
                 .map(Arc::new)
@@ -179,7 +213,7 @@ impl IoThread {
         let fd = job_fd.clone();
         let thread = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || thread_main(entries, job_rx, fd, ready_tx))
+            .spawn(move || thread_main(entries, job_rx, fd, ready_tx, sandbox))
             .map_err(|source| IoThreadError::Spawn {
                 name: name.to_string(),
                 source,

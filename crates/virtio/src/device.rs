@@ -6,6 +6,9 @@
 //! ```text
 //!   created --activate(mem, features, queues)--> active
 //!   active  --reset()--> created   (workers stopped, queues returned)
+//!   active  --pause()--> paused    (workers stopped, queue positions kept)
+//!   paused  --resume()--> active   (workers restarted where they stopped)
+//!   paused  --reset()--> created
 //! ```
 //! `activate` is called once the driver set DRIVER_OK with valid queues;
 //! `reset` when the driver writes 0 to the status register or the VM goes
@@ -45,6 +48,21 @@ pub enum ActivateError {
     Worker(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// Why a device could not pause or resume.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    #[error("this device cannot be paused")]
+    Unsupported,
+    #[error("queue {index} cannot be restarted")]
+    Queue {
+        index: u16,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    #[error("duplicating an eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
 /// A virtio device, independent of its transport.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (2 = block, 1 = network).
@@ -67,6 +85,19 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops serving; waits for in-flight requests to complete.
     fn reset(&mut self);
+    /// The VM pauses (its vCPUs are parked): an active device stops
+    /// taking requests, waits until every one in flight has reached the
+    /// used ring, and keeps each queue's position. Until `resume` it
+    /// touches neither guest memory nor its backend. Only called on an
+    /// active device. A device that cannot do this says so (the default),
+    /// and the VM is not paused.
+    fn pause(&mut self) -> Result<(), PauseError> {
+        Err(PauseError::Unsupported)
+    }
+    /// Continues after `pause`, from the kept queue positions.
+    fn resume(&mut self) -> Result<(), PauseError> {
+        Err(PauseError::Unsupported)
+    }
 }
 
 /// Reads a device's configuration space the way both virtio-pci and

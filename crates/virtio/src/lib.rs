@@ -13,6 +13,7 @@ pub mod msix;
 pub mod net;
 pub mod ratelimit;
 pub mod transport;
+pub mod vhost_user;
 pub mod workers;
 
-pub use device::{ActivateError, QueueInit, VirtioDevice};
+pub use device::{ActivateError, PauseError, QueueInit, VirtioDevice};

@@ -35,19 +35,23 @@ pub struct VmConfig {
     /// power-off, reset and power-button registers; the MP table is there
     /// either way.
     pub acpi: bool,
+    /// Seccomp filters for the vCPU threads and the control thread (and,
+    /// through the composition root, the iothreads).
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 /// Where the interrupt controllers live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum IrqChip {
     /// KVM's in-kernel PIC, IOAPIC and PIT, with the local APICs.
-    #[default]
     Kernel,
     /// Local APICs in KVM, IOAPIC in userspace, no PIC and no PIT (as
     /// Cloud Hypervisor does). A VM without the legacy chips is created and
-    /// torn down much faster; guests must not need the PIT or the PIC
-    /// (Linux with a TSC-deadline timer does not) and PCI INTx is not
-    /// available (MSI and MSI-X are).
+    /// torn down much faster. Level-triggered lines (PCI INTx) work through
+    /// KVM's EOI exits and resample eventfds the router signals; guests
+    /// must not need the PIT or the PIC (Linux with a TSC-deadline or
+    /// local APIC timer and an ACPI or MP-table IOAPIC does not).
+    #[default]
     Split,
 }
 

@@ -60,8 +60,14 @@ impl Signals {
         Ok(Signals { fd, old_mask })
     }
 
+    /// The signalfd, readable when a signal is pending.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
     /// Reads one pending signal number, if any.
-    fn read(&self) -> Option<i32> {
+    pub fn read(&self) -> Option<i32> {
         // SAFETY: signalfd_siginfo is plain data.
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
@@ -91,7 +97,7 @@ const HALT_PROBE_MS: i32 = 1000;
 /// and turns termination signals into a stop.
 pub fn wait_for_stop(
     stop: &VmStop,
-    signals: &Signals,
+    signals: Option<&Signals>,
     serial_input: Option<&Arc<Mutex<SerialConsole>>>,
     vcpus: (&HaltWatch, &[VcpuHandle]),
 ) -> Result<(), ControlError> {
@@ -107,7 +113,7 @@ pub fn wait_for_stop(
                 revents: 0,
             },
             libc::pollfd {
-                fd: signals.fd.as_raw_fd(),
+                fd: signals.map_or(-1, |s| s.fd.as_raw_fd()),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -141,7 +147,7 @@ pub fn wait_for_stop(
             continue;
         }
         if fds[1].revents != 0 {
-            if let Some(signal) = signals.read() {
+            if let Some(signal) = signals.and_then(Signals::read) {
                 stop.request(StopReason::Signal { signal });
             }
         }

@@ -8,6 +8,20 @@
 //! irqfds are registered, a masked vector has no irqfd (so writes to its
 //! eventfd stay pending and are delivered on unmask, when the irqfd is
 //! registered again), and dropping a vector frees its GSI.
+//!
+//! Level-triggered lines (PCI INTx) are an irqfd on an IOAPIC pin plus a
+//! "resample" eventfd that tells the source the guest has serviced the
+//! interrupt, so that it may raise it again if still asserted. With the
+//! in-kernel irqchip KVM signals it (a resample irqfd). With a split
+//! irqchip KVM cannot (its resampler lives in the in-kernel IOAPIC):
+//! instead the level bit in the pin's MSI route puts the vector in every
+//! vCPU's EOI-exit bitmap, the guest's EOI of it becomes a
+//! `KVM_EXIT_IOAPIC_EOI` that the vCPU thread hands to
+//! [`InterruptRouter::end_of_interrupt`], and the router signals the
+//! resample eventfd of every level source on a pin routed with that
+//! vector. A pin whose route changes to deliverable (the guest unmasks or
+//! reprograms it) is resampled too, so an assertion that found the pin
+//! masked or unrouted (and was dropped by KVM) is raised again.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -48,9 +62,11 @@ pub enum InterruptError {
     NotAnIoapicPin { gsi: u32 },
     #[error("the IOAPIC is in the kernel: its pins are not routed from userspace")]
     InKernelIoapic,
-    #[error("level-triggered lines (INTx) need the in-kernel irqchip (--irqchip kernel)")]
-    NoLevelLinesWhenSplit,
 }
+
+/// The level-trigger bit of an MSI message's data (as the IOAPIC sets it
+/// for a level-triggered redirection entry).
+pub const MSI_DATA_LEVEL: u32 = 1 << 15;
 
 /// An MSI message as the guest programs it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -74,6 +90,27 @@ struct RouterState {
     free: Vec<u32>,
     /// Programmed MSI routes by GSI.
     msi: BTreeMap<u32, MsiMessage>,
+    /// Split irqchip: the level-triggered sources on IOAPIC pins.
+    levels: Vec<LevelSource>,
+    next_level_id: u64,
+}
+
+/// A level-triggered source on an IOAPIC pin (split irqchip): the router
+/// signals its resample eventfd (a duplicate of the one the source holds).
+struct LevelSource {
+    id: u64,
+    pin: u32,
+    resample: EventFd,
+}
+
+impl LevelSource {
+    fn resample(&self) {
+        // An eventfd write only fails when the counter would overflow, and
+        // then a resample is pending anyway.
+        if let Err(e) = self.resample.write(1) {
+            log::debug!("resampling IOAPIC pin {}: {e}", self.pin);
+        }
+    }
 }
 
 fn irqchip_entry(gsi: u32, irqchip: u32, pin: u32) -> kvm_irq_routing_entry {
@@ -153,7 +190,35 @@ impl InterruptRouter {
         if !self.split {
             return Err(InterruptError::InKernelIoapic);
         }
-        self.set_route(pin, msg)
+        let mut s = self.lock();
+        let changed = self.set_route_locked(&mut s, pin, msg)?;
+        if changed && msg.is_some() {
+            // Newly deliverable: a level source whose assertion was lost
+            // while the pin was masked or unrouted raises it again.
+            s.levels
+                .iter()
+                .filter(|l| l.pin == pin)
+                .for_each(LevelSource::resample);
+        }
+        Ok(())
+    }
+
+    /// Split irqchip: the guest ended the interrupt `vector` on a local
+    /// APIC (`KVM_EXIT_IOAPIC_EOI`, taken only for vectors of level
+    /// routes on IOAPIC pins). Every level source on a pin routed as a
+    /// level interrupt with that vector is resampled; edge pins and
+    /// MSI(-X) vectors ignore EOIs.
+    pub fn end_of_interrupt(&self, vector: u8) {
+        let s = self.lock();
+        for l in &s.levels {
+            let routed = s
+                .msi
+                .get(&l.pin)
+                .is_some_and(|m| m.data & MSI_DATA_LEVEL != 0 && (m.data & 0xff) as u8 == vector);
+            if routed {
+                l.resample();
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RouterState> {
@@ -206,14 +271,24 @@ impl InterruptRouter {
 
     fn set_route(&self, gsi: u32, msg: Option<MsiMessage>) -> Result<(), InterruptError> {
         let mut s = self.lock();
+        self.set_route_locked(&mut s, gsi, msg).map(|_| ())
+    }
+
+    /// Sets (or removes) the route of `gsi`; returns whether it changed.
+    fn set_route_locked(
+        &self,
+        s: &mut RouterState,
+        gsi: u32,
+        msg: Option<MsiMessage>,
+    ) -> Result<bool, InterruptError> {
         let old = match msg {
             Some(m) => s.msi.insert(gsi, m),
             None => s.msi.remove(&gsi),
         };
         if old == msg {
-            return Ok(());
+            return Ok(false);
         }
-        let result = self.commit(&s);
+        let result = self.commit(s);
         if result.is_err() {
             // Keep our table equal to KVM's.
             match old {
@@ -221,7 +296,7 @@ impl InterruptRouter {
                 None => s.msi.remove(&gsi),
             };
         }
-        result
+        result.map(|()| true)
     }
 
     fn free_gsi(&self, gsi: u32) {
@@ -239,32 +314,56 @@ impl InterruptRouter {
         self.lock().msi.len()
     }
 
-    /// A level-triggered line on IOAPIC pin `gsi` (default wiring, no
-    /// route change): an irqfd with a resample eventfd, which KVM signals
-    /// when the guest acknowledges the interrupt so the source can unmask
-    /// and raise it again if it is still asserted (PCI INTx).
+    /// A level-triggered line on IOAPIC pin `gsi` (no route change: the
+    /// in-kernel IOAPIC's default wiring, or the route the userspace
+    /// IOAPIC sets from the guest's entry): an irqfd with a resample
+    /// eventfd, signalled when the guest has serviced the interrupt so the
+    /// source can unmask and raise it again if it is still asserted (PCI
+    /// INTx). In-kernel irqchip: a KVM resample irqfd. Split: a plain
+    /// irqfd; the router signals the resample eventfd on the guest's EOI
+    /// of the pin's vector and when the pin becomes deliverable.
     pub fn intx_irqfd(self: &Arc<Self>, gsi: u32) -> Result<IntxIrqfd, InterruptError> {
         if gsi >= IOAPIC_PINS {
             return Err(InterruptError::NotAnIoapicPin { gsi });
         }
-        if self.split {
-            return Err(InterruptError::NoLevelLinesWhenSplit);
-        }
         let trigger = EventFd::new(EFD_NONBLOCK).map_err(InterruptError::EventFd)?;
         let resample = EventFd::new(EFD_NONBLOCK).map_err(InterruptError::EventFd)?;
-        self.vm
-            .register_irqfd_with_resample(&trigger, &resample, gsi)
-            .map_err(|source| InterruptError::Irqfd {
-                op: "registering",
-                gsi,
-                source,
-            })?;
+        let irqfd_err = |source| InterruptError::Irqfd {
+            op: "registering",
+            gsi,
+            source,
+        };
+        let level_id = if self.split {
+            let dup = resample.try_clone().map_err(InterruptError::EventFd)?;
+            self.vm.register_irqfd(&trigger, gsi).map_err(irqfd_err)?;
+            let mut s = self.lock();
+            let id = s.next_level_id;
+            s.next_level_id += 1;
+            s.levels.push(LevelSource {
+                id,
+                pin: gsi,
+                resample: dup,
+            });
+            Some(id)
+        } else {
+            self.vm
+                .register_irqfd_with_resample(&trigger, &resample, gsi)
+                .map_err(irqfd_err)?;
+            None
+        };
         Ok(IntxIrqfd {
             router: self.clone(),
             gsi,
             trigger,
             resample,
+            level_id,
         })
+    }
+
+    /// Number of level-triggered sources the router resamples (split
+    /// irqchip).
+    pub fn level_sources(&self) -> usize {
+        self.lock().levels.len()
     }
 }
 
@@ -275,6 +374,8 @@ pub struct IntxIrqfd {
     gsi: u32,
     trigger: EventFd,
     resample: EventFd,
+    /// Split irqchip: the router's entry for the resample eventfd.
+    level_id: Option<u64>,
 }
 
 impl IntxIrqfd {
@@ -287,7 +388,8 @@ impl IntxIrqfd {
         &self.trigger
     }
 
-    /// The eventfd KVM signals on the guest's end of interrupt.
+    /// The eventfd signalled on the guest's end of interrupt (by KVM, or
+    /// by the router with a split irqchip).
     pub fn resample(&self) -> &EventFd {
         &self.resample
     }
@@ -297,6 +399,9 @@ impl Drop for IntxIrqfd {
     fn drop(&mut self) {
         if let Err(e) = self.router.vm.unregister_irqfd(&self.trigger, self.gsi) {
             log::warn!("unregistering the INTx irqfd of GSI {}: {e}", self.gsi);
+        }
+        if let Some(id) = self.level_id {
+            self.router.lock().levels.retain(|l| l.id != id);
         }
     }
 }

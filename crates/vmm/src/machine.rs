@@ -17,7 +17,7 @@ use crate::boot::{self, BootError, Initrd, LoadedKernel, SliceReader};
 use crate::bus::Bus;
 use crate::config::{format_size, IrqChip, KernelSource, VmConfig};
 use crate::control::{self, ControlError};
-use crate::devices::acpi_pm::{AcpiPm, PowerButton, ACPI_PM_LEN, ACPI_PM_PORT, GED_GSI};
+use crate::devices::acpi_pm::{AcpiPm, SharedAcpiPm, ACPI_PM_LEN, ACPI_PM_PORT, GED_GSI};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{I8042, I8042_COMMAND_PORT, I8042_DATA_PORT};
 use crate::devices::ioapic::{Ioapic, IOAPIC_MMIO_LEN};
@@ -25,6 +25,7 @@ use crate::devices::serial::{ConsoleSink, SerialConsole, COM1_GSI, COM1_LEN, COM
 use crate::devices::SerialOutput;
 use crate::interrupts::InterruptRouter;
 use crate::layout::{ram_regions, HIGH_RAM_START, IOAPIC_START, MIN_MEMORY};
+use crate::lifecycle::{LifecycleError, PowerButton, VcpuGate, VmControl};
 use crate::memslots::MemorySlots;
 use crate::pci::root::{
     PciConfigIo, PciEcam, ECAM_BUS0_SIZE, ECAM_START, MMIO32_END, MMIO32_START, PCI_CONFIG_ADDRESS,
@@ -110,6 +111,8 @@ pub enum MachineError {
     Control(#[source] ControlError),
     #[error("PCI")]
     Pci(#[source] crate::pci::PciRootError),
+    #[error("starting the VM")]
+    Lifecycle(#[source] LifecycleError),
 }
 
 impl MachineError {
@@ -324,7 +327,7 @@ fn add_acpi_pm(
     vm: &Vm,
     registry: &mut DeviceRegistry,
     stop: &Arc<VmStop>,
-) -> Result<PowerButton, MachineError> {
+) -> Result<SharedAcpiPm, MachineError> {
     let irq = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
     vm.register_irqfd(&irq, GED_GSI).map_err(MachineError::Vm)?;
     let dev = Arc::new(Mutex::new(AcpiPm::new(stop.clone(), irq)));
@@ -356,14 +359,21 @@ fn mmio64_window(memory_size: u64) -> (u64, u64) {
     (start, start + MMIO64_SIZE)
 }
 
+/// What every vCPU of a machine shares.
+struct VcpuShared<'a> {
+    stop: &'a Arc<VmStop>,
+    halt: &'a Arc<HaltWatch>,
+    gate: &'a Arc<VcpuGate>,
+    interrupts: &'a Arc<InterruptRouter>,
+}
+
 fn create_vcpus(
     vm: &Vm,
     config: &VmConfig,
     mem: &GuestMemoryMmap,
     entry: regs::EntryMode,
     buses: (&Arc<Bus>, &Arc<Bus>),
-    stop: &Arc<VmStop>,
-    halt: &Arc<HaltWatch>,
+    shared: VcpuShared<'_>,
 ) -> Result<Vec<Vcpu>, MachineError> {
     let mut vcpus = Vec::with_capacity(config.cpus);
     for index in 0..config.cpus {
@@ -373,6 +383,7 @@ fn create_vcpus(
             index as u8,
             config.cpus as u8,
             &config.cpuid_hide,
+            fd.get_tsc_khz().ok(),
         );
         fd.set_cpuid2(&cpuid)
             .map_err(|source| MachineError::Cpuid { index, source })?;
@@ -402,9 +413,12 @@ fn create_vcpus(
             fd,
             pio: buses.0.clone(),
             mmio: buses.1.clone(),
-            stop: stop.clone(),
+            stop: shared.stop.clone(),
             mem: mem.clone(),
-            halt: halt.clone(),
+            halt: shared.halt.clone(),
+            seccomp: config.seccomp,
+            gate: shared.gate.clone(),
+            interrupts: shared.interrupts.clone(),
         });
     }
     Ok(vcpus)
@@ -434,12 +448,13 @@ pub struct Machine {
     cpus: usize,
     irqchip: IrqChip,
     /// The ACPI registers (and power button) when the VM has ACPI.
-    acpi_pm: Option<PowerButton>,
+    acpi_pm: Option<SharedAcpiPm>,
     /// PCI INTx lines wired to IOAPIC inputs, for the DSDT's `_PRT`.
     intx_routes: Vec<IntxRoute>,
     /// Run once every vCPU has stopped (devices that must give back what
     /// they hold on the host, like an assigned PCI function).
     stop_hooks: Vec<Box<dyn FnOnce() + Send>>,
+    control: Arc<VmControl>,
 }
 
 impl Machine {
@@ -467,7 +482,7 @@ impl Machine {
             None
         };
         let halt = HaltWatch::new(config.cpus);
-        let vcpus = create_vcpus(&vm, config, &mem, entry, (&pio, &mmio), &stop, &halt)?;
+        let gate = VcpuGate::new();
         let router = match config.irqchip {
             IrqChip::Kernel => InterruptRouter::new(vm.fd().clone()),
             IrqChip::Split => {
@@ -485,13 +500,33 @@ impl Machine {
                 router
             }
         };
+        let shared = VcpuShared {
+            stop: &stop,
+            halt: &halt,
+            gate: &gate,
+            interrupts: &router,
+        };
+        let vcpus = create_vcpus(&vm, config, &mem, entry, (&pio, &mmio), shared)?;
         // Guest RAM holds the first slots.
         let slots = MemorySlots::new(
             vm.fd().clone(),
             mem.num_regions() as u32,
             vm.memslot_limit(),
         );
+        let control = VmControl::new(stop.clone(), gate, vm.fd().clone());
+        // With ACPI, the power button is the GED's: the guest's handler
+        // notifies its power button device and an ACPI-aware OS shuts down.
+        if let Some(pm) = &acpi_pm {
+            let pm = pm.clone();
+            control.set_power_button(Box::new(move || {
+                pm.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .press_power_button()
+                    .map_err(|e| format!("raising the GED interrupt: {e}"))
+            }));
+        }
         Ok(Machine {
+            control,
             start,
             mem,
             vm,
@@ -539,6 +574,22 @@ impl Machine {
 
     pub fn registry(&self) -> &Arc<Mutex<DeviceRegistry>> {
         &self.registry
+    }
+
+    /// The VM's lifecycle handle (state Created until [`Machine::start`]).
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
+    }
+
+    /// The PCI root, if a PCI device was added.
+    pub fn pci(&self) -> Option<&Arc<Mutex<PciRoot>>> {
+        self.pci.as_ref()
+    }
+
+    /// What pressing the power button does ([`VmControl::power_button`]);
+    /// without this, the VM has no power button.
+    pub fn on_power_button(&mut self, press: PowerButton) {
+        self.control.set_power_button(press);
     }
 
     /// The PCI root, created with its config ports and ECAM on first use.
@@ -609,12 +660,6 @@ impl Machine {
         self.intx_routes.push(IntxRoute { slot, pin, gsi });
     }
 
-    /// The ACPI power button, when the VM has ACPI: pressing it raises the
-    /// GED interrupt and an ACPI-aware guest shuts itself down.
-    pub fn power_button(&self) -> Option<PowerButton> {
-        self.acpi_pm.clone()
-    }
-
     /// Writes the ACPI tables for the machine as built so far.
     fn write_acpi_tables(&self) -> Result<(), MachineError> {
         let (mmio64, mmio64_end) = mmio64_window(self.memory_size);
@@ -639,17 +684,24 @@ impl Machine {
         self.stop_hooks.push(Box::new(hook));
     }
 
-    /// Runs the VM until it stops, and says why.
-    pub fn run(self) -> Result<RunReport, MachineError> {
+    /// Starts the vCPUs: the VM goes from Created to Running. The caller
+    /// (the control thread) then waits in [`RunningMachine::wait`]; the
+    /// lifecycle is driven meanwhile through [`Machine::control`].
+    ///
+    /// Termination signals must already be blocked (see
+    /// [`control::Signals::block`]) so that no vCPU thread takes them.
+    pub fn start(self) -> Result<RunningMachine, MachineError> {
+        let state = self.control.state();
+        if state != crate::lifecycle::VmState::Created {
+            return Err(MachineError::Lifecycle(LifecycleError::WrongState {
+                action: crate::lifecycle::Transition::Boot,
+                state,
+            }));
+        }
         if self.acpi_pm.is_some() {
             self.write_acpi_tables()?;
         }
         let stop = self.stop.clone();
-        let stdin_to = match (&self.serial, self.serial_input) {
-            (Some(s), true) => Some(s.clone()),
-            _ => None,
-        };
-        let signals = control::Signals::block().map_err(MachineError::Control)?;
         let mut handles = Vec::with_capacity(self.vcpus.len());
         let mut spawn_error = None;
         for vcpu in self.vcpus {
@@ -664,28 +716,122 @@ impl Machine {
                 }
             }
         }
-        let loop_result =
-            control::wait_for_stop(&stop, &signals, stdin_to.as_ref(), (&self.halt, &handles));
+        self.control.set_pci(self.pci.clone());
+        let booted = self
+            .control
+            .booted(handles.iter().map(|h| h.kicker()).collect());
+        let running = RunningMachine {
+            start: self.start,
+            stop,
+            serial: self.serial,
+            handles,
+            halt: self.halt,
+            protocol: self.protocol,
+            serial_input: self.serial_input,
+            stop_hooks: self.stop_hooks,
+            control: self.control,
+            spawn_error,
+            _mem: self.mem,
+            _vm: self.vm,
+            _registry: self.registry,
+            _router: self.router,
+            _slots: self.slots,
+            _pci: self.pci,
+        };
+        if let Err(e) = booted {
+            running.stop.request(StopReason::HostError {
+                message: e.to_string(),
+            });
+            let _ = running.wait(None);
+            return Err(MachineError::Lifecycle(e));
+        }
+        crate::events::emit("vm", "booted", &[]);
+        Ok(running)
+    }
+
+    /// Runs the VM until it stops, and says why (start, then wait, with
+    /// termination signals turned into a stop).
+    pub fn run(self) -> Result<RunReport, MachineError> {
+        let signals = control::Signals::block().map_err(MachineError::Control)?;
+        let result = self.start()?.wait(Some(&signals));
+        drop(signals);
+        result
+    }
+}
+
+/// A started VM, held by the control thread until it stops.
+pub struct RunningMachine {
+    start: Instant,
+    stop: Arc<VmStop>,
+    serial: Option<Arc<Mutex<SerialConsole>>>,
+    handles: Vec<crate::vcpu::VcpuHandle>,
+    halt: Arc<HaltWatch>,
+    protocol: &'static str,
+    serial_input: bool,
+    stop_hooks: Vec<Box<dyn FnOnce() + Send>>,
+    control: Arc<VmControl>,
+    spawn_error: Option<VcpuError>,
+    // What the vCPUs and devices use, kept until they have stopped; the
+    // PCI root goes last of the devices (dropping it drops them).
+    _mem: GuestMemoryMmap,
+    _vm: Vm,
+    _registry: Arc<Mutex<DeviceRegistry>>,
+    _router: Arc<InterruptRouter>,
+    _slots: Arc<MemorySlots>,
+    _pci: Option<Arc<Mutex<PciRoot>>>,
+}
+
+impl RunningMachine {
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
+    }
+
+    /// Waits until the VM stops (forwarding stdin to the serial port when
+    /// asked, and turning `signals` into a stop), brings every vCPU home,
+    /// runs the stop hooks, and says why it stopped. The state is then
+    /// Shutdown.
+    pub fn wait(self, signals: Option<&control::Signals>) -> Result<RunReport, MachineError> {
+        let stop = self.stop.clone();
+        let stdin_to = match (&self.serial, self.serial_input) {
+            (Some(s), true) => Some(s.clone()),
+            _ => None,
+        };
+        let loop_result = control::wait_for_stop(
+            &stop,
+            signals,
+            stdin_to.as_ref(),
+            (&self.halt, &self.handles),
+        );
         let elapsed = self.start.elapsed();
         if let Err(e) = &loop_result {
             stop.request(StopReason::HostError {
                 message: e.to_string(),
             });
         }
-        control::stop_vcpus(handles);
+        // Nothing kicks the vCPU threads once the lifecycle is Shutdown;
+        // parked ones leave the gate.
+        self.control.finished();
+        control::stop_vcpus(self.handles);
         for hook in self.stop_hooks {
             hook();
         }
         if let Some(s) = &self.serial {
             s.lock().unwrap_or_else(|e| e.into_inner()).flush();
         }
-        drop(signals);
-        if let Some(e) = spawn_error {
+        if let Some(e) = self.spawn_error {
             return Err(MachineError::Vcpu(e));
         }
         let reason = stop.reason().unwrap_or(StopReason::HostError {
             message: "VM stopped without a reason".into(),
         });
+        crate::events::emit(
+            "vm",
+            "shutdown",
+            &[
+                ("reason", &reason.to_string()),
+                ("exit_code", &reason.exit_code().to_string()),
+            ],
+        );
         Ok(RunReport {
             reason,
             protocol: self.protocol,

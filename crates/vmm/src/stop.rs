@@ -34,6 +34,9 @@ pub enum StopReason {
     /// Every vCPU is halted with interrupts disabled (or, for APs, was
     /// never started): the guest can never run again.
     Halted,
+    /// A control-plane request stopped the VM (`vm.shutdown`, `vm.reboot`,
+    /// `vmm.shutdown`).
+    Requested { request: &'static str },
 }
 
 /// Exit codes. 0..=99 are the guest's own debug-exit status.
@@ -49,6 +52,7 @@ pub mod exit_code {
     pub const HOST_ERROR: i32 = 105;
     pub const SIGNAL: i32 = 106;
     pub const HALTED: i32 = 107;
+    pub const REQUESTED: i32 = 108;
 }
 
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
@@ -66,6 +70,7 @@ impl StopReason {
             StopReason::HostError { .. } => exit_code::HOST_ERROR,
             StopReason::Signal { .. } => exit_code::SIGNAL,
             StopReason::Halted => exit_code::HALTED,
+            StopReason::Requested { .. } => exit_code::REQUESTED,
         }
     }
 }
@@ -102,6 +107,7 @@ impl fmt::Display for StopReason {
             StopReason::HostError { message } => write!(f, "host error: {message}"),
             StopReason::Signal { signal } => write!(f, "stopped by signal {signal}"),
             StopReason::Halted => write!(f, "guest halted with interrupts disabled on every vCPU"),
+            StopReason::Requested { request } => write!(f, "stopped by the API ({request})"),
         }
     }
 }
@@ -177,6 +183,9 @@ mod tests {
             },
             StopReason::Signal { signal: 15 },
             StopReason::Halted,
+            StopReason::Requested {
+                request: "vm.shutdown",
+            },
         ];
         let mut codes: Vec<i32> = reasons.iter().map(StopReason::exit_code).collect();
         codes.push(exit_code::BAD_INPUT);

@@ -1,5 +1,7 @@
-//! vCPU threads: `KVM_RUN`, exit dispatch to the buses, and the kick that
-//! gets a thread out of `KVM_RUN` when the VM stops.
+//! vCPU threads: `KVM_RUN`, exit dispatch to the buses (and, with a split
+//! irqchip, EOIs of level-triggered IOAPIC vectors to the interrupt
+//! router), and the kick that gets a thread out of `KVM_RUN` when the VM
+//! stops.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +14,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::Bus;
+use crate::interrupts::InterruptRouter;
+use crate::lifecycle::VcpuGate;
 use crate::stop::{StopReason, VmStop};
 
 /// Errors from starting vCPU threads.
@@ -103,6 +107,14 @@ pub struct Vcpu {
     pub stop: Arc<VmStop>,
     pub mem: GuestMemoryMmap,
     pub halt: Arc<HaltWatch>,
+    /// The vCPU thread's seccomp filter, installed before its first
+    /// `KVM_RUN`.
+    pub seccomp: crate::seccomp::SeccompMode,
+    /// Where the thread parks while the VM is paused.
+    pub gate: Arc<VcpuGate>,
+    /// Takes the guest's EOIs of level-triggered IOAPIC vectors (split
+    /// irqchip).
+    pub interrupts: Arc<InterruptRouter>,
 }
 
 /// A running vCPU thread.
@@ -110,7 +122,28 @@ pub struct VcpuHandle {
     thread: JoinHandle<()>,
 }
 
+/// Kicks one vCPU thread out of `KVM_RUN` from any thread. Valid while
+/// the thread has not been joined (the lifecycle drops its kickers before
+/// the control thread joins).
+#[derive(Clone, Copy)]
+pub struct Kicker(libc::pthread_t);
+
+impl Kicker {
+    pub fn kick(&self) {
+        // SAFETY: the pthread_t names a thread that has not been joined
+        // (see the type's contract); a thread that already returned makes
+        // this fail with ESRCH, which is harmless.
+        unsafe { libc::pthread_kill(self.0, kick_signal()) };
+    }
+}
+
 impl VcpuHandle {
+    /// A kicker for this thread (see [`Kicker`] for when it may be used).
+    pub fn kicker(&self) -> Kicker {
+        use std::os::unix::thread::JoinHandleExt;
+        Kicker(self.thread.as_pthread_t())
+    }
+
     /// Makes the thread leave `KVM_RUN` soon; it stops if the VM is stopping.
     pub fn kick(&self) {
         // The thread may have exited already, in which case there is
@@ -147,7 +180,19 @@ impl Vcpu {
 
     fn run_loop(mut self) {
         KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
+        if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu, self.seccomp) {
+            self.stop.request(StopReason::HostError {
+                message: format!("vCPU {}: {e}", self.index),
+            });
+            return;
+        }
+        crate::seccomp::test_call(crate::seccomp::ThreadKind::Vcpu);
         while !self.stop.is_stopping() {
+            if self.gate.is_closed() {
+                self.settle();
+                self.gate.park(&self.stop);
+                continue;
+            }
             if let Some(reason) = self.run_once() {
                 self.stop.request(reason);
             }
@@ -216,11 +261,36 @@ impl Vcpu {
                     self.index
                 ),
             }),
+            VcpuExit::IoapicEoi(vector) => {
+                self.interrupts.end_of_interrupt(vector);
+                None
+            }
             VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
             other => Some(StopReason::HostError {
                 message: format!("unexpected KVM exit on vCPU {}: {other:?}", self.index),
             }),
         }
+    }
+
+    /// Before parking: an exit for a port or MMIO access is complete (and
+    /// the registers final) only after the next `KVM_RUN`; one with
+    /// `immediate_exit` set finishes it and returns at once.
+    fn settle(&mut self) {
+        for _ in 0..8 {
+            self.fd.set_kvm_immediate_exit(1);
+            // `run_once` clears the flag when KVM_RUN came back at once
+            // (EINTR); an exit it served instead (the access finished into
+            // another one, a string instruction's next element) leaves it
+            // set, and the loop goes in again.
+            if let Some(reason) = self.run_once() {
+                self.stop.request(reason);
+                break;
+            }
+            if self.fd.get_kvm_run().immediate_exit == 0 {
+                break;
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     /// Halted with interrupts off, or an AP never started.

@@ -86,6 +86,7 @@ fn pci_devices_are_dropped_when_the_vm_stops() {
         shared_memory: false,
         irqchip: Default::default(),
         acpi: true,
+        seccomp: vmm::seccomp::SeccompMode::Off,
     })
     .expect("building the machine");
     let dropped = Arc::new(AtomicBool::new(false));

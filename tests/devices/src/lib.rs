@@ -2,8 +2,11 @@
 //!
 //! * [`vfio_user_dev`]: a PCI function served over a vfio-user socket, with
 //!   misbehaving variants for bad-input tests (see README.md).
+//! * [`vhost_user_script`]: a scripted vhost-user-blk backend that records
+//!   what a front-end sends and can lie in its answers.
 
 pub mod vfio_user_dev;
+pub mod vhost_user_script;
 
 /// Whether tests that need KVM can run. Without a usable /dev/kvm they fail
 /// under `CI=true` and are skipped (with a note) elsewhere.

@@ -7,6 +7,16 @@
 //!   APIC EOI register; nothing else runs in interrupt context.
 //! * [`TIMER_VECTOR`]: the watchdog tick of the local APIC timer, counted
 //!   in `RINGVM_IRQ_COUNTS[MAX_IRQ_QUEUES]`, same stub shape.
+//! * [`INTX_VECTOR`]: a level-triggered line through the IOAPIC (the `pt`
+//!   form's INTx check). The stub bumps `RINGVM_INTX_COUNT`, writes 0 to
+//!   the device register at `RINGVM_INTX_DEASSERT` (if set) to deassert
+//!   the line, then writes EOI: deassert before EOI, or the EOI's resample
+//!   would find the line still high and raise it again. The deassert is
+//!   the handler's first device access on purpose: on this host (PVM) the
+//!   EOI of a level vector was seen to reach the VMM at the handler's
+//!   first VM exit (split irqchip), and KVM's resampler to fire before the
+//!   handler's first device access (in-kernel irqchip), rather than at the
+//!   EOI write (see tests/passthrough.rs).
 //! * [`SPURIOUS_VECTOR`]: `iretq` (spurious APIC interrupts take no EOI).
 //!
 //! Every gate is a ring-0 interrupt gate (IF cleared on entry) on the
@@ -23,6 +33,8 @@ pub const IRQ_VECTOR_BASE: u8 = 0x40;
 pub const MAX_IRQ_QUEUES: usize = 8;
 /// Local APIC timer (watchdog) vector.
 pub const TIMER_VECTOR: u8 = 0x30;
+/// Level-triggered (IOAPIC) line vector.
+pub const INTX_VECTOR: u8 = 0x50;
 /// Local APIC spurious vector.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 /// Exit status after an unexpected exception.
@@ -37,6 +49,31 @@ static RINGVM_IRQ_COUNTS: [AtomicU64; MAX_IRQ_QUEUES + 1] =
 /// before interrupts are enabled.
 #[no_mangle]
 pub static RINGVM_APIC_EOI: AtomicU64 = AtomicU64::new(0);
+
+/// Interrupts taken on [`INTX_VECTOR`].
+#[no_mangle]
+static RINGVM_INTX_COUNT: AtomicU64 = AtomicU64::new(0);
+
+/// Address of the (32-bit) register the INTx stub writes 0 to, to
+/// deassert the line; 0 for none.
+#[no_mangle]
+static RINGVM_INTX_DEASSERT: AtomicU64 = AtomicU64::new(0);
+
+/// Interrupts taken so far on [`INTX_VECTOR`].
+pub fn intx_irqs() -> u64 {
+    RINGVM_INTX_COUNT.load(Ordering::Relaxed)
+}
+
+/// Sets the register the INTx stub writes 0 to (before its EOI).
+///
+/// # Safety
+///
+/// `addr` must be a mapped, uncached 32-bit device register whose write of
+/// 0 deasserts the line (or 0 for none), for as long as [`INTX_VECTOR`]
+/// can fire.
+pub unsafe fn set_intx_deassert(addr: u64) {
+    RINGVM_INTX_DEASSERT.store(addr, Ordering::Relaxed);
+}
 
 /// Interrupts taken so far on virtqueue vector `k`.
 pub fn queue_irqs(k: usize) -> u64 {
@@ -85,6 +122,20 @@ ringvm_irq_\q:
     .endr
 
     .balign 16
+ringvm_intx:
+    incq RINGVM_INTX_COUNT(%rip)
+    pushq %rax
+    movq RINGVM_INTX_DEASSERT(%rip), %rax
+    testq %rax, %rax
+    jz 1f
+    movl $0, (%rax)
+1:
+    movq RINGVM_APIC_EOI(%rip), %rax
+    movl $0, (%rax)
+    popq %rax
+    iretq
+
+    .balign 16
 ringvm_spurious:
     iretq
 
@@ -100,6 +151,8 @@ ringvm_irq_stubs:
     .endr
 ringvm_spurious_stub:
     .quad ringvm_spurious
+ringvm_intx_stub:
+    .quad ringvm_intx
 "#,
     options(att_syntax)
 );
@@ -108,6 +161,7 @@ extern "C" {
     static ringvm_exc_stubs: [u64; 32];
     static ringvm_irq_stubs: [u64; MAX_IRQ_QUEUES + 1];
     static ringvm_spurious_stub: u64;
+    static ringvm_intx_stub: u64;
 }
 
 /// 256 gates of 16 bytes.
@@ -143,8 +197,14 @@ pub fn load() {
         }
     };
     // SAFETY: the stub tables are read-only data defined above.
-    let (exc, irq, spurious) =
-        unsafe { (&ringvm_exc_stubs, &ringvm_irq_stubs, ringvm_spurious_stub) };
+    let (exc, irq, spurious, intx) = unsafe {
+        (
+            &ringvm_exc_stubs,
+            &ringvm_irq_stubs,
+            ringvm_spurious_stub,
+            ringvm_intx_stub,
+        )
+    };
     for (v, &h) in exc.iter().enumerate() {
         set(v as u8, h);
     }
@@ -153,6 +213,7 @@ pub fn load() {
     }
     set(TIMER_VECTOR, irq[MAX_IRQ_QUEUES]);
     set(SPURIOUS_VECTOR, spurious);
+    set(INTX_VECTOR, intx);
 
     #[repr(C, packed)]
     struct Pointer {

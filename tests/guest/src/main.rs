@@ -37,6 +37,8 @@ mod crc;
 mod exit;
 #[cfg(not(test))]
 mod idt;
+#[cfg(not(test))]
+mod ioapic;
 mod mmio;
 mod msix;
 mod net;

@@ -71,6 +71,12 @@ impl Msix {
         self.set_control(0, CTRL_FUNCTION_MASK);
     }
 
+    /// Disables MSI-X (the function falls back to INTx, if enabled in its
+    /// command register).
+    pub fn disable(&self) {
+        self.set_control(0, CTRL_ENABLE | CTRL_FUNCTION_MASK);
+    }
+
     /// Masks (or unmasks) entry `index` (< `size`) through its vector
     /// control word, leaving the message alone.
     pub fn set_masked(&self, index: u16, masked: bool) {

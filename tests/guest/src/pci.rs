@@ -87,6 +87,18 @@ impl Function {
         unsafe { self.write32(COMMAND, u32::from(cmd)) };
     }
 
+    /// Clears bits in the command register (the status half as in
+    /// [`Function::enable`]).
+    ///
+    /// # Safety
+    ///
+    /// As for [`Function::write32`].
+    pub unsafe fn disable(self, bits: u16) {
+        let cmd = self.read32(COMMAND) as u16 & !bits;
+        // SAFETY: forwarded to the caller.
+        unsafe { self.write32(COMMAND, u32::from(cmd)) };
+    }
+
     /// The capabilities as `(offset, id)`, following the list from the
     /// capabilities pointer. Stops after 48 entries (the most that fit in
     /// 192 bytes) so a looping list cannot hang the guest.

@@ -54,6 +54,8 @@ pub enum ExecutorError {
     WakeEventFd(#[source] io::Error),
     #[error("io_uring_enter failed")]
     Enter(#[source] io::Error),
+    #[error("sandboxing the thread: {0}")]
+    Sandbox(String),
     #[error("the executor is already running")]
     AlreadyRunning,
     #[error("{count} fixed buffers are more than io_uring allows ({max})")]

@@ -6,15 +6,16 @@ use std::sync::{Arc, Mutex};
 
 use uring_backend::block::{BlockFile, BlockOpenOptions};
 use uring_backend::iothread::IoThread;
-use virtio_queue::QueueState;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::config::DiskConfig;
 use super::request::{RequestLimits, MAX_DISCARD_SEGMENTS, SECTOR_SHIFT, VIRTIO_BLK_ID_BYTES};
+use super::stats::BlockStats;
 use super::worker::{serve_queue, QueueCtx};
 use crate::device::{
-    read_config_space, ActivateError, QueueInit, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
+    read_config_space, ActivateError, PauseError, QueueInit, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::ratelimit::RateLimitedLog;
@@ -57,7 +58,16 @@ struct Active {
     workers: Arc<WorkerCount>,
     kicks: Vec<EventFd>,
     returned: ReturnedQueues,
+    mem: GuestMemoryMmap,
+    features: u64,
+    /// Each served queue's kick and interrupt, to restart it after a pause.
+    wiring: Vec<(u16, EventFd, Option<EventFd>)>,
+    /// While paused: each stopped queue where its worker left it.
+    paused: Option<Vec<(u16, QueueState)>>,
 }
+
+/// A queue to serve: index, the queue, its kick and its interrupt.
+type QueueStart = (u16, Queue, EventFd, Option<EventFd>);
 
 /// A virtio-blk device over a raw file or block device.
 pub struct BlockDevice {
@@ -71,6 +81,7 @@ pub struct BlockDevice {
     queue_threads: Vec<Arc<IoThread>>,
     active: Option<Active>,
     log: Arc<RateLimitedLog>,
+    stats: Arc<BlockStats>,
 }
 
 impl BlockDevice {
@@ -130,6 +141,7 @@ impl BlockDevice {
             queue_threads,
             active: None,
             log: Arc::new(RateLimitedLog::new(name)),
+            stats: Arc::new(BlockStats::default()),
         };
         dev.build_config_space();
         Ok(dev)
@@ -170,6 +182,57 @@ impl BlockDevice {
         id
     }
 
+    /// The device's counters, readable while it runs.
+    pub fn stats_handle(&self) -> Arc<BlockStats> {
+        self.stats.clone()
+    }
+
+    /// Starts one worker per queue in `queues` on its iothread.
+    fn spawn_workers(&self, active: &Active, queues: Vec<QueueStart>) {
+        for (index, queue, kick, interrupt) in queues {
+            let Some(thread) = self.queue_threads.get(usize::from(index)).cloned() else {
+                continue;
+            };
+            let ctx = QueueCtx {
+                index,
+                guard: QueueCtx::worker_guard(&active.workers),
+                queue,
+                kick,
+                interrupt,
+                mem: active.mem.clone(),
+                disk: self.disk.clone(),
+                limits: self.limits(),
+                id: self.id(),
+                event_idx: active.features & VIRTIO_RING_F_EVENT_IDX != 0,
+                fixed_buffers: self.config.fixed_buffers,
+                stop: active.stop.clone(),
+                log: self.log.clone(),
+                returned: active.returned.clone(),
+                stats: self.stats.clone(),
+            };
+            // If the job never runs (iothread gone), dropping it drops the
+            // context, which marks the worker finished.
+            thread.run_on(Box::new(move |ex| {
+                let ex2 = ex.clone();
+                ex.spawn(serve_queue(ex2, ctx));
+            }));
+        }
+    }
+
+    /// Stops every worker of `active` (in-flight requests complete first)
+    /// and takes the queues they hand back, by index.
+    fn stop_workers(&self, active: &Active) -> Vec<(u16, QueueState)> {
+        active.stop.store(true, Ordering::SeqCst);
+        for k in &active.kicks {
+            let _ = k.write(1);
+        }
+        active.workers.wait_idle();
+        let mut queues =
+            std::mem::take(&mut *active.returned.lock().unwrap_or_else(|e| e.into_inner()));
+        queues.sort_by_key(|(index, _)| *index);
+        queues
+    }
+
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
         self.capacity
@@ -186,18 +249,15 @@ impl BlockDevice {
     /// later activation (or a vhost-user front-end) must resume. A queue
     /// whose worker never ran is missing; its state is what was handed in.
     pub fn stop_queues(&mut self) -> Vec<(u16, QueueState)> {
-        let Some(active) = self.active.take() else {
+        let Some(mut active) = self.active.take() else {
             return Vec::new();
         };
-        active.stop.store(true, Ordering::SeqCst);
-        for k in &active.kicks {
-            let _ = k.write(1);
-        }
-        active.workers.wait_idle();
+        // A paused device's workers are stopped already.
+        let queues = match active.paused.take() {
+            Some(queues) => queues,
+            None => self.stop_workers(&active),
+        };
         log::debug!("{}: reset, all queue workers stopped", self.name);
-        let mut queues =
-            std::mem::take(&mut *active.returned.lock().unwrap_or_else(|e| e.into_inner()));
-        queues.sort_by_key(|(index, _)| *index);
         queues
     }
 }
@@ -238,44 +298,90 @@ impl VirtioDevice for BlockDevice {
         if self.active.is_some() {
             self.reset();
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let workers = Arc::new(WorkerCount::default());
-        let returned = ReturnedQueues::default();
-        let mut kicks = Vec::with_capacity(queues.len());
+        let mut active = Active {
+            stop: Arc::new(AtomicBool::new(false)),
+            workers: Arc::new(WorkerCount::default()),
+            kicks: Vec::with_capacity(queues.len()),
+            returned: ReturnedQueues::default(),
+            mem,
+            features,
+            wiring: Vec::with_capacity(queues.len()),
+            paused: None,
+        };
+        let mut starts = Vec::with_capacity(queues.len());
         for q in queues {
-            kicks.push(q.kick.try_clone().map_err(ActivateError::EventFd)?);
-            let Some(thread) = self.queue_threads.get(usize::from(q.index)).cloned() else {
+            let dup = |e: &EventFd| e.try_clone().map_err(ActivateError::EventFd);
+            active.kicks.push(dup(&q.kick)?);
+            let interrupt = q.interrupt.as_ref().map(dup).transpose()?;
+            active.wiring.push((q.index, dup(&q.kick)?, interrupt));
+            starts.push((q.index, q.queue, q.kick, q.interrupt));
+        }
+        self.spawn_workers(&active, starts);
+        self.active = Some(active);
+        Ok(())
+    }
+
+    fn pause(&mut self) -> Result<(), PauseError> {
+        let Some(active) = &self.active else {
+            return Ok(());
+        };
+        if active.paused.is_some() {
+            return Ok(());
+        }
+        let queues = self.stop_workers(active);
+        log::debug!("{}: paused, in-flight requests completed", self.name);
+        if let Some(active) = &mut self.active {
+            active.paused = Some(queues);
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), PauseError> {
+        let Some(active) = &mut self.active else {
+            return Ok(());
+        };
+        let Some(queues) = active.paused.take() else {
+            return Ok(());
+        };
+        let mut starts = Vec::with_capacity(queues.len());
+        for (index, state) in &queues {
+            let wiring = active.wiring.iter().find(|(i, _, _)| i == index);
+            let Some((_, kick, interrupt)) = wiring else {
                 continue;
             };
-            let ctx = QueueCtx {
-                index: q.index,
-                guard: QueueCtx::worker_guard(&workers),
-                queue: q.queue,
-                kick: q.kick,
-                interrupt: q.interrupt,
-                mem: mem.clone(),
-                disk: self.disk.clone(),
-                limits: self.limits(),
-                id: self.id(),
-                event_idx: features & VIRTIO_RING_F_EVENT_IDX != 0,
-                fixed_buffers: self.config.fixed_buffers,
-                stop: stop.clone(),
-                log: self.log.clone(),
-                returned: returned.clone(),
-            };
-            // If the job never runs (iothread gone), dropping it drops the
-            // context, which marks the worker finished.
-            thread.run_on(Box::new(move |ex| {
-                let ex2 = ex.clone();
-                ex.spawn(serve_queue(ex2, ctx));
-            }));
+            let queue = Queue::try_from(*state).map_err(|source| PauseError::Queue {
+                index: *index,
+                source,
+            });
+            let dup = |e: &EventFd| e.try_clone().map_err(PauseError::EventFd);
+            let started = queue.and_then(|q| {
+                Ok((
+                    *index,
+                    q,
+                    dup(kick)?,
+                    interrupt.as_ref().map(dup).transpose()?,
+                ))
+            });
+            match started {
+                Ok(s) => starts.push(s),
+                Err(e) => {
+                    active.paused = Some(queues);
+                    return Err(e);
+                }
+            }
         }
-        self.active = Some(Active {
-            stop,
-            workers,
-            kicks,
-            returned,
-        });
+        active.stop = Arc::new(AtomicBool::new(false));
+        // Requests the driver posted before the pause but no worker took
+        // yet: a kick makes each new worker look at its avail ring.
+        for (_, kick, _) in &active.wiring {
+            let _ = kick.write(1);
+        }
+        let active = self.active.take();
+        if let Some(active) = active {
+            self.spawn_workers(&active, starts);
+            self.active = Some(active);
+        }
+        log::debug!("{}: resumed", self.name);
         Ok(())
     }
 

@@ -7,6 +7,8 @@ pub mod request;
 
 pub use config::{DiskConfig, DiskConfigError};
 pub mod device;
+pub mod stats;
 mod worker;
 
 pub use device::{BlockDevice, BlockDeviceError};
+pub use stats::BlockStats;

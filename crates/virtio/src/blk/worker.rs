@@ -24,6 +24,7 @@ use super::request::{
     parse, Request, RequestKind, RequestLimits, SECTOR_SHIFT, VIRTIO_BLK_ID_BYTES,
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, WRITE_ZEROES_FLAG_UNMAP,
 };
+use super::stats::BlockStats;
 use crate::ratelimit::RateLimitedLog;
 use crate::workers::{WorkerCount, WorkerGuardToken};
 
@@ -45,6 +46,7 @@ pub struct QueueCtx {
     pub log: Arc<RateLimitedLog>,
     /// Receives the queue, in its final state, when the worker stops.
     pub returned: ReturnedQueues,
+    pub stats: Arc<BlockStats>,
 }
 
 impl QueueCtx {
@@ -69,6 +71,7 @@ struct Shared {
     fixed: bool,
     index: u16,
     log: Arc<RateLimitedLog>,
+    stats: Arc<BlockStats>,
 }
 
 impl Shared {
@@ -94,11 +97,14 @@ impl Shared {
         };
         if needed {
             if let Some(irq) = &self.interrupt {
-                if let Err(e) = irq.write(1) {
-                    self.log.warn(format_args!(
+                match irq.write(1) {
+                    Ok(()) => {
+                        self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => self.log.warn(format_args!(
                         "queue {}: raising the interrupt: {e}",
                         self.index
-                    ));
+                    )),
                 }
             }
         }
@@ -131,6 +137,7 @@ pub async fn serve_queue(ex: Rc<Executor>, ctx: QueueCtx) {
         fixed: false,
         index: ctx.index,
         log: ctx.log.clone(),
+        stats: ctx.stats.clone(),
     }));
     let disk = Rc::new(ctx.disk);
     let id = ctx.id;
@@ -289,6 +296,7 @@ fn drain_avail(
                 (head, Err((err, status))) => {
                     shared.borrow().log.warn(format_args!("bad request: {err}"));
                     let mut s = shared.borrow_mut();
+                    s.stats.errors.fetch_add(1, Ordering::Relaxed);
                     let len = match status {
                         Some(addr) if mem.write_obj(err.status(), addr).is_ok() => 1,
                         _ => 0,
@@ -433,6 +441,42 @@ async fn execute(
     }
 }
 
+/// Counts a finished request.
+fn count(stats: &BlockStats, req: &Request, ok: bool) {
+    let add = |c: &std::sync::atomic::AtomicU64, n: u64| {
+        c.fetch_add(n, Ordering::Relaxed);
+    };
+    if !ok {
+        add(&stats.errors, 1);
+        return;
+    }
+    let sectors = |segs: &[(u64, u32, u32)]| -> u64 {
+        segs.iter()
+            .map(|&(_, n, _)| u64::from(n) << SECTOR_SHIFT)
+            .sum()
+    };
+    match &req.kind {
+        RequestKind::Read => {
+            add(&stats.read_ops, 1);
+            add(&stats.read_bytes, req.data_len);
+        }
+        RequestKind::Write => {
+            add(&stats.write_ops, 1);
+            add(&stats.write_bytes, req.data_len);
+        }
+        RequestKind::Flush => add(&stats.flush_ops, 1),
+        RequestKind::Discard(segs) => {
+            add(&stats.discard_ops, 1);
+            add(&stats.discard_bytes, sectors(segs));
+        }
+        RequestKind::WriteZeroes(segs) => {
+            add(&stats.write_zeroes_ops, 1);
+            add(&stats.write_zeroes_bytes, sectors(segs));
+        }
+        RequestKind::GetId => {}
+    }
+}
+
 async fn run_request(
     ex: Rc<Executor>,
     shared: Rc<RefCell<Shared>>,
@@ -453,6 +497,7 @@ async fn run_request(
         }
     };
     let mut s = shared.borrow_mut();
+    count(&s.stats, &req, status == VIRTIO_BLK_S_OK);
     let len = match mem.write_obj(status, req.status) {
         Ok(()) => written + 1,
         Err(_) => 0,

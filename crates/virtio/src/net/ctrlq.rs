@@ -23,6 +23,7 @@ pub(super) async fn serve_ctrl(ex: Rc<Executor>, ctx: PairCtx) {
     let kick = Arc::new(ctx.kick);
     let q = ctx.q.into_net_queue(shared.log.clone());
     let features = ctx.ctrl;
+    let returned = ctx.returned;
     'serve: loop {
         if ex.read_eventfd(kick.clone()).await.is_err() {
             break;
@@ -109,4 +110,5 @@ pub(super) async fn serve_ctrl(ex: Rc<Executor>, ctx: PairCtx) {
             }
         }
     }
+    q.borrow().hand_back(&returned, 0);
 }

@@ -10,16 +10,16 @@ use std::sync::{Arc, Mutex};
 use uring_backend::iothread::IoThread;
 use uring_backend::net::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use uring_backend::net::{Tap, TapError, VNET_HDR_LEN};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config::NetConfig;
 use super::ctrl::{CtrlFeatures, RxFilter};
-use super::queue::NetQueue;
+use super::queue::{NetQueue, NetQueueParts};
 use super::{ctrlq, rx, tx};
 use crate::device::{
-    read_config_space, ActivateError, QueueInit, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
+    read_config_space, ActivateError, PauseError, QueueInit, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::ratelimit::RateLimitedLog;
@@ -75,6 +75,8 @@ pub struct NetStats {
     /// Frames the TAP refused.
     pub tx_errors: AtomicU64,
     pub ctrl_errors: AtomicU64,
+    /// Interrupts raised to the driver.
+    pub interrupts: AtomicU64,
 }
 
 impl NetStats {
@@ -82,7 +84,7 @@ impl NetStats {
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "rx_packets={} rx_bytes={} rx_dropped={} rx_filtered={} rx_bad_chains={} tx_packets={} tx_bytes={} tx_dropped={} tx_errors={} ctrl_errors={}",
+            "rx_packets={} rx_bytes={} rx_dropped={} rx_filtered={} rx_bad_chains={} tx_packets={} tx_bytes={} tx_dropped={} tx_errors={} ctrl_errors={} interrupts={}",
             g(&self.rx_packets),
             g(&self.rx_bytes),
             g(&self.rx_dropped),
@@ -93,7 +95,26 @@ impl NetStats {
             g(&self.tx_dropped),
             g(&self.tx_errors),
             g(&self.ctrl_errors),
+            g(&self.interrupts),
         )
+    }
+
+    /// Every counter by name, in a fixed order.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("rx_frames", g(&self.rx_packets)),
+            ("rx_bytes", g(&self.rx_bytes)),
+            ("rx_dropped", g(&self.rx_dropped)),
+            ("rx_filtered", g(&self.rx_filtered)),
+            ("rx_bad_chains", g(&self.rx_bad_chains)),
+            ("tx_frames", g(&self.tx_packets)),
+            ("tx_bytes", g(&self.tx_bytes)),
+            ("tx_dropped", g(&self.tx_dropped)),
+            ("tx_errors", g(&self.tx_errors)),
+            ("ctrl_errors", g(&self.ctrl_errors)),
+            ("interrupts", g(&self.interrupts)),
+        ]
     }
 }
 
@@ -143,6 +164,9 @@ impl NetShared {
     }
 }
 
+/// Where each queue task leaves its queue when it stops.
+pub(super) type ReturnedQueues = Arc<Mutex<Vec<(u16, QueueState)>>>;
+
 /// A queue as handed over on activation, before its task wraps it.
 pub(super) struct QueueParts {
     pub index: u16,
@@ -150,19 +174,21 @@ pub(super) struct QueueParts {
     pub interrupt: Option<EventFd>,
     pub mem: GuestMemoryMmap,
     pub event_idx: bool,
+    pub stats: Arc<NetStats>,
 }
 
 impl QueueParts {
     /// The queue with its interrupt, as its task uses it.
     pub(super) fn into_net_queue(self, log: Arc<RateLimitedLog>) -> Rc<RefCell<NetQueue>> {
-        NetQueue::new(
-            self.queue,
-            self.event_idx,
-            self.mem,
-            self.interrupt,
-            self.index,
+        NetQueue::new(NetQueueParts {
+            queue: self.queue,
+            event_idx: self.event_idx,
+            mem: self.mem,
+            interrupt: self.interrupt,
+            index: self.index,
             log,
-        )
+            stats: self.stats,
+        })
     }
 }
 
@@ -177,12 +203,31 @@ pub(super) struct PairCtx {
     /// Largest frame plus its header, in this queue's direction.
     pub max_frame: u64,
     pub ctrl: CtrlFeatures,
+    /// Receives the queue, in its final state, when the task stops.
+    pub returned: ReturnedQueues,
+}
+
+/// How one queue is served: kept for restarting it after a pause.
+struct QueuePlan {
+    index: u16,
+    role: Role,
+    pair: usize,
+    max_frame: u64,
+    kick: EventFd,
+    interrupt: Option<EventFd>,
 }
 
 struct Active {
     shared: Arc<NetShared>,
     workers: Arc<WorkerCount>,
     kicks: Vec<EventFd>,
+    mem: GuestMemoryMmap,
+    features: u64,
+    ctrl: CtrlFeatures,
+    plans: Vec<QueuePlan>,
+    returned: ReturnedQueues,
+    /// While paused: each stopped queue where its task left it.
+    paused: Option<Vec<(u16, QueueState)>>,
 }
 
 /// A virtio-net device over a TAP.
@@ -201,7 +246,7 @@ pub struct NetDevice {
 }
 
 /// A locally administered unicast MAC, different per device and run.
-fn random_mac() -> [u8; 6] {
+pub fn random_mac() -> [u8; 6] {
     let mut bytes = [0u8; 4];
     // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
     let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
@@ -354,10 +399,21 @@ impl NetDevice {
             mq,
             max_pairs: self.config.queue_pairs,
         };
-        let workers = Arc::new(WorkerCount::default());
-        let mut kicks = Vec::with_capacity(queues.len());
+        let mut active = Active {
+            shared,
+            workers: Arc::new(WorkerCount::default()),
+            kicks: Vec::with_capacity(queues.len()),
+            mem,
+            features,
+            ctrl,
+            plans: Vec::with_capacity(queues.len()),
+            returned: ReturnedQueues::default(),
+            paused: None,
+        };
+        let mut starts = Vec::with_capacity(queues.len());
         for q in queues {
-            kicks.push(q.kick.try_clone().map_err(ActivateError::EventFd)?);
+            let dup = |e: &EventFd| e.try_clone().map_err(ActivateError::EventFd);
+            active.kicks.push(dup(&q.kick)?);
             let index = usize::from(q.index);
             let (pair, role) = if index == ctrl_index && has(VIRTIO_NET_F_CTRL_VQ) {
                 (0, Role::Ctrl)
@@ -368,24 +424,48 @@ impl NetDevice {
                     .warn(format_args!("queue {index} has no use; left idle"));
                 continue;
             };
+            active.plans.push(QueuePlan {
+                index: q.index,
+                role,
+                pair,
+                max_frame: if role == Role::Tx { tx_max } else { rx_max },
+                kick: dup(&q.kick)?,
+                interrupt: q.interrupt.as_ref().map(dup).transpose()?,
+            });
+            starts.push((q.index, q.queue, q.kick, q.interrupt));
+        }
+        self.spawn_tasks(&active, starts);
+        Ok(active)
+    }
+
+    /// Starts the task of each queue in `queues` on its pair's iothread.
+    fn spawn_tasks(&self, active: &Active, queues: Vec<(u16, Queue, EventFd, Option<EventFd>)>) {
+        let has = |f: u64| active.features & f != 0;
+        for (index, queue, kick, interrupt) in queues {
+            let Some(plan) = active.plans.iter().find(|p| p.index == index) else {
+                continue;
+            };
+            let (pair, role) = (plan.pair, plan.role);
             let ctx = PairCtx {
-                guard: WorkerGuardToken::new(&workers),
-                shared: shared.clone(),
+                guard: WorkerGuardToken::new(&active.workers),
+                shared: active.shared.clone(),
                 pair,
                 q: QueueParts {
-                    index: q.index,
-                    queue: q.queue,
-                    interrupt: q.interrupt,
-                    mem: mem.clone(),
+                    index,
+                    queue,
+                    interrupt,
+                    mem: active.mem.clone(),
                     event_idx: has(VIRTIO_RING_F_EVENT_IDX),
+                    stats: self.stats.clone(),
                 },
-                kick: q.kick,
+                kick,
                 mrg: has(VIRTIO_NET_F_MRG_RXBUF),
-                max_frame: if role == Role::Tx { tx_max } else { rx_max },
-                ctrl,
+                max_frame: plan.max_frame,
+                ctrl: active.ctrl,
+                returned: active.returned.clone(),
             };
             let thread = &self.pair_threads[pair];
-            let wake = shared.wakes[pair].clone();
+            let wake = active.shared.wakes[pair].clone();
             // A job that never runs drops its context, which counts the
             // worker finished.
             thread.run_on(Box::new(move |ex| {
@@ -397,11 +477,23 @@ impl NetDevice {
                 }
             }));
         }
-        Ok(Active {
-            shared,
-            workers,
-            kicks,
-        })
+    }
+
+    /// Stops every task of `active` (frames in flight complete first) and
+    /// takes the queues they hand back, by index.
+    fn stop_tasks(active: &Active) -> Vec<(u16, QueueState)> {
+        active.shared.stop.store(true, Ordering::SeqCst);
+        for k in &active.kicks {
+            let _ = k.write(1);
+        }
+        for w in &active.shared.wakes {
+            let _ = w.write(1);
+        }
+        active.workers.wait_idle();
+        let mut queues =
+            std::mem::take(&mut *active.returned.lock().unwrap_or_else(|e| e.into_inner()));
+        queues.sort_by_key(|(index, _)| *index);
+        queues
     }
 }
 
@@ -455,15 +547,70 @@ impl VirtioDevice for NetDevice {
         let Some(active) = self.active.take() else {
             return;
         };
-        active.shared.stop.store(true, Ordering::SeqCst);
-        for k in &active.kicks {
-            let _ = k.write(1);
+        if active.paused.is_none() {
+            NetDevice::stop_tasks(&active);
         }
-        for w in &active.shared.wakes {
-            let _ = w.write(1);
-        }
-        active.workers.wait_idle();
         log::debug!("{}: reset, all queue tasks stopped", self.name);
+    }
+
+    fn pause(&mut self) -> Result<(), PauseError> {
+        let Some(active) = &mut self.active else {
+            return Ok(());
+        };
+        if active.paused.is_none() {
+            active.paused = Some(NetDevice::stop_tasks(active));
+            log::debug!("{}: paused, frames in flight completed", self.name);
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), PauseError> {
+        let Some(active) = &mut self.active else {
+            return Ok(());
+        };
+        let Some(queues) = active.paused.take() else {
+            return Ok(());
+        };
+        let mut starts = Vec::with_capacity(queues.len());
+        for (index, state) in &queues {
+            let Some(plan) = active.plans.iter().find(|p| p.index == *index) else {
+                continue;
+            };
+            let dup = |e: &EventFd| e.try_clone().map_err(PauseError::EventFd);
+            let started = Queue::try_from(*state)
+                .map_err(|source| PauseError::Queue {
+                    index: *index,
+                    source,
+                })
+                .and_then(|q| {
+                    Ok((
+                        *index,
+                        q,
+                        dup(&plan.kick)?,
+                        plan.interrupt.as_ref().map(dup).transpose()?,
+                    ))
+                });
+            match started {
+                Ok(s) => starts.push(s),
+                Err(e) => {
+                    active.paused = Some(queues);
+                    return Err(e);
+                }
+            }
+        }
+        // The same shared state (filters, queue pairs in use) carries on.
+        active.shared.stop.store(false, Ordering::SeqCst);
+        // Chains the driver posted before the pause but no task took yet.
+        for p in &active.plans {
+            let _ = p.kick.write(1);
+        }
+        let active = self.active.take();
+        if let Some(active) = active {
+            self.spawn_tasks(&active, starts);
+            self.active = Some(active);
+        }
+        log::debug!("{}: resumed", self.name);
+        Ok(())
     }
 }
 

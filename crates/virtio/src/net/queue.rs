@@ -14,6 +14,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::device::{NetStats, ReturnedQueues};
 use crate::ratelimit::RateLimitedLog;
 
 /// A queue, its interrupt and the memory it lives in; shared by a queue's
@@ -25,26 +26,45 @@ pub(super) struct NetQueue {
     notify_scheduled: bool,
     pub index: u16,
     pub log: Arc<RateLimitedLog>,
+    stats: Arc<NetStats>,
+}
+
+/// What a queue task is made of.
+pub(super) struct NetQueueParts {
+    pub queue: Queue,
+    pub event_idx: bool,
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Option<EventFd>,
+    pub index: u16,
+    pub log: Arc<RateLimitedLog>,
+    pub stats: Arc<NetStats>,
 }
 
 impl NetQueue {
-    pub fn new(
-        mut queue: Queue,
-        event_idx: bool,
-        mem: GuestMemoryMmap,
-        interrupt: Option<EventFd>,
-        index: u16,
-        log: Arc<RateLimitedLog>,
-    ) -> Rc<RefCell<NetQueue>> {
-        queue.set_event_idx(event_idx);
+    pub fn new(parts: NetQueueParts) -> Rc<RefCell<NetQueue>> {
+        let mut queue = parts.queue;
+        queue.set_event_idx(parts.event_idx);
         Rc::new(RefCell::new(NetQueue {
             queue,
-            mem: Rc::new(mem),
-            interrupt,
+            mem: Rc::new(parts.mem),
+            interrupt: parts.interrupt,
             notify_scheduled: false,
-            index,
-            log,
+            index: parts.index,
+            log: parts.log,
+            stats: parts.stats,
         }))
+    }
+
+    /// Hands the queue back when its task ends, `unpop` chains before
+    /// where it stands (chains taken from the avail ring and not used:
+    /// a later task takes them again).
+    pub fn hand_back(&self, returned: &ReturnedQueues, unpop: u16) {
+        let mut state = self.queue.state();
+        state.next_avail = state.next_avail.wrapping_sub(unpop);
+        returned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((self.index, state));
     }
 
     /// Returns a chain to the driver.
@@ -69,11 +89,16 @@ impl NetQueue {
             });
         if needed {
             if let Some(irq) = &self.interrupt {
-                if let Err(e) = irq.write(1) {
-                    self.log.warn(format_args!(
+                match irq.write(1) {
+                    Ok(()) => {
+                        self.stats
+                            .interrupts
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => self.log.warn(format_args!(
                         "queue {}: raising the interrupt: {e}",
                         self.index
-                    ));
+                    )),
                 }
             }
         }

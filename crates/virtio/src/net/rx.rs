@@ -64,6 +64,10 @@ struct Rx {
     shared: Arc<NetShared>,
     pair: usize,
     chains: VecDeque<RxChain>,
+    /// The held chains are the last ones taken from the avail ring (no
+    /// chain was returned behind them), so handing the queue back can
+    /// un-take them.
+    held_are_last: bool,
     mrg: bool,
     max_frame: u64,
 }
@@ -90,6 +94,7 @@ impl Rx {
                             .rx_bad_chains
                             .fetch_add(1, Ordering::Relaxed);
                         q.complete(head, 0);
+                        self.held_are_last &= self.chains.is_empty();
                     }
                     Ok(s) if s.len >= VNET_HDR_LEN as u64 => self.chains.push_back(RxChain {
                         head,
@@ -106,6 +111,7 @@ impl Rx {
                             .rx_bad_chains
                             .fetch_add(1, Ordering::Relaxed);
                         q.complete(head, 0);
+                        self.held_are_last &= self.chains.is_empty();
                     }
                     Err(e) => {
                         q.log.warn(format_args!("queue {}: RX chain: {e}", q.index));
@@ -114,6 +120,7 @@ impl Rx {
                             .rx_bad_chains
                             .fetch_add(1, Ordering::Relaxed);
                         q.complete(head, 0);
+                        self.held_are_last &= self.chains.is_empty();
                     }
                 }
             }
@@ -205,6 +212,9 @@ impl Rx {
             left -= l;
             taken.push((c, l as u32));
         }
+        if self.chains.is_empty() {
+            self.held_are_last = true;
+        }
         let num_buffers = taken.len() as u16;
         if let Some((first_chain, _)) = taken.first() {
             for (addr, len) in segs_at(std::iter::once(first_chain), 10, 2) {
@@ -228,7 +238,12 @@ impl Rx {
 pub(super) async fn serve_rx(ex: Rc<Executor>, ctx: PairCtx, wake: Arc<EventFd>) {
     let _guard = ctx.guard;
     let shared = ctx.shared;
+    let returned = ctx.returned;
     let Some(tap) = shared.tap.queue(ctx.pair) else {
+        returned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((ctx.q.index, ctx.q.queue.state()));
         return;
     };
     let kick = Arc::new(ctx.kick);
@@ -238,6 +253,7 @@ pub(super) async fn serve_rx(ex: Rc<Executor>, ctx: PairCtx, wake: Arc<EventFd>)
         shared: shared.clone(),
         pair: ctx.pair,
         chains: VecDeque::new(),
+        held_are_last: true,
         mrg: ctx.mrg,
         max_frame: ctx.max_frame,
     };
@@ -322,6 +338,18 @@ pub(super) async fn serve_rx(ex: Rc<Executor>, ctx: PairCtx, wake: Arc<EventFd>)
     }
     let _ = ex.cancel_fd(wake.clone()).await;
     let _ = woken.await;
+    // Buffers taken and not filled go back to the avail ring for the next
+    // task; if a chain was returned behind them, they are returned empty.
+    let unpop = if rx.held_are_last {
+        rx.chains.len() as u16
+    } else {
+        let mut q = rx.q.borrow_mut();
+        for c in rx.chains.drain(..) {
+            q.complete(c.head, 0);
+        }
+        0
+    };
+    rx.q.borrow().hand_back(&returned, unpop);
 }
 
 #[cfg(test)]

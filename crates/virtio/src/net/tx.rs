@@ -147,8 +147,13 @@ async fn write_frame(tx: Tx, head: u16, iov: Vec<libc::iovec>, len: u64) {
 pub(super) async fn serve_tx(ex: Rc<Executor>, ctx: PairCtx) {
     let _guard = ctx.guard;
     let shared = ctx.shared;
+    let returned = ctx.returned;
     let index = ctx.q.index;
     let Some(tap) = shared.tap.queue(ctx.pair) else {
+        returned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((index, ctx.q.queue.state()));
         return;
     };
     let kick = Arc::new(ctx.kick);
@@ -188,4 +193,5 @@ pub(super) async fn serve_tx(ex: Rc<Executor>, ctx: PairCtx) {
             break;
         }
     }
+    tx.q.borrow().hand_back(&returned, 0);
 }

@@ -93,6 +93,8 @@ pub struct VirtioPciDevice {
     /// Where BAR0 is decoded now (for the notify ioeventfds).
     bar0: Option<u64>,
     active: bool,
+    /// The VM is paused and the device with it.
+    paused: bool,
 }
 
 impl VirtioPciDevice {
@@ -167,6 +169,7 @@ impl VirtioPciDevice {
             mem,
             bar0: None,
             active: false,
+            paused: false,
         })
     }
 
@@ -242,7 +245,10 @@ impl VirtioPciDevice {
             });
         }
         match self.device.activate(self.mem.clone(), features, queues) {
-            Ok(()) => self.active = true,
+            Ok(()) => {
+                self.active = true;
+                vmm::events::emit("device", "activated", &[("id", &self.name)]);
+            }
             Err(e) => {
                 log::warn!("{}: activation failed: {e}; device needs reset", self.name);
                 self.common.set_needs_reset();
@@ -254,6 +260,8 @@ impl VirtioPciDevice {
         if self.active {
             self.device.reset();
             self.active = false;
+            self.paused = false;
+            vmm::events::emit("device", "reset", &[("id", &self.name)]);
         }
         // Kicks that arrived while stopped belong to the old queues.
         for k in &self.kicks {
@@ -470,12 +478,30 @@ impl PciDevice for VirtioPciDevice {
     fn bar_requests(&self) -> Vec<(u8, u64, bool)> {
         self.config.bar_requests()
     }
+
+    fn pause(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        // A device the driver has not started has nothing running.
+        if self.active && !self.paused {
+            self.device.pause()?;
+            self.paused = true;
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if self.paused {
+            self.device.resume()?;
+            self.paused = false;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for VirtioPciDevice {
     fn drop(&mut self) {
         if self.active {
             self.device.reset();
+            vmm::events::emit("device", "reset", &[("id", &self.name)]);
         }
         if let Some(base) = self.bar0.take() {
             self.unregister_ioeventfds(base);

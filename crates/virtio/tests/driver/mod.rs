@@ -34,9 +34,20 @@ pub struct TestVm {
 
 impl TestVm {
     pub fn new() -> TestVm {
+        Self::with_memory(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
+        )
+    }
+
+    /// Guest RAM in a memfd, as for vhost-user devices.
+    #[allow(dead_code)]
+    pub fn new_shared() -> TestVm {
+        Self::with_memory(vmm::vm::create_shared_guest_memory(MEM_SIZE as u64).unwrap())
+    }
+
+    fn with_memory(mem: GuestMemoryMmap) -> TestVm {
         let kvm = Kvm::new().unwrap();
         let fd = Arc::new(kvm.create_vm().unwrap());
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         for (slot, r) in mem.iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,

@@ -234,7 +234,8 @@ pub fn fixup_entries(
             }
             0x4000_0000 => {
                 // KVM's paravirt signature leaf: keep "KVMKVMKVM\0\0\0" and
-                // make sure its max-leaf field covers the features leaf.
+                // make sure its max-leaf field covers the features leaf
+                // (and the timing leaf, when it is added).
                 e.eax = e.eax.max(0x4000_0001);
             }
             _ => {}
@@ -266,9 +267,42 @@ pub fn still_visible(entries: &[kvm_cpuid_entry2], hidden: &[FeatureBit]) -> Vec
         .collect()
 }
 
-/// A per-vCPU copy of `base`, fixed up.
-pub fn vcpu_cpuid(base: &CpuId, apic_id: u8, cpus: u8, hidden: &[FeatureBit]) -> CpuId {
+/// The hypervisor timing leaf (as VMware defined it and QEMU offers it):
+/// EAX = TSC frequency in kHz, EBX = local APIC timer frequency in kHz.
+pub const TIMING_LEAF: u32 = 0x4000_0010;
+/// KVM's local APIC timer runs at 1 GHz (one tick a nanosecond).
+const LAPIC_TIMER_KHZ: u32 = 1_000_000;
+
+/// A per-vCPU copy of `base`, fixed up; with `tsc_khz`, the timing leaf
+/// tells the guest the TSC frequency, which a guest without a PIT (split
+/// irqchip) cannot measure.
+pub fn vcpu_cpuid(
+    base: &CpuId,
+    apic_id: u8,
+    cpus: u8,
+    hidden: &[FeatureBit],
+    tsc_khz: Option<u32>,
+) -> CpuId {
     let mut cpuid = base.clone();
+    if let Some(khz) = tsc_khz.filter(|&k| k != 0) {
+        let has_signature = cpuid.as_slice().iter().any(|e| e.function == 0x4000_0000);
+        let has_timing = cpuid.as_slice().iter().any(|e| e.function == TIMING_LEAF);
+        if has_signature && !has_timing {
+            let leaf = kvm_cpuid_entry2 {
+                function: TIMING_LEAF,
+                eax: khz,
+                ebx: LAPIC_TIMER_KHZ,
+                ..Default::default()
+            };
+            if cpuid.push(leaf).is_ok() {
+                for e in cpuid.as_mut_slice() {
+                    if e.function == 0x4000_0000 {
+                        e.eax = e.eax.max(TIMING_LEAF);
+                    }
+                }
+            }
+        }
+    }
     fixup_entries(cpuid.as_mut_slice(), apic_id, cpus, hidden);
     cpuid
 }
@@ -338,6 +372,30 @@ mod tests {
         assert_eq!((e[2].eax, e[2].ebx, e[2].ecx >> 8 & 0xff), (2, 3, 2));
         assert_eq!(e[3].ecx >> 8 & 0xff, 0);
         assert!(e[1..].iter().all(|x| x.edx == 2));
+    }
+
+    #[test]
+    fn the_timing_leaf_gives_the_tsc_frequency() {
+        let base = CpuId::from_entries(&[entry(0, 0, 0), entry(0x4000_0000, 0, 0)]).unwrap();
+        let c = vcpu_cpuid(&base, 0, 1, &[], Some(2_600_000));
+        let t = c
+            .as_slice()
+            .iter()
+            .find(|e| e.function == TIMING_LEAF)
+            .unwrap();
+        assert_eq!((t.eax, t.ebx), (2_600_000, 1_000_000));
+        let sig = c
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 0x4000_0000)
+            .unwrap();
+        assert!(sig.eax >= TIMING_LEAF);
+        // No frequency, or no hypervisor leaves: nothing added.
+        let c = vcpu_cpuid(&base, 0, 1, &[], None);
+        assert!(!c.as_slice().iter().any(|e| e.function == TIMING_LEAF));
+        let bare = CpuId::from_entries(&[entry(0, 0, 0)]).unwrap();
+        let c = vcpu_cpuid(&bare, 0, 1, &[], Some(1000));
+        assert!(!c.as_slice().iter().any(|e| e.function == TIMING_LEAF));
     }
 
     #[test]

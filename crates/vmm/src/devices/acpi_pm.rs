@@ -116,8 +116,8 @@ impl AcpiPm {
     }
 }
 
-/// A shared handle for whoever presses the button (the control plane).
-pub type PowerButton = Arc<Mutex<AcpiPm>>;
+/// The device, shared between the bus and whoever presses the button.
+pub type SharedAcpiPm = Arc<Mutex<AcpiPm>>;
 
 impl BusDevice for AcpiPm {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {

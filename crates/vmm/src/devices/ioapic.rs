@@ -7,10 +7,22 @@
 //! The register state is a pure state machine ([`IoapicRegs`]); the bus
 //! adapter ([`Ioapic`]) turns changed entries into route updates.
 //!
-//! Entries are delivered edge-style: a level-triggered entry is routed
-//! with its trigger-mode bit, but there is no remote-IRR tracking (no
-//! device of ours raises level interrupts on a pin when the irqchip is
-//! split; PCI INTx needs the in-kernel irqchip).
+//! Level-triggered entries are routed with the MSI level bit, which puts
+//! their vector in KVM's EOI-exit bitmap: the guest's EOI of such a vector
+//! comes back as `KVM_EXIT_IOAPIC_EOI`, and the router resamples the level
+//! sources on the pin (PCI INTx: the device unmasks and re-raises the line
+//! if it is still asserted). Changing an entry to deliverable resamples
+//! its pin too (see `interrupts`).
+//!
+//! The remote-IRR bit is not emulated (it reads 0): setting it would need
+//! this code to see each delivery, but deliveries go from the source's
+//! irqfd to the local APIC without passing through userspace. It is not
+//! needed to keep a level interrupt from being delivered again before its
+//! EOI: a level source signals its irqfd once per assertion and then stays
+//! masked (VFIO's automasked INTx) until it is resampled, which happens
+//! only on the EOI or on the guest's reprogramming of the entry. A guest
+//! that polls remote IRR (Linux does, when it moves a level interrupt)
+//! sees "not pending" and carries on.
 
 use std::sync::Arc;
 

@@ -46,4 +46,16 @@ pub trait PciDevice: Send {
     fn set_bar_address(&mut self, index: u8, addr: u64);
     /// The memory BARs it needs: (index, size, 64-bit).
     fn bar_requests(&self) -> Vec<(u8, u64, bool)>;
+    /// The VM is pausing (every vCPU is parked): stop taking new work and
+    /// wait until what is in flight is done, so that neither guest memory
+    /// nor the device's backend changes until [`PciDevice::resume`].
+    /// A device with no work of its own outside vCPU accesses has nothing
+    /// to do (the default).
+    fn pause(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(())
+    }
+    /// The VM resumes: continue exactly where [`PciDevice::pause`] stopped.
+    fn resume(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(())
+    }
 }

@@ -19,6 +19,7 @@ use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, ServerBackend, ServerRegion
 
 use super::config::{self, Config};
 use super::dma::{self, Mappings};
+use super::intx::Intx;
 use super::{lock, reg, Behaviour, Stats};
 use super::{BAD_BAR0_SIZE, BAR0_SIZE, BAR2_MMAP_SIZE, BAR2_SIZE, DMA_MAX_LEN, ID_VALUE};
 use super::{MSIX_PBA_OFFSET, MSIX_VECTORS};
@@ -29,6 +30,7 @@ const BAR2: u32 = 2;
 const CONFIG: u32 = 7;
 const NUM_REGIONS: u32 = 9;
 /// IRQ indices (INTx, MSI, MSI-X, ERR, REQ).
+const INTX: usize = 0;
 const MSI: usize = 1;
 const MSIX: usize = 2;
 const NUM_IRQS: usize = 5;
@@ -64,6 +66,8 @@ pub enum Error {
     UnmapFlags(u32),
     #[error("DMA mapping request rejected")]
     Dma(#[source] dma::Error),
+    #[error("cannot start watching the INTx unmask eventfd")]
+    IntxWatcher(#[source] io::Error),
 }
 
 impl From<Error> for io::Error {
@@ -120,7 +124,9 @@ pub struct Device {
     /// BAR2's memory: 16 KiB, of which the client may mmap `[0, 0x2000)`.
     window: File,
     dma: Mappings,
+    /// MSI and MSI-X (and the INTx index's count, for `irq_infos`).
     irqs: Vec<Irq>,
+    intx: Intx,
     stats: Arc<Mutex<Stats>>,
 }
 
@@ -155,6 +161,7 @@ impl Device {
             window,
             dma: Mappings::default(),
             irqs: irq_counts.into_iter().map(Irq::new).collect(),
+            intx: Intx::new(stats.clone()),
             stats,
         })
     }
@@ -224,16 +231,20 @@ impl Device {
         for irq in &mut self.irqs {
             irq.clear();
         }
+        self.intx.disable();
         self.update_held();
         lock(&self.stats).sessions_ended += 1;
     }
 
     fn update_held(&mut self) {
+        // The line's lock is never taken under the stats lock.
+        let intx = self.intx.held();
         let mut s = lock(&self.stats);
         s.dma_mappings = self.dma.len();
         for (held, irq) in s.irq_fds.iter_mut().zip(&self.irqs) {
             *held = irq.held();
         }
+        s.irq_fds[INTX] = intx;
     }
 
     fn bad_access(region: u32, offset: u64, len: usize) -> Error {
@@ -271,6 +282,7 @@ impl Device {
             }
             reg::PEEK_OFFSET => r.peek_offset,
             reg::IRQ_COUNT => r.irq_count,
+            reg::INTX => self.intx.status(),
             _ => 0,
         })
     }
@@ -286,6 +298,7 @@ impl Device {
             reg::DMA_LEN => r.dma_len = v,
             reg::DMA_CMD if v == reg::DMA_CMD_COPY => self.dma_copy(),
             reg::PEEK_OFFSET => r.peek_offset = v & PEEK_MASK,
+            reg::INTX => self.intx.set_level(v & reg::INTX_ASSERTED != 0),
             _ => {}
         }
     }
@@ -461,6 +474,15 @@ impl Device {
             .checked_add(count as usize)
             .filter(|&e| e <= total)
             .ok_or(bad("vectors out of range"))?;
+        if irq_index == INTX {
+            self.intx_set((action, data), count, fds)
+                .map_err(|e| match e {
+                    IntxSetError::Bad(why) => bad(why),
+                    IntxSetError::Watcher(e) => Error::IntxWatcher(e),
+                })?;
+            self.update_held();
+            return Ok(());
+        }
         match (action, data) {
             (VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD) => {
                 if fds.len() != count as usize {
@@ -494,6 +516,50 @@ impl Device {
             _ => return Err(bad("unsupported action or data type")),
         }
         self.update_held();
+        Ok(())
+    }
+}
+
+/// Why an INTx `SET_IRQS` was refused.
+enum IntxSetError {
+    Bad(&'static str),
+    Watcher(io::Error),
+}
+
+impl Device {
+    /// `SET_IRQS` on the INTx index (vector range already checked).
+    fn intx_set(
+        &mut self,
+        (action, data): (u32, u32),
+        count: u32,
+        mut fds: Vec<File>,
+    ) -> Result<(), IntxSetError> {
+        let one_fd = |fds: &mut Vec<File>| match (count, fds.len()) {
+            (1, 1) => fds.pop().ok_or(IntxSetError::Bad("needs one eventfd")),
+            _ => Err(IntxSetError::Bad("needs exactly one eventfd")),
+        };
+        if data == VFIO_IRQ_SET_DATA_NONE && !fds.is_empty() {
+            return Err(IntxSetError::Bad("DATA_NONE carries no eventfd"));
+        }
+        match (action, data) {
+            (VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD) => {
+                self.intx.set_trigger(one_fd(&mut fds)?)
+            }
+            (VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_NONE) if count == 0 => {
+                self.intx.disable()
+            }
+            (VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_NONE) => self.intx.loopback(),
+            (VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_DATA_NONE) if count == 1 => self.intx.mask(),
+            (VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_NONE) if count == 1 => {
+                self.intx.unmask()
+            }
+            (VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD) => self
+                .intx
+                .unmask_on(one_fd(&mut fds)?)
+                .map_err(IntxSetError::Watcher)?,
+            (VFIO_IRQ_SET_ACTION_MASK | VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_NONE) => {}
+            _ => return Err(IntxSetError::Bad("unsupported action or data type")),
+        }
         Ok(())
     }
 }
@@ -560,6 +626,7 @@ impl ServerBackend for Device {
         for irq in &mut self.irqs {
             irq.pending.fill(false);
         }
+        self.intx.reset();
         lock(&self.stats).resets += 1;
         Ok(())
     }

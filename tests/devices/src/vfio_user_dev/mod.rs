@@ -20,10 +20,13 @@
 //! is set and `v == 0`. `VFIO_IRQ_SET_ACTION_MASK`/`UNMASK` mask vectors in
 //! the device: a masked vector's doorbell sets its pending bit (read through
 //! the PBA at BAR2 0x3000), and unmasking signals it once and clears the bit.
+//! INTx is a level-triggered line (the INTX register asserts it) with
+//! VFIO's automask and unmask, including an unmask eventfd ([`intx`]).
 
 mod config;
 mod device;
 mod dma;
+mod intx;
 mod relay;
 #[cfg(test)]
 mod tests;
@@ -79,6 +82,11 @@ pub mod reg {
     pub const PEEK_VALUE: u64 = 0x24;
     pub const PEEK_OFFSET: u64 = 0x28;
     pub const IRQ_COUNT: u64 = 0x2c;
+    /// INTx: write bit 0 to assert (1) or deassert (0) the line; reads
+    /// bit 0 the level and bit 1 whether INTx is masked.
+    pub const INTX: u64 = 0x30;
+    pub const INTX_ASSERTED: u32 = 1;
+    pub const INTX_MASKED: u32 = 2;
 
     /// DMA_CMD value that starts a copy.
     pub const DMA_CMD_COPY: u32 = 1;
@@ -128,6 +136,10 @@ pub struct Stats {
     pub interrupts: u64,
     /// Doorbells that found neither a usable eventfd nor a masked vector.
     pub interrupts_dropped: u64,
+    /// INTx trigger eventfd signals (also counted in `interrupts`).
+    pub intx_signals: u64,
+    /// INTx unmasks through the unmask eventfd.
+    pub intx_unmasks: u64,
     /// DMA copies that completed (DMA_STATUS 1).
     pub dma_copies: u64,
     /// DMA commands that failed (DMA_STATUS 2).
@@ -140,7 +152,8 @@ pub struct Stats {
     pub dma_unmaps: u64,
     /// DMA mappings held now.
     pub dma_mappings: usize,
-    /// Eventfds held now, per IRQ index (INTx, MSI, MSI-X, ERR, REQ).
+    /// Eventfds held now, per IRQ index (INTx, MSI, MSI-X, ERR, REQ);
+    /// INTx counts its trigger and its unmask eventfd.
     pub irq_fds: [usize; 5],
 }
 

@@ -262,6 +262,93 @@ fn doorbell_signals_the_vector_eventfd() {
     assert_eq!(read32(&mut c, 0, reg::IRQ_COUNT), 4);
 }
 
+const INTX_INDEX: u32 = 0;
+
+/// Waits (bounded) for the eventfd to be signalled; its count, or 0.
+fn fired_soon(e: &EventFd) -> u64 {
+    for _ in 0..500 {
+        if let Ok(n) = e.read() {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    0
+}
+
+#[test]
+fn intx_is_level_triggered_with_automask_and_unmask() {
+    let f = start(Behaviour::Good);
+    let mut c = Client::new(&f.path).expect("client");
+    let trigger = eventfds(1).remove(0);
+    let unmask = eventfds(1).remove(0);
+    let level = |c: &mut Client, on: bool| write32(c, 0, reg::INTX, u32::from(on));
+    // Asserted before there is an eventfd: nothing to signal yet; the
+    // trigger eventfd then gets it at once, and INTx masks itself.
+    level(&mut c, true);
+    c.set_irqs(INTX_INDEX, TRIGGER_FDS, 0, 1, &[trigger.as_raw_fd()])
+        .expect("trigger");
+    assert_eq!(fired(&trigger), 1);
+    assert_eq!(
+        read32(&mut c, 0, reg::INTX),
+        reg::INTX_ASSERTED | reg::INTX_MASKED
+    );
+    // Masked: deassert and assert again, no signal.
+    level(&mut c, false);
+    level(&mut c, true);
+    assert_eq!(fired(&trigger), 0);
+    // Unmasking with DATA_NONE signals again: the line is still high.
+    let unmask_none = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK;
+    c.set_irqs(INTX_INDEX, unmask_none, 0, 1, &[])
+        .expect("unmask");
+    assert_eq!(fired(&trigger), 1);
+
+    // The unmask eventfd: stored (it counts as held), then each write
+    // unmasks; a deasserted line stays quiet until asserted again.
+    let unmask_fd = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_UNMASK;
+    c.set_irqs(INTX_INDEX, unmask_fd, 0, 1, &[unmask.as_raw_fd()])
+        .expect("unmask eventfd");
+    assert_eq!(f.dev.stats().irq_fds, [2, 0, 0, 0, 0]);
+    level(&mut c, false);
+    unmask.write(1).unwrap();
+    let s = f
+        .dev
+        .wait_stats(Duration::from_secs(5), |s| s.intx_unmasks == 1);
+    assert_eq!(s.intx_unmasks, 1, "{s:?}");
+    assert_eq!(read32(&mut c, 0, reg::INTX), 0, "low and unmasked");
+    assert_eq!(fired(&trigger), 0);
+    level(&mut c, true);
+    assert_eq!(fired(&trigger), 1);
+    // Still high at the unmask: signalled again, from the watcher.
+    unmask.write(1).unwrap();
+    assert_eq!(fired_soon(&trigger), 1);
+    let s = f.dev.stats();
+    assert_eq!((s.intx_signals, s.intx_unmasks), (4, 2), "{s:?}");
+
+    // Refused: two eventfds for one line, an eventfd with MASK.
+    let two = eventfds(2);
+    let raw: Vec<i32> = two.iter().map(|e| e.as_raw_fd()).collect();
+    c.set_irqs(INTX_INDEX, unmask_fd, 0, 2, &raw)
+        .expect("reply");
+    let mask_fd = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_MASK;
+    c.set_irqs(INTX_INDEX, mask_fd, 0, 1, &raw[..1])
+        .expect("reply");
+    assert_eq!(f.dev.stats().irq_fds[0], 2);
+
+    // Disabled: both eventfds go; reset deasserts the line.
+    c.set_irqs(
+        INTX_INDEX,
+        VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
+        0,
+        0,
+        &[],
+    )
+    .expect("disable");
+    assert_eq!(f.dev.stats().irq_fds[0], 0);
+    unmask.write(1).unwrap();
+    c.reset().expect("reset");
+    assert_eq!(read32(&mut c, 0, reg::INTX), 0);
+}
+
 fn dma(c: &mut Client, src: u64, dst: u64, len: u32) -> u32 {
     c.region_write(0, reg::DMA_SRC_LO, &src.to_le_bytes())
         .expect("src");

@@ -24,6 +24,7 @@ const DMA_CMD: u64 = 0x1c;
 const DMA_STATUS: u64 = 0x20;
 const PEEK_VALUE: u64 = 0x24;
 const PEEK_OFFSET: u64 = 0x28;
+const INTX: u64 = 0x30;
 
 /// DMA_CMD value that starts a copy, and the DMA_STATUS of a good one.
 const DMA_COPY: u32 = 1;
@@ -63,6 +64,16 @@ impl Regs {
     /// Rings the doorbell of MSI-X vector `v`.
     pub fn ring(&self, v: u32) {
         self.write(DOORBELL, v);
+    }
+
+    /// Asserts (or deasserts) the device's INTx line.
+    pub fn set_intx(&self, asserted: bool) {
+        self.write(INTX, u32::from(asserted));
+    }
+
+    /// Address of the INTX register (writing 0 deasserts the line).
+    pub fn intx_register(&self) -> u64 {
+        self.base + INTX
     }
 
     /// The word at BAR2 offset `off`, as the device reads its own memory.

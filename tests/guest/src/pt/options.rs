@@ -6,6 +6,8 @@ use crate::cmdline::{parse_u64, Cmdline};
 pub const MAX_VECTORS: u32 = 8;
 /// Largest DMA copy (the size of each static buffer).
 pub const MAX_DMA: u32 = 256 << 10;
+/// Most INTx assertions.
+pub const MAX_INTX: u32 = 1000;
 
 /// Parsed `pt.*` options.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,6 +20,8 @@ pub struct Options {
     pub mask: Option<u32>,
     /// Bytes of the DMA test; 0 skips it.
     pub dma: u32,
+    /// INTx assertions (through the IOAPIC); 0 skips the INTx check.
+    pub intx: u32,
     /// Watchdog ticks (about 1 s each) to wait for one interrupt; 0 waits
     /// forever.
     pub timeout: u64,
@@ -31,6 +35,7 @@ impl Default for Options {
             vectors: 4,
             mask: Some(1),
             dma: 4096,
+            intx: 0,
             timeout: 5,
         }
     }
@@ -74,6 +79,7 @@ pub fn parse<'a>(args: &Cmdline<'a>) -> Result<Options, OptError<'a>> {
             "mask" if v == "none" => mask = Some(None),
             "mask" => mask = Some(Some(num(v, 0, 0xffff).ok_or(bad)? as u32)),
             "dma" => o.dma = num(v, 0, MAX_DMA.into()).ok_or(bad)? as u32,
+            "intx" => o.intx = num(v, 0, MAX_INTX.into()).ok_or(bad)? as u32,
             "timeout" => o.timeout = num(v, 0, 1 << 20).ok_or(bad)?,
             _ => return Err(OptError::Unknown(k)),
         }
@@ -107,9 +113,11 @@ mod tests {
     fn values() {
         let o = opts(
             "pt.vendor=0x1af4 pt.device=4162 pt.vectors=8 pt.mask=7 pt.dma=64K \
-             pt.timeout=0 pt.dma=0",
+             pt.timeout=0 pt.dma=0 pt.intx=3",
         )
         .unwrap();
+        assert_eq!(o.intx, 3);
+        assert_eq!(opts("pt.intx=1000").unwrap().intx, MAX_INTX);
         assert_eq!((o.vendor, o.device), (0x1af4, 4162));
         assert_eq!((o.vectors, o.mask, o.dma, o.timeout), (8, Some(7), 0, 0));
         assert_eq!(opts("pt.mask=none").unwrap().mask, None);
@@ -132,6 +140,8 @@ mod tests {
             "pt.dma=257K",
             "pt.dma=",
             "pt.timeout=x",
+            "pt.intx=1001",
+            "pt.intx=-1",
         ] {
             assert!(matches!(opts(bad), Err(OptError::Bad(..))), "{bad}");
         }

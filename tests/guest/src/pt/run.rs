@@ -1,6 +1,7 @@
 //! The `pt` checks, in order, and the result line.
 
 use super::device::{self, Caps, Regs, BAR0_LEN, BAR2_LEN, DMA_DONE, ID_VALUE};
+use super::intx;
 use super::options::{self, OptError, Options};
 use crate::apic::Lapic;
 use crate::cmdline::Cmdline;
@@ -23,7 +24,7 @@ const WINDOW_PATTERN: u32 = 0xa55a_c33c;
 /// Turns of the interrupts-enabled spin that gives a masked (or stray)
 /// interrupt its chance to arrive: 2 instructions each, so about 40 ms
 /// at the emulator's ~1M instructions/s.
-const SPIN: u32 = 20_000;
+pub(super) const SPIN: u32 = 20_000;
 /// PBA reads while waiting for a pending bit to settle, and the
 /// interrupts-enabled spin between two reads (a VMM may update its PBA
 /// from another thread).
@@ -39,7 +40,7 @@ fn write_bdf(out: &mut Serial, f: Function) {
 
 /// A piece of an output line.
 #[derive(Clone, Copy)]
-enum P<'a> {
+pub(super) enum P<'a> {
     S(&'a str),
     Dec(u64),
     Hex(u64),
@@ -77,7 +78,7 @@ fn usage(out: &mut Serial, parts: &[&str]) -> ! {
 }
 
 /// Prints `pt: <parts>` for a failed check and counts it.
-fn failed(out: &mut Serial, errors: &mut u64, parts: &[P<'_>]) {
+pub(super) fn failed(out: &mut Serial, errors: &mut u64, parts: &[P<'_>]) {
     out.write_str("pt: ");
     write_parts(out, parts);
     *errors += 1;
@@ -92,9 +93,15 @@ fn find(vendor: u16, device: u16) -> Option<Function> {
 /// Sleeps until vector `k` has taken `want` interrupts; false after
 /// `timeout` watchdog ticks (0: never).
 fn wait_irqs(k: usize, want: u64, timeout: u64) -> bool {
+    wait_until(|| idt::queue_irqs(k) >= want, timeout)
+}
+
+/// Sleeps (interrupts on for each `hlt`) until `done` holds; false after
+/// `timeout` watchdog ticks (0: never).
+pub(super) fn wait_until(done: impl Fn() -> bool, timeout: u64) -> bool {
     let start = idt::timer_ticks();
     loop {
-        if idt::queue_irqs(k) >= want {
+        if done() {
             return true;
         }
         if timeout != 0 && idt::timer_ticks() - start >= timeout {
@@ -388,6 +395,11 @@ pub fn run(out: &mut Serial, args: &Cmdline<'_>, exit: Option<u8>) -> ! {
     let lapic = apic::init().unwrap_or_else(|m| broken(out, None, &[P::S(m)]));
     lapic.start_watchdog();
     let irq = interrupts(out, &mut errors, (&o, regs, &msix, &pba, &lapic));
+    let intx = (o.intx != 0).then(|| {
+        msix.disable();
+        let args = (func, regs, &lapic, o.intx, o.timeout);
+        intx::check(out, &mut errors, args)
+    });
     lapic.stop_watchdog();
     let bar2_ok = window(out, &mut errors, regs, bar2);
     let dma_ok = (o.dma != 0).then(|| dma(out, &mut errors, regs, o.dma));
@@ -406,6 +418,15 @@ pub fn run(out: &mut Serial, args: &Cmdline<'_>, exit: Option<u8>) -> ! {
         Some(false) => " dma=bad",
         None => " dma=skip",
     });
+    match intx {
+        Some(r) => {
+            out.write_str(" intx=");
+            out.write_dec(r.irqs);
+            out.write_str(" intx_unmask=");
+            out.write_str(flag(Some(r.unmask)));
+        }
+        None => out.write_str(" intx=skip intx_unmask=skip"),
+    }
     out.write_str(" caps=");
     write_caps(out, &caps, false);
     out.write_str(" errors=");
