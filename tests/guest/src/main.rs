@@ -164,9 +164,7 @@ fn print_cpuid(out: &mut Serial, list: &str) {
             out.write_str("\n");
             continue;
         };
-        // SAFETY: CPUID is available on every x86_64 CPU and has no side
-        // effects beyond its output registers.
-        let r = unsafe { core::arch::x86_64::__cpuid_count(leaf as u32, sub as u32) };
+        let r = core::arch::x86_64::__cpuid_count(leaf as u32, sub as u32);
         out.write_str("cpuid: ");
         out.write_hex(leaf);
         out.write_str(".");

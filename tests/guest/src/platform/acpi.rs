@@ -58,25 +58,28 @@ pub struct PowerRegs {
     pub reset_value: u8,
 }
 
-/// The root table (XSDT, else RSDT) and its entry size.
-fn root_table(rsdp_addr: u64) -> Option<(&'static [u8], usize)> {
-    let rsdp = phys::bytes(rsdp_addr, RSDP_V1_LEN)?;
-    if !rsdp.starts_with(RSDP_SIGNATURE) || !checksum_ok(rsdp) {
-        return None;
-    }
-    let xsdt = xsdt_address(rsdp_addr, rsdp[15]);
-    let rsdt = u64::from(u32_at(rsdp, 16)?);
-    [(xsdt, 8), (rsdt, 4)]
+/// The valid root tables (the XSDT first, then the RSDT) with their entry
+/// sizes: callers take the first that has what they look for.
+fn root_tables(rsdp_addr: u64) -> impl Iterator<Item = (&'static [u8], usize)> {
+    let rsdp = phys::bytes(rsdp_addr, RSDP_V1_LEN)
+        .filter(|r| r.starts_with(RSDP_SIGNATURE) && checksum_ok(r));
+    let roots = rsdp.map(|rsdp| {
+        let xsdt = xsdt_address(rsdp_addr, rsdp[15]);
+        let rsdt = u32_at(rsdp, 16).map(u64::from).unwrap_or(0);
+        [(xsdt, 8), (rsdt, 4)]
+    });
+    roots
         .into_iter()
+        .flatten()
         .filter(|&(addr, _)| addr != 0)
-        .find_map(|(addr, entry_len)| Some((table(addr)?, entry_len)))
+        .filter_map(|(addr, entry_len)| Some((table(addr)?, entry_len)))
 }
 
 /// The power-off and reset registers of a hardware-reduced FADT (both in
 /// I/O space) and `_S5_` from the DSDT.
 pub fn power_regs(rsdp_addr: u64) -> Option<PowerRegs> {
-    let (root, entry_len) = root_table(rsdp_addr)?;
-    let fadt = find_table(root, entry_len, FADT_SIGNATURE)?;
+    let fadt =
+        root_tables(rsdp_addr).find_map(|(root, len)| find_table(root, len, FADT_SIGNATURE))?;
     let io_port = |gas: usize| -> Option<u16> {
         (*fadt.get(gas)? == GAS_SYSTEM_IO)
             .then(|| u64_at(fadt, gas + 4))
@@ -120,21 +123,8 @@ fn s5_sleep_type(dsdt: &[u8]) -> Option<u8> {
 /// Counts the enabled processors in the MADT reached from the RSDP at
 /// `rsdp_addr`. `None` when no valid RSDP, root table or MADT is found.
 pub fn count(rsdp_addr: u64) -> Option<u32> {
-    let rsdp = phys::bytes(rsdp_addr, RSDP_V1_LEN)?;
-    if !rsdp.starts_with(RSDP_SIGNATURE) || !checksum_ok(rsdp) {
-        return None;
-    }
-    // Prefer the XSDT (revision >= 2, valid extended checksum), falling back
-    // to the RSDT if the XSDT is absent or unusable.
-    let xsdt = xsdt_address(rsdp_addr, rsdp[15]);
-    let rsdt = u64::from(u32_at(rsdp, 16)?);
-    [(xsdt, 8), (rsdt, 4)]
-        .into_iter()
-        .filter(|&(addr, _)| addr != 0)
-        .find_map(|(addr, entry_len)| {
-            let root = table(addr)?;
-            find_table(root, entry_len, MADT_SIGNATURE)
-        })
+    root_tables(rsdp_addr)
+        .find_map(|(root, len)| find_table(root, len, MADT_SIGNATURE))
         .map(count_madt)
 }
 
