@@ -300,8 +300,12 @@ fn serve_create_boot_pause_resume_and_shutdown_vmm() {
         let start = Instant::now();
         loop {
             let s = std::fs::read_to_string(&serial).unwrap_or_default();
-            if let Some(l) = s.lines().find(|l| l.starts_with("RINGVM-RESULT")) {
-                break l.to_string();
+            // A whole line only: the serial file is read while it grows.
+            if let Some(l) = s
+                .split_inclusive('\n')
+                .find(|l| l.starts_with("RINGVM-RESULT") && l.ends_with('\n'))
+            {
+                break l.trim_end().to_string();
             }
             assert!(start.elapsed() < DEADLINE, "no result line: {s}");
             std::thread::sleep(Duration::from_millis(20));
