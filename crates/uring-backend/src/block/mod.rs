@@ -114,15 +114,19 @@ fn ioctl_value<T: Default>(file: &File, request: libc::c_ulong) -> std::io::Resu
 fn dio_alignment(file: &File) -> Option<DirectAlignment> {
     // SAFETY: statx is plain data.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // The system call itself, not glibc's wrapper: in the static build the
+    // wrapper is a weak reference that fat LTO left unresolved (a call to
+    // address 0 as soon as a disk was opened).
     // SAFETY: an empty path with AT_EMPTY_PATH refers to the open fd;
-    // `stx` is a valid buffer.
+    // `stx` is a valid buffer of the size the kernel writes.
     let rc = unsafe {
-        libc::statx(
+        libc::syscall(
+            libc::SYS_statx,
             file.as_raw_fd(),
             c"".as_ptr(),
             libc::AT_EMPTY_PATH,
             libc::STATX_DIOALIGN,
-            &mut stx,
+            &mut stx as *mut libc::statx,
         )
     };
     if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_mem_align == 0 {
