@@ -200,8 +200,11 @@ fn acpi_action(out: &mut Serial, action: &str, rsdp_hint: u64) {
         out.write_str("error: no ACPI power-off/reset registers\n");
         finish(out, STATUS_USAGE)
     };
+    if action == "button" {
+        wait_for_power_button(out);
+    }
     let (port, value) = match action {
-        "poweroff" => (regs.sleep_control, (regs.s5_type << 2) | (1 << 5)),
+        "poweroff" | "button" => (regs.sleep_control, (regs.s5_type << 2) | (1 << 5)),
         "reset" => (regs.reset, regs.reset_value),
         _ => {
             out.write_str("error: bad acpi=");
@@ -225,6 +228,56 @@ fn acpi_action(out: &mut Serial, action: &str, rsdp_hint: u64) {
     out.write_str(action);
     out.write_str("\n");
     finish(out, STATUS_USAGE)
+}
+
+/// ringvm's GED: its interrupt (GSI) and status port, as its DSDT
+/// describes them (`_CRS` and the `GDST` operation region).
+#[cfg(not(test))]
+const GED_GSI: u32 = 10;
+#[cfg(not(test))]
+const GED_STATUS_PORT: u16 = 0x603;
+
+/// `acpi=button`: routes the GED's interrupt through the IOAPIC (edge,
+/// active high, to this CPU), waits for it, reads the GED status (bit 0:
+/// power button) and returns when the button was pressed, as an ACPI
+/// kernel's GED handler and power-button driver do.
+#[cfg(not(test))]
+fn wait_for_power_button(out: &mut Serial) {
+    idt::load();
+    let lapic = match apic::init() {
+        Ok(l) => l,
+        Err(m) => {
+            out.write_str("error: ");
+            out.write_str(m);
+            out.write_str("\n");
+            finish(out, STATUS_USAGE)
+        }
+    };
+    let Ok(io) = ioapic::Ioapic::map() else {
+        out.write_str("error: cannot map the IOAPIC\n");
+        finish(out, STATUS_USAGE)
+    };
+    // Fixed, physical, edge, active high, unmasked.
+    io.set_entry(
+        GED_GSI,
+        (u64::from(lapic.id) << 56) | u64::from(idt::INTX_VECTOR),
+    );
+    out.write_str("acpi: waiting for the power button\n");
+    out.flush();
+    loop {
+        idt::wait_for_interrupt();
+        if idt::intx_irqs() == 0 {
+            continue;
+        }
+        // SAFETY: reading the GED status port only clears its events.
+        let status = unsafe { port::inb(GED_STATUS_PORT) };
+        out.write_str("acpi: GED interrupt, status ");
+        out.write_hex(status.into());
+        out.write_str("\n");
+        if status & 1 != 0 {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]
