@@ -144,7 +144,7 @@ const COMMON: &[i64] = &[
     libc::SYS_rseq,
     // A thread started by a sandboxed one tightens its inherited filter
     // with its own (filters only ever add restrictions); seccompiler sets
-    // no_new_privs first.
+    // no_new_privs first (prctl, which also names new threads).
     libc::SYS_seccomp,
     libc::SYS_prctl,
 ];
@@ -203,7 +203,6 @@ const VCPU: &[i64] = &[
     libc::SYS_clone,
     libc::SYS_clone3,
     libc::SYS_set_robust_list,
-    libc::SYS_prctl,
     libc::SYS_sched_getaffinity,
 ];
 
@@ -335,7 +334,6 @@ const VHOST_USER: &[i64] = &[
     libc::SYS_clone,
     libc::SYS_clone3,
     libc::SYS_set_robust_list,
-    libc::SYS_prctl,
     libc::SYS_sched_getaffinity,
     // The listening socket's path is removed when the daemon stops.
     libc::SYS_unlink,

@@ -156,6 +156,15 @@ impl fmt::Display for FeatureBit {
     }
 }
 
+fn reg(e: &kvm_cpuid_entry2, reg: Reg) -> u32 {
+    match reg {
+        Reg::Eax => e.eax,
+        Reg::Ebx => e.ebx,
+        Reg::Ecx => e.ecx,
+        Reg::Edx => e.edx,
+    }
+}
+
 fn reg_mut(e: &mut kvm_cpuid_entry2, reg: Reg) -> &mut u32 {
     match reg {
         Reg::Eax => &mut e.eax,
@@ -258,10 +267,9 @@ pub fn still_visible(entries: &[kvm_cpuid_entry2], hidden: &[FeatureBit]) -> Vec
     hidden
         .iter()
         .filter(|h| {
-            entries.iter().any(|e| {
-                matches(e, h.leaf, h.subleaf)
-                    && *reg_mut(&mut e.clone(), h.reg) & (1u32 << h.bit) != 0
-            })
+            entries
+                .iter()
+                .any(|e| matches(e, h.leaf, h.subleaf) && reg(e, h.reg) & (1u32 << h.bit) != 0)
         })
         .copied()
         .collect()

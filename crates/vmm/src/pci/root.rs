@@ -213,7 +213,6 @@ impl PciRoot {
         Ok(())
     }
 
-    /// Unplugs the device in `slot`, releasing its slot and BAR claims.
     /// Every device on the bus with its name, in slot order.
     pub fn devices(&self) -> Vec<(String, Arc<Mutex<dyn PciDevice>>)> {
         self.slots
@@ -223,6 +222,7 @@ impl PciRoot {
             .collect()
     }
 
+    /// Unplugs the device in `slot`, releasing its slot and BAR claims.
     pub fn remove_device(&mut self, slot: u8) -> Option<Arc<Mutex<dyn PciDevice>>> {
         let s = self.slots.get_mut(usize::from(slot))?.take()?;
         if let Err(e) = lock(&self.registry).remove(&s.name) {
