@@ -7,6 +7,7 @@ use std::process::Command;
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    release_layout(&manifest);
     let guest = manifest
         .join("../../tests/guest")
         .canonicalize()
@@ -60,4 +61,29 @@ fn main() {
     );
     let elf = target_dir.join("x86_64-unknown-none/release/ringvm-guest");
     std::fs::copy(&elf, out.join("ringvm-guest.elf")).expect("copying the guest ELF");
+}
+
+/// Release builds of the binary: the functions of the common paths
+/// (startup.order, written by benches/order-symbols.sh) first in .text,
+/// so that start-up touches a few of the page cache's large folios rather
+/// than most of the file; and packed relative relocations (DT_RELR), so
+/// that the static-PIE start-up reads 1 KB of them instead of 100 KB.
+/// Both are options of lld, Rust's default linker on this target; a name
+/// in the list that is gone from the build is skipped without a warning.
+fn release_layout(manifest: &std::path::Path) {
+    let order = manifest.join("startup.order");
+    println!("cargo:rerun-if-changed={}", order.display());
+    let release = env::var("PROFILE").is_ok_and(|p| p == "release");
+    let linux = env::var("CARGO_CFG_TARGET_OS").is_ok_and(|os| os == "linux");
+    if !release || !linux || env::var_os("CARGO_CFG_FUZZING").is_some() {
+        return;
+    }
+    println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+    if order.exists() {
+        println!(
+            "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
+            order.display()
+        );
+        println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+    }
 }

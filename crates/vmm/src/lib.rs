@@ -5,6 +5,7 @@
 pub mod arch;
 pub mod boot;
 pub mod bus;
+pub mod coalesced;
 pub mod config;
 pub mod control;
 pub mod devices;

@@ -19,8 +19,8 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use kvm_bindings::{
-    kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msi, kvm_regs,
-    kvm_sregs, kvm_userspace_memory_region,
+    kvm_coalesced_mmio_zone, kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_lapic_state,
+    kvm_mp_state, kvm_msi, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
 };
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -244,6 +244,18 @@ ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
 ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
 ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
 ioctl_iow_nr!(
+    KVM_REGISTER_COALESCED_MMIO,
+    KVMIO,
+    0x67,
+    kvm_coalesced_mmio_zone
+);
+ioctl_iow_nr!(
+    KVM_UNREGISTER_COALESCED_MMIO,
+    KVMIO,
+    0x68,
+    kvm_coalesced_mmio_zone
+);
+ioctl_iow_nr!(
     KVM_SET_USER_MEMORY_REGION,
     KVMIO,
     0x46,
@@ -254,7 +266,9 @@ ioctl_iow_nr!(
 /// its state (stop reports, the dead-guest probe), and what device
 /// emulation on an exit reprograms: GSI routes, irqfds, ioeventfds and
 /// memory slots (MSI-X tables, BAR moves, virtio activation), and TAP
-/// set-up of a virtio-net device the guest starts. VFIO and
+/// set-up of a virtio-net device the guest starts, and the serial port's
+/// coalescing zone (turned off and on as the guest writes its interrupt
+/// enable register). VFIO and
 /// iommufd requests (type `;`, no size field) pass by a mask rule: an
 /// assigned device's config and BAR accesses run on the vCPU thread.
 fn vcpu_ioctls() -> Vec<u64> {
@@ -269,6 +283,8 @@ fn vcpu_ioctls() -> Vec<u64> {
         KVM_IOEVENTFD(),
         KVM_SIGNAL_MSI(),
         KVM_SET_USER_MEMORY_REGION(),
+        KVM_REGISTER_COALESCED_MMIO(),
+        KVM_UNREGISTER_COALESCED_MMIO(),
         TUNSETOFFLOAD,
         TUNSETQUEUE,
         TUNGETIFF,

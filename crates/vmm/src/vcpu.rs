@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::Bus;
+use crate::coalesced::{Buses, CoalescedRing};
 use crate::interrupts::InterruptRouter;
 use crate::lifecycle::VcpuGate;
 use crate::stop::{StopReason, VmStop};
@@ -115,6 +116,9 @@ pub struct Vcpu {
     /// Takes the guest's EOIs of level-triggered IOAPIC vectors (split
     /// irqchip).
     pub interrupts: Arc<InterruptRouter>,
+    /// KVM's ring of coalesced writes, drained after every `KVM_RUN`
+    /// (none when no device coalesces).
+    pub coalesced: Option<Arc<CoalescedRing>>,
 }
 
 /// A running vCPU thread.
@@ -197,13 +201,37 @@ impl Vcpu {
                 self.stop.request(reason);
             }
         }
+        // Writes the guest made before another vCPU or the host stopped
+        // the VM still reach their device.
+        self.drain_coalesced();
         KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
         log::debug!("vCPU {} stopped at rip={:#x}", self.index, self.rip());
+        if let Some(ring) = &self.coalesced {
+            log::debug!("coalesced writes drained so far: {}", ring.drained());
+        }
+    }
+
+    /// Hands the writes KVM buffered to their devices, before any exit is
+    /// handled, so that every access reaches the devices in guest order.
+    fn drain_coalesced(&self) {
+        if let Some(ring) = &self.coalesced {
+            ring.drain(&Buses {
+                pio: &self.pio,
+                mmio: &self.mmio,
+            });
+        }
     }
 
     /// Runs the vCPU until one exit is handled; returns a reason to stop.
     fn run_once(&mut self) -> Option<StopReason> {
-        let exit = match self.fd.run() {
+        let result = self.fd.run();
+        if let Some(ring) = &self.coalesced {
+            ring.drain(&Buses {
+                pio: &self.pio,
+                mmio: &self.mmio,
+            });
+        }
+        let exit = match result {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
