@@ -399,3 +399,39 @@ fn msix_disk_io_works_with_the_in_kernel_irqchip() {
     );
     assert_eq!((out.code, f["errors"].as_str()), (Some(0), "0"), "{out:#?}");
 }
+
+/// `blk.linger`: after its result line the guest stays up, idle, for that
+/// many watchdog ticks, then exits with its status (benches/density.py
+/// keeps 50 quiet VMs up this way).
+#[test]
+fn blk_linger_keeps_the_guest_up_and_idle_after_its_result() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-linger");
+    let img = disk(&dir, "d.img", 1 << 20);
+    let disk_arg = format!("path={}", img.display());
+    let mut vm = common::background::Vm::start(
+        &[
+            "run",
+            "--kernel",
+            "builtin",
+            "--memory",
+            "64M",
+            "--disk",
+            &disk_arg,
+            "--cmdline",
+            "blk.mode=write blk.count=4 blk.linger=20",
+        ],
+        dir.path(),
+    );
+    vm.wait_for("RINGVM-RESULT");
+    assert!(
+        vm.child.try_wait().unwrap().is_none(),
+        "ended at its result line: {}",
+        vm.stdout()
+    );
+    let (code, stdout, stderr) = vm.finish();
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("errors=0"), "{stdout}");
+}

@@ -429,3 +429,29 @@ fn deleting_the_tap_under_a_running_guest_is_logged_and_survived() {
     assert_eq!(out.code, Some(EXIT_SIGNALLED), "{out:#?}");
     assert!(logged, "no stderr line about the TAP: {out:#?}");
 }
+
+/// `net.secs`: respond mode answers for that long, then ends by itself
+/// with its result line and status 0 (what the soak in
+/// benches/density.py relies on).
+#[test]
+fn respond_mode_with_net_secs_answers_then_ends_by_itself() {
+    if !kvm_available() || !have_ping() {
+        return;
+    }
+    let Some(ns) = Netns::new("secs") else {
+        return;
+    };
+    ns.add_tap(1);
+    let mut vm = ringvm(
+        &ns,
+        &format!("net.ip={GUEST_IP}/24 net.secs=20"),
+        &format!("tap={TAP}"),
+    );
+    vm.wait_line("net: up", UP_DEADLINE);
+    ping(&ns, 2);
+    let out = vm.finish(RUN_DEADLINE);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let r = result_fields(&out.stdout).unwrap_or_else(|| panic!("no result: {out:#?}"));
+    assert_eq!(r["mode"], "net-respond", "{out:#?}");
+    assert!(r["icmp"].parse::<u64>().unwrap() >= 2, "{out:#?}");
+}

@@ -241,3 +241,169 @@ fn a_forbidden_call_names_the_thread_and_the_call() {
     );
     assert_eq!(out.code, Some(2), "{out:#?}");
 }
+
+/// One request on the API socket (connection closed after it); the
+/// status code and body.
+fn api_request(sock: &std::path::Path, method: &str, endpoint: &str, body: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connecting to the API");
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let head = format!(
+        "{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let mut raw = String::new();
+    let _ = s.read_to_string(&mut raw);
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP response: {raw:?}"));
+    (
+        status,
+        raw.split_once("\r\n\r\n")
+            .map(|(_, b)| b.into())
+            .unwrap_or_default(),
+    )
+}
+
+fn wait_for_socket(path: &std::path::Path) {
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        assert!(start.elapsed() < DEADLINE, "no API socket at {path:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The threads of `pid` while an idle client holds an API connection open
+/// (so that a connection thread exists), once there are `want` of them.
+fn threads_with_a_connection(
+    pid: u32,
+    sock: &std::path::Path,
+    want: usize,
+) -> Vec<(String, u32, u32)> {
+    let _idle = std::os::unix::net::UnixStream::connect(sock).expect("connecting to the API");
+    wait_threads(pid, want)
+}
+
+fn assert_all_filtered(threads: &[(String, u32, u32)], names: &[&str], what: &str) {
+    let have: Vec<&str> = threads.iter().map(|t| t.0.as_str()).collect();
+    for want in names {
+        assert!(have.contains(want), "{what}: {want} missing: {threads:?}");
+    }
+    for (name, seccomp, filters) in threads {
+        assert_eq!(*seccomp, 2, "{what}: {name}: {threads:?}");
+        assert!(*filters >= 1, "{what}: {name}: {threads:?}");
+    }
+}
+
+#[test]
+fn every_thread_under_the_api_is_filtered_including_the_api_threads() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(ns) = Netns::new() else {
+        return;
+    };
+    let dir = TempDir::new("seccomp-api");
+    let disk = dir.file("d0.img", &vec![0u8; 4 << 20]);
+    let disk_arg = format!("path={}", disk.display());
+    let names = ["vcpu0", "iothread0", "api", "api-conn", "vm-build"];
+
+    // ringvm run --api-socket: the VM is built on the worker thread.
+    let sock = dir.path().join("run.sock");
+    let sock_arg = sock.display().to_string();
+    let child = ringvm_in(
+        &ns,
+        &[
+            "run",
+            "--kernel",
+            "builtin",
+            "--memory",
+            "64M",
+            "--api-socket",
+            &sock_arg,
+            "--disk",
+            &disk_arg,
+            "--net",
+            "ip=10.9.1.1,mask=255.255.255.0",
+            "--cmdline",
+            "blk.mode=randwrite blk.secs=4 blk.qd=4",
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("starting ringvm");
+    wait_for_socket(&sock);
+    assert_eq!(api_request(&sock, "GET", "vm.info", "").0, 200);
+    // main, vm-build, api, api-conn, vCPU, iothread.
+    let threads = threads_with_a_connection(child.id(), &sock, 6);
+    let out = child.wait_with_output().expect("waiting for ringvm");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("errors=0"), "{stdout}\n{stderr}");
+    assert_all_filtered(&threads, &names, "run --api-socket");
+
+    // ringvm serve: the VM made by vm.create and vm.boot.
+    let sock = dir.path().join("serve.sock");
+    let sock_arg = sock.display().to_string();
+    let child = ringvm_in(&ns, &["serve", "--api-socket", &sock_arg])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting ringvm serve");
+    wait_for_socket(&sock);
+    let config = format!(
+        r#"{{"payload":{{"kernel":"builtin","cmdline":"blk.mode=randwrite blk.secs=4 blk.qd=4"}},"memory":{{"size":67108864}},"disks":[{{"path":"{}"}}],"net":[{{"ip":"10.9.2.1","mask":"255.255.255.0"}}]}}"#,
+        disk.display()
+    );
+    assert_eq!(api_request(&sock, "PUT", "vm.create", &config).0, 204);
+    assert_eq!(api_request(&sock, "PUT", "vm.boot", "").0, 204);
+    let threads = threads_with_a_connection(child.id(), &sock, 6);
+    let (status, counters) = api_request(&sock, "GET", "vm.counters", "");
+    assert_eq!(status, 200, "{counters}");
+    assert_eq!(api_request(&sock, "PUT", "vmm.shutdown", "").0, 204);
+    let out = child.wait_with_output().expect("waiting for ringvm serve");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_all_filtered(&threads, &names, "serve");
+}
+
+#[test]
+fn a_forbidden_call_on_the_api_or_vm_building_thread_is_reported() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("seccomp-api-trap");
+    let sock = dir.path().join("api.sock");
+    let sock_arg = sock.display().to_string();
+    // socket(0, 0, 0): on neither list (the VM-building thread's socket
+    // rule takes AF_UNIX and AF_INET only).
+    for (kind, thread) in [("api", "api"), ("vm-build", "vm-build")] {
+        let mut cmd = Command::new(ringvm_bin());
+        cmd.args(["serve", "--api-socket", &sock_arg]).env(
+            "RINGVM_TEST_SECCOMP_CALL",
+            format!("{kind}:{}", libc::SYS_socket),
+        );
+        let out = common::run_command(&mut cmd, DEADLINE);
+        assert_eq!(out.code, Some(109), "{kind}: {out:#?}");
+        assert!(
+            out.stderr.contains(&format!(
+                "ringvm: seccomp: thread {thread} made system call {} (socket)",
+                libc::SYS_socket
+            )),
+            "{kind}: {out:#?}"
+        );
+    }
+}

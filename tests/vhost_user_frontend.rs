@@ -678,3 +678,49 @@ fn vring_setup_order_and_inflight_region_replayed_on_reconnect() {
         assert_eq!(m.files.len(), 1, "{m:?}");
     }
 }
+
+/// ringvm-blk on a disk that fails mid-run (the test-build injector,
+/// `RINGVM_TEST_BLOCK_EIO`): those requests reach the guest as
+/// VIRTIO_BLK_S_IOERR through the vhost-user back-end, the rest complete,
+/// and the daemon keeps serving.
+#[test]
+fn ringvm_blk_on_a_failing_disk_fails_those_requests_and_keeps_serving() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("vhu-eio");
+    let disk = dir.path().join("eio.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let socket = dir.path().join("eio.sock");
+    let mut b = Command::new(ringvm_blk_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--disk")
+        .arg(format!("path={}", disk.display()))
+        .env("RINGVM_TEST_BLOCK_EIO", "after=40,count=25")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting ringvm-blk");
+    let start = Instant::now();
+    while !socket.exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (out, f) = guest(
+        &vhost_disk(&socket, ""),
+        "blk.mode=randwrite blk.count=200 blk.qd=4",
+    );
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert_eq!(
+        (f["ops"].as_str(), f["errors"].as_str()),
+        ("200", "25"),
+        "{f:?}"
+    );
+    assert!(b.try_wait().unwrap().is_none(), "ringvm-blk ended");
+    terminate(b);
+}

@@ -74,6 +74,11 @@ pub struct ServeArgs {
     /// Print each iothread's counters when a VM stops.
     #[arg(long)]
     pub iothread_stats: bool,
+    /// Seccomp filters for the VMM's threads (API, VM-building, main) and
+    /// for every VM it creates, as `ringvm run --seccomp`.
+    #[arg(long, value_name = "true|false|log", default_value = "true",
+          value_parser = ["true", "false", "log"])]
+    pub seccomp: String,
 }
 
 #[derive(Args, Debug)]
@@ -165,7 +170,7 @@ pub struct RunArgs {
     pub acpi: String,
 
     /// Seccomp filters, one allow-list per thread kind (vCPU, iothread,
-    /// control thread): `true` stops ringvm (exit code 109, naming the
+    /// control thread, API): `true` stops ringvm (exit code 109, naming the
     /// thread and the call) on a system call outside the list, `log` lets
     /// it through and has the kernel log it (dmesg), `false` installs none.
     #[arg(long, value_name = "true|false|log", default_value = "true",

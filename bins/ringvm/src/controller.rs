@@ -1,7 +1,9 @@
 //! The VMM behind the API: at most one VM, built on `vm.create`, started
 //! on `vm.boot`, and driven through `vmm`'s lifecycle calls
-//! ([`vmm::VmControl`]) by the API thread, while the main thread waits for
-//! the VM to stop (the same wait as a plain `ringvm run`).
+//! ([`vmm::VmControl`]) by the API's worker thread (every state change,
+//! reboots included, runs there: see `ringvm::api::worker`), while the
+//! main thread waits for the VM to stop (the same wait as a plain `ringvm
+//! run`).
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -10,6 +12,7 @@ use anyhow::Result;
 use clap::Parser;
 use ringvm::api::dispatch::{ApiError, Backend, Endpoint};
 use ringvm::api::types::{self, VmConfig as ApiConfig};
+use ringvm::api::worker::Worker;
 use serde_json::{json, Value};
 use vmm::control::Signals;
 use vmm::devices::SerialOutput;
@@ -53,6 +56,11 @@ pub struct Controller {
     wake: EventFd,
     /// `ringvm serve`: the VMM outlives its VM.
     serve: bool,
+    /// Where VMs are built, started and rebuilt.
+    worker: Arc<Worker>,
+    /// `--seccomp` of `ringvm serve`, for the VMs `vm.create` makes
+    /// (`None`: each VM's own arguments say).
+    seccomp: Option<String>,
 }
 
 fn lifecycle(e: LifecycleError) -> ApiError {
@@ -225,12 +233,32 @@ fn run_args(config: &ApiConfig) -> Result<RunArgs, ApiError> {
 }
 
 impl Controller {
-    pub fn new(serve: bool) -> Result<Arc<Controller>> {
+    pub fn new(
+        serve: bool,
+        worker: Arc<Worker>,
+        seccomp: Option<String>,
+    ) -> Result<Arc<Controller>> {
         Ok(Arc::new(Controller {
             inner: Mutex::new(Inner::default()),
             wake: EventFd::new(EFD_NONBLOCK)?,
             serve,
+            worker,
+            seccomp,
         }))
+    }
+
+    /// The worker thread's handle (for the API server).
+    pub fn worker(&self) -> Arc<Worker> {
+        self.worker.clone()
+    }
+
+    /// Runs `f` on the worker thread.
+    pub fn on_worker<R: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Controller) -> R + Send + 'static,
+    ) -> Option<R> {
+        let me = self.clone();
+        self.worker.run(move || f(&me))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -320,7 +348,7 @@ impl Controller {
 
     /// The main thread: waits for VMs to start and stop until the VMM is
     /// to exit; returns the process exit code.
-    pub fn main_loop(&self, signals: &Signals, iothread_stats: bool) -> i32 {
+    pub fn main_loop(self: &Arc<Self>, signals: &Signals, iothread_stats: bool) -> i32 {
         loop {
             let started = self.lock().started.take();
             if let Some(running) = started {
@@ -363,7 +391,7 @@ impl Controller {
     /// After a VM stopped: the stop line, a reboot, or the exit code when
     /// the process is to end.
     fn vm_stopped(
-        &self,
+        self: &Arc<Self>,
         report: Result<RunReport, vmm::MachineError>,
         iothread_stats: bool,
     ) -> Option<i32> {
@@ -418,8 +446,11 @@ impl Controller {
             drop(inner);
             if let Some(args) = args {
                 let rebuilt = self
-                    .create_from_args(args)
-                    .and_then(|()| Self::start(&mut self.lock()));
+                    .on_worker(|c| {
+                        c.create_from_args(args)
+                            .and_then(|()| Self::start(&mut c.lock()))
+                    })
+                    .unwrap_or_else(|| Err(ApiError::internal("the worker thread is gone")));
                 match rebuilt {
                     Ok(()) => return None,
                     Err(e) => {
@@ -476,7 +507,10 @@ impl Backend for Controller {
     }
 
     fn create(&self, config: ApiConfig) -> Result<(), ApiError> {
-        let args = run_args(&config)?;
+        let mut args = run_args(&config)?;
+        if let Some(mode) = &self.seccomp {
+            args.seccomp = mode.clone();
+        }
         self.create_from_args(args)
     }
 

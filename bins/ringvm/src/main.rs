@@ -11,8 +11,12 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 use cli::{Cli, Command, RemoteArgs, RunArgs, ServeArgs};
+use ringvm::api::dispatch::ApiError;
+use ringvm::api::worker::{Sandbox, Worker};
 use ringvm::api::{client, dispatch::Endpoint, server, types::VmConfig as ApiConfig};
+use std::sync::Arc;
 use vmm::config::format_size;
+use vmm::seccomp::{self, SeccompMode, ThreadKind};
 use vmm::{exit_code, KernelSource, RunReport};
 
 /// The built-in test guest, built from tests/guest by build.rs.
@@ -95,10 +99,40 @@ fn event_monitor(spec: &str) -> Result<()> {
     Ok(())
 }
 
-/// Binds the API socket and starts the API thread.
-fn start_api(path: &std::path::Path, ctl: &std::sync::Arc<controller::Controller>) -> Result<()> {
+/// The worker thread that builds VMs under the API (ringvm::api::worker),
+/// sandboxed with the VM-building list.
+fn start_worker(mode: SeccompMode) -> Result<Arc<Worker>> {
+    let sandbox: Sandbox = Box::new(move || {
+        seccomp::apply(ThreadKind::VmBuild, mode).map_err(|e| format!("{e:#}"))?;
+        seccomp::test_call(ThreadKind::VmBuild);
+        Ok(())
+    });
+    Ok(Arc::new(Worker::spawn("vm-build", Some(sandbox))?))
+}
+
+/// Binds the API socket and starts the API thread (sandboxed before it
+/// accepts a connection).
+fn start_api(
+    path: &std::path::Path,
+    ctl: &Arc<controller::Controller>,
+    mode: SeccompMode,
+) -> Result<()> {
     let listener = server::bind(path).context("--api-socket")?;
-    server::spawn(listener, ctl.clone()).context("--api-socket")?;
+    let sandbox: Sandbox = Box::new(move || {
+        seccomp::apply(ThreadKind::Api, mode).map_err(|e| format!("{e:#}"))?;
+        seccomp::test_call(ThreadKind::Api);
+        Ok(())
+    });
+    server::spawn(listener, ctl.clone(), Some(ctl.worker()), Some(sandbox))
+        .context("--api-socket")?;
+    Ok(())
+}
+
+/// The main thread's filter once the API and worker threads run: it only
+/// waits for VMs to stop (the control loop of a plain run).
+fn sandbox_main(mode: SeccompMode) -> Result<()> {
+    seccomp::apply(ThreadKind::Vmm, mode).context("sandboxing the main thread")?;
+    seccomp::test_call(ThreadKind::Vmm);
     Ok(())
 }
 
@@ -109,6 +143,13 @@ fn run_with_api(args: RunArgs) -> ExitCode {
         return exit(exit_code::HOST_ERROR);
     };
     let stats = args.iothread_stats;
+    let mode = match seccomp_mode(&args.seccomp) {
+        Ok(m) => m,
+        Err(e) => {
+            error_line(&e);
+            return exit(exit_code::BAD_INPUT);
+        }
+    };
     // Before any thread starts, so that none takes termination signals.
     let signals = match vmm::control::Signals::block() {
         Ok(s) => s,
@@ -117,19 +158,25 @@ fn run_with_api(args: RunArgs) -> ExitCode {
             return exit(exit_code::HOST_ERROR);
         }
     };
-    let ctl = match controller::Controller::new(false) {
+    let ctl = match start_worker(mode).and_then(|w| controller::Controller::new(false, w, None)) {
         Ok(c) => c,
         Err(e) => {
             error_line(&e);
             return exit(exit_code::HOST_ERROR);
         }
     };
-    if let Err(e) = start_api(&path, &ctl) {
+    if let Err(e) = start_api(&path, &ctl, mode) {
         error_line(&e);
         return exit(exit_code::BAD_INPUT);
     }
+    if let Err(e) = sandbox_main(mode) {
+        error_line(&e);
+        return exit(exit_code::HOST_ERROR);
+    }
     vmm::events::emit("vmm", "starting", &[]);
-    let started = ctl.create_from_args(args).and_then(|()| ctl.boot_vm());
+    let started = ctl
+        .on_worker(|c| c.create_from_args(args).and_then(|()| c.boot_vm()))
+        .unwrap_or_else(|| Err(ApiError::internal("the worker thread is gone")));
     let code = match started {
         Ok(()) => ctl.main_loop(&signals, stats),
         Err(e) => {
@@ -141,9 +188,22 @@ fn run_with_api(args: RunArgs) -> ExitCode {
             }
         }
     };
-    let _ = std::fs::remove_file(&path);
+    remove_socket(&ctl, path);
     vmm::events::emit("vmm", "shutdown", &[("exit_code", &code.to_string())]);
     exit(code)
+}
+
+/// Removes the API socket (on the worker: the main thread's list has no
+/// `unlink`).
+fn remove_socket(ctl: &Arc<controller::Controller>, path: std::path::PathBuf) {
+    let _ = ctl.on_worker(move |_| std::fs::remove_file(path));
+}
+
+fn seccomp_mode(s: &str) -> Result<SeccompMode> {
+    match s {
+        "" => Ok(SeccompMode::default()),
+        s => s.parse().context("--seccomp"),
+    }
 }
 
 /// `ringvm serve`: the API with no VM until one is created.
@@ -161,20 +221,35 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return exit(exit_code::HOST_ERROR);
         }
     };
-    let ctl = match controller::Controller::new(true) {
+    let mode = match seccomp_mode(&args.seccomp) {
+        Ok(m) => m,
+        Err(e) => {
+            error_line(&e);
+            return exit(exit_code::BAD_INPUT);
+        }
+    };
+    // Threads that devices start on their own take this mode too.
+    seccomp::set_default_mode(mode);
+    let ctl = match start_worker(mode)
+        .and_then(|w| controller::Controller::new(true, w, Some(args.seccomp.clone())))
+    {
         Ok(c) => c,
         Err(e) => {
             error_line(&e);
             return exit(exit_code::HOST_ERROR);
         }
     };
-    if let Err(e) = start_api(&args.api_socket, &ctl) {
+    if let Err(e) = start_api(&args.api_socket, &ctl, mode) {
         error_line(&e);
         return exit(exit_code::BAD_INPUT);
     }
+    if let Err(e) = sandbox_main(mode) {
+        error_line(&e);
+        return exit(exit_code::HOST_ERROR);
+    }
     vmm::events::emit("vmm", "starting", &[]);
     let code = ctl.main_loop(&signals, args.iothread_stats);
-    let _ = std::fs::remove_file(&args.api_socket);
+    remove_socket(&ctl, args.api_socket.clone());
     vmm::events::emit("vmm", "shutdown", &[("exit_code", &code.to_string())]);
     exit(code)
 }

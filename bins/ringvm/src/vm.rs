@@ -47,10 +47,20 @@ fn host(error: impl Into<anyhow::Error>) -> Failure {
     }
 }
 
-fn input(error: impl Into<anyhow::Error>) -> Failure {
+/// A device that could not be made: the user's input (a missing file, a
+/// bad TAP name: exit code 2) unless the host ran out of descriptors,
+/// memory or threads (a host error).
+fn device_failure(error: impl Into<anyhow::Error>) -> Failure {
+    let error = error.into();
+    let exhausted = error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|n| matches!(n, libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN))
+    });
     Failure {
-        bad_input: true,
-        error: error.into(),
+        bad_input: !exhausted,
+        error,
     }
 }
 
@@ -128,14 +138,14 @@ pub fn build(plan: &Plan) -> Result<Built, Failure> {
     let mut disks = Vec::new();
     for (i, disk) in plan.disks.iter().enumerate() {
         let name = format!("virtio-blk{i}");
-        let dev = BlockDevice::new(&name, disk, &iothreads).map_err(input)?;
+        let dev = BlockDevice::new(&name, disk, &iothreads).map_err(device_failure)?;
         disks.push((name.clone(), dev.stats_handle()));
         add_virtio_device(&mut machine, &name, Box::new(dev))?;
     }
     let mut nets = Vec::new();
     for (i, net) in plan.nets.iter().enumerate() {
         let name = format!("virtio-net{i}");
-        let dev = NetDevice::new(&name, net, &iothreads).map_err(input)?;
+        let dev = NetDevice::new(&name, net, &iothreads).map_err(device_failure)?;
         nets.push((name.clone(), dev.stats_handle()));
         add_virtio_device(&mut machine, &name, Box::new(dev))?;
     }
@@ -146,7 +156,8 @@ pub fn build(plan: &Plan) -> Result<Built, Failure> {
             Kind::Net => (format!("vhost-user-net{net}"), net += 1).0,
         };
         let mac = cfg.mac.unwrap_or_else(virtio::net::device::random_mac);
-        let dev = VhostUserDevice::new(&name, cfg, machine.memory().clone(), mac).map_err(input)?;
+        let dev = VhostUserDevice::new(&name, cfg, machine.memory().clone(), mac)
+            .map_err(device_failure)?;
         add_virtio_device(&mut machine, &name, Box::new(dev))?;
     }
     for (i, source) in plan.passthrough.iter().enumerate() {

@@ -76,6 +76,14 @@ pub enum ThreadKind {
     /// A deadline thread: sleeps on a condition variable and shuts a
     /// socket down when a peer's reply is late.
     Watchdog,
+    /// The API server's accepting thread and the connection threads it
+    /// starts (they inherit its filter): HTTP on a Unix socket, and the
+    /// requests that only read state.
+    Api,
+    /// The thread that builds, starts, rebuilds and tears down VMs under
+    /// the API (`ringvm serve`, `ringvm run --api-socket`), and carries
+    /// out every state-changing request.
+    VmBuild,
 }
 
 impl ThreadKind {
@@ -87,6 +95,8 @@ impl ThreadKind {
             ThreadKind::VhostUser => "vhost-user",
             ThreadKind::Signals => "signals",
             ThreadKind::Watchdog => "watchdog",
+            ThreadKind::Api => "api",
+            ThreadKind::VmBuild => "vm-build",
         }
     }
 }
@@ -367,8 +377,62 @@ const WATCHDOG: &[i64] = &[libc::SYS_shutdown];
 /// shutdown.
 const SIGNALS: &[i64] = &[libc::SYS_rt_sigtimedwait, libc::SYS_shutdown];
 
+/// The API threads (see [`ThreadKind::Api`]): accepting connections and
+/// starting a thread for each (threads only, as for vhost-user), reading
+/// requests with a deadline (socket timeouts) and writing answers.
+/// Requests that change state run on the VM-building thread; reads only
+/// take locks and read counters (clocks, in the common list).
+const API: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_accept,
+    // Read and write deadlines only (see `api_rules`).
+    libc::SYS_setsockopt,
+    // F_GETFD only: the standard library checks a descriptor is open
+    // before it closes it (debug builds).
+    libc::SYS_fcntl,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_set_robust_list,
+    libc::SYS_sched_getaffinity,
+];
+
+/// The VM-building thread (see [`ThreadKind::VmBuild`]): what building a
+/// VM takes beyond the lists of the threads it starts (which [`build`]
+/// adds, since they inherit this filter): opening the kernel, initrd,
+/// disks, `/dev/kvm`, `/dev/net/tun` and VFIO nodes; guest memory; rings
+/// (set up here, restricted, then handed to iothreads); TAP addresses
+/// (an AF_INET datagram socket for its ioctls, see [`build_socket_rules`]);
+/// vhost-user and vfio-user sockets; the kick and SIGSYS handlers; and
+/// removing the API socket at exit. Broad, but a list: no exec, fork,
+/// ptrace, mount, module or namespace calls.
+const VM_BUILD: &[i64] = &[
+    libc::SYS_openat,
+    // Guest RAM in a memfd when a vhost-user or vfio-user peer maps it.
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+    // Iothreads set their rings up before their own filter.
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_register,
+    // The vCPU kick handler and the SIGSYS reporter.
+    libc::SYS_rt_sigaction,
+    // Finding a VFIO device's group and driver in sysfs.
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
+    libc::SYS_getdents64,
+    // A TAP's link state and address; socket options of vhost-user and
+    // vfio-user connections.
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    // Guest RAM size against the host's (memory checks).
+    libc::SYS_sysinfo,
+];
+
 fn list(kind: ThreadKind) -> &'static [i64] {
     match kind {
+        ThreadKind::Api => API,
+        ThreadKind::VmBuild => VM_BUILD,
         ThreadKind::Vmm => VMM,
         ThreadKind::Vcpu => VCPU,
         ThreadKind::IoThread => IOTHREAD,
@@ -380,7 +444,10 @@ fn list(kind: ThreadKind) -> &'static [i64] {
 
 /// Threads of this kind may start threads (see [`clone_rules`]).
 fn starts_threads(kind: ThreadKind) -> bool {
-    matches!(kind, ThreadKind::VhostUser | ThreadKind::Vcpu)
+    matches!(
+        kind,
+        ThreadKind::VhostUser | ThreadKind::Vcpu | ThreadKind::Api | ThreadKind::VmBuild
+    )
 }
 
 /// `socket` for Unix sockets only.
@@ -391,6 +458,40 @@ fn socket_rules() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
         SeccompCmpOp::Eq,
         libc::AF_UNIX as u64,
     )?])?])
+}
+
+/// The API threads' argument filters: `setsockopt(SOL_SOCKET,
+/// SO_RCVTIMEO|SO_SNDTIMEO)` and `fcntl(F_GETFD)`.
+fn api_rules() -> Result<[(i64, Vec<SeccompRule>); 2], seccompiler::BackendError> {
+    let arg = |i, v: u64| SeccompCondition::new(i, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v);
+    let sol = libc::SOL_SOCKET as u64;
+    // SO_RCVTIMEO and SO_SNDTIMEO: the old option numbers (20, 21; what
+    // the standard library passes on x86_64) and the 64-bit-time ones.
+    let mut timeouts = Vec::new();
+    for opt in [20, 21, libc::SO_RCVTIMEO_NEW, libc::SO_SNDTIMEO_NEW] {
+        timeouts.push(SeccompRule::new(vec![arg(1, sol)?, arg(2, opt as u64)?])?);
+    }
+    Ok([
+        (libc::SYS_setsockopt, timeouts),
+        (
+            libc::SYS_fcntl,
+            vec![SeccompRule::new(vec![arg(1, libc::F_GETFD as u64)?])?],
+        ),
+    ])
+}
+
+/// `socket` for the VM-building thread: Unix sockets (vhost-user and
+/// vfio-user peers) and AF_INET datagram sockets (a TAP's address and
+/// mask are set with ioctls on one).
+fn build_socket_rules() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    let mut rules = socket_rules()?;
+    rules.push(SeccompRule::new(vec![SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::AF_INET as u64,
+    )?])?);
+    Ok(rules)
 }
 
 /// The mode for threads that devices start on their own (vhost-user
@@ -462,6 +563,16 @@ fn build(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, Seccom
     for &nr in COMMON.iter().chain(list(kind)) {
         rules.insert(nr, Vec::new());
     }
+    if kind == ThreadKind::VmBuild {
+        // Every thread a VM has is started here and narrows this list
+        // with its own after its set-up: the list holds theirs.
+        for &nr in [VMM, VCPU, IOTHREAD, VHOST_USER, SIGNALS, WATCHDOG]
+            .concat()
+            .iter()
+        {
+            rules.insert(nr, Vec::new());
+        }
+    }
     let build_err = |source| SeccompError::Build {
         kind: kind.name(),
         source,
@@ -471,6 +582,12 @@ fn build(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, Seccom
     }
     if kind == ThreadKind::VhostUser {
         rules.insert(libc::SYS_socket, socket_rules().map_err(build_err)?);
+    }
+    if kind == ThreadKind::VmBuild {
+        rules.insert(libc::SYS_socket, build_socket_rules().map_err(build_err)?);
+    }
+    if kind == ThreadKind::Api {
+        rules.extend(api_rules().map_err(build_err)?);
     }
     if kind == ThreadKind::Vcpu {
         let ioctls = ioctl_rules(&vcpu_ioctls()).map_err(|source| SeccompError::Build {
@@ -629,7 +746,14 @@ extern "C" fn report(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut l
     // (after signo, errno, code, padding and the call address).
     // SAFETY: the kernel passes a valid siginfo_t of at least 128 bytes.
     let nr = unsafe { (info as *const u8).add(24).cast::<i32>().read_unaligned() };
-    let name = NAME.with(|c| c.get());
+    let mut name = NAME.with(|c| c.get());
+    if name[0] == 0 {
+        // A thread that inherited its filter (API connections, threads
+        // devices start) never set NAME: ask the kernel.
+        // SAFETY: PR_GET_NAME writes at most 16 bytes into `name`; prctl
+        // is on every list.
+        unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
+    }
     let mut buf = [0u8; 160];
     let len = report_line(&mut buf, &name, i64::from(nr));
     // SAFETY: write and _exit are async-signal-safe and on every list.
@@ -685,6 +809,8 @@ mod tests {
             ThreadKind::VhostUser,
             ThreadKind::Signals,
             ThreadKind::Watchdog,
+            ThreadKind::Api,
+            ThreadKind::VmBuild,
         ] {
             assert!(program(kind, SeccompMode::Off).unwrap().is_none());
             for mode in [SeccompMode::Enforce, SeccompMode::Log] {

@@ -8,6 +8,7 @@
 //!   the VMM implements, so that parsing and dispatch are tested and fuzzed
 //!   without a VM;
 //! - [`server`]: the socket, its own thread and one thread per connection;
+//! - [`worker`]: the thread that carries out state-changing requests;
 //! - [`client`]: what `ringvm remote` uses.
 
 pub mod client;
@@ -15,3 +16,4 @@ pub mod dispatch;
 pub mod http;
 pub mod server;
 pub mod types;
+pub mod worker;

@@ -1,8 +1,11 @@
 //! The API server: a Unix socket (mode 0600) served by its own thread,
 //! one thread per connection (at most [`MAX_CONNECTIONS`]), each request
 //! read with a deadline so that a slow or silent client only holds its own
-//! connection. Requests that change state are serialised by one lock;
-//! reads (`vmm.ping`, `vm.info`, `vm.counters`) are not held up by them.
+//! connection. Requests that change state are serialised by one lock
+//! and, when the server has a [`Worker`], carried out on it (the
+//! connection threads run under the accepting thread's narrow seccomp
+//! list; see [`super::worker`]); reads (`vmm.ping`, `vm.info`,
+//! `vm.counters`) are not held up by them.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -14,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::dispatch::{call, route, Backend, Endpoint};
 use super::http::{self, Parsed, Response};
+use super::worker::{Sandbox, Worker};
 
 /// Connections served at once; more get 503 and are closed.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -42,6 +46,8 @@ pub enum ServerError {
     },
     #[error("starting the API thread")]
     Thread(#[source] std::io::Error),
+    #[error("sandboxing the API thread: {0}")]
+    Sandbox(String),
 }
 
 /// Binds `path` with mode 0600. An existing socket nobody listens on (a
@@ -84,22 +90,44 @@ struct Shared {
     /// Held while a state-changing request runs.
     changes: Mutex<()>,
     connections: AtomicUsize,
+    /// Where state-changing requests run (on the connection's thread
+    /// without one).
+    worker: Option<Arc<Worker>>,
 }
 
-/// Starts the API thread on `listener`.
+/// Starts the API thread on `listener`. It runs `sandbox` (its seccomp
+/// filter, which its connection threads inherit) before it accepts a
+/// connection; this returns once it did. State-changing requests go to
+/// `worker` when there is one.
 pub fn spawn(
     listener: UnixListener,
     backend: Arc<dyn Backend + Send>,
+    worker: Option<Arc<Worker>>,
+    sandbox: Option<Sandbox>,
 ) -> Result<std::thread::JoinHandle<()>, ServerError> {
     let shared = Arc::new(Shared {
         backend,
         changes: Mutex::new(()),
         connections: AtomicUsize::new(0),
+        worker,
     });
-    std::thread::Builder::new()
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || accept_loop(listener, shared))
-        .map_err(ServerError::Thread)
+        .spawn(move || {
+            let ready = sandbox.map_or(Ok(()), |s| s());
+            let ok = ready.is_ok();
+            let _ = ready_tx.send(ready);
+            if ok {
+                accept_loop(listener, shared);
+            }
+        })
+        .map_err(ServerError::Thread)?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => Err(ServerError::Sandbox(e)),
+        Err(_) => Err(ServerError::Sandbox("the thread ended".into())),
+    }
 }
 
 fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
@@ -148,7 +176,7 @@ fn failed(what: &str, status: u16, message: &str) {
 
 /// Serves requests on one connection until the client closes it, breaks
 /// the protocol, or is too slow.
-fn serve_connection(mut stream: UnixStream, shared: &Shared) {
+fn serve_connection(mut stream: UnixStream, shared: &Arc<Shared>) {
     let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     loop {
@@ -187,7 +215,8 @@ fn serve_connection(mut stream: UnixStream, shared: &Shared) {
             }
         };
         buf.drain(..used);
-        let (resp, ep) = handle_request(&req, &*shared.backend, &shared.changes);
+        let (resp, ep) = handle_on_worker(req.clone(), shared)
+            .unwrap_or_else(|| handle_request(&req, &*shared.backend, &shared.changes));
         let sent = stream.write_all(&resp.to_bytes(req.close)).is_ok();
         if let (true, Some(ep)) = (sent && resp.status < 300, ep) {
             shared.backend.responded(ep);
@@ -196,6 +225,29 @@ fn serve_connection(mut stream: UnixStream, shared: &Shared) {
             return;
         }
     }
+}
+
+/// A state-changing request carried out on the worker (`None`: the
+/// server has none, or the request changes nothing).
+fn handle_on_worker(
+    req: http::Request,
+    shared: &Arc<Shared>,
+) -> Option<(Response, Option<Endpoint>)> {
+    let worker = shared.worker.as_ref()?;
+    if !route(&req.method, &req.path).is_ok_and(|ep| ep.changes_state()) {
+        return None;
+    }
+    let what = format!("{} {}", req.method, req.path);
+    let s = shared.clone();
+    Some(
+        worker
+            .run(move || handle_request(&req, &*s.backend, &s.changes))
+            .unwrap_or_else(|| {
+                let message = "the VMM's worker thread is gone";
+                failed(&what, 500, message);
+                (Response::error(500, message), None)
+            }),
+    )
 }
 
 /// One request: route, serialise if it changes state, call the backend.

@@ -26,6 +26,56 @@ fn unsupported(e: &io::Error) -> bool {
     errno(e) == Some(libc::EOPNOTSUPP)
 }
 
+/// Test builds only (debug assertions): a disk that fails mid-run.
+/// `RINGVM_TEST_BLOCK_EIO=after=N,count=M` makes data transfers number
+/// N+1 to N+M of the process (reads and writes, counted across disks and
+/// iothreads) fail with `EIO` as a dying disk's would, without reaching
+/// the file; the rest go through. Release builds have no such hook.
+#[cfg(debug_assertions)]
+mod inject {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+
+    static PLAN: OnceLock<Option<(u64, u64)>> = OnceLock::new();
+    static OPS: AtomicU64 = AtomicU64::new(0);
+
+    /// `after=N,count=M`; None if malformed.
+    pub(super) fn parse(v: &str) -> Option<(u64, u64)> {
+        let (mut after, mut count) = (None, None);
+        for part in v.split(',') {
+            match part.split_once('=')? {
+                ("after", n) => after = Some(n.parse().ok()?),
+                ("count", n) => count = Some(n.parse().ok()?),
+                _ => return None,
+            }
+        }
+        Some((after?, count?))
+    }
+
+    /// Whether this transfer is one of those to fail.
+    pub(super) fn fails() -> bool {
+        let plan = PLAN.get_or_init(|| {
+            std::env::var("RINGVM_TEST_BLOCK_EIO")
+                .ok()
+                .and_then(|v| parse(&v))
+        });
+        let Some((after, count)) = *plan else {
+            return false;
+        };
+        let n = OPS.fetch_add(1, Ordering::Relaxed);
+        n >= after && n < after.saturating_add(count)
+    }
+}
+
+/// The injected failure of a transfer, if any (see `inject`).
+fn injected_eio() -> Option<io::Error> {
+    #[cfg(debug_assertions)]
+    if inject::fails() {
+        return Some(io::Error::from_raw_os_error(libc::EIO));
+    }
+    None
+}
+
 /// Drops the first `n` bytes from `iovecs`.
 fn advance(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
     let mut used = 0;
@@ -49,6 +99,9 @@ impl BlockFile {
         offset: u64,
         bufs: RwBufs,
     ) -> io::Result<usize> {
+        if let Some(e) = injected_eio() {
+            return Err(e);
+        }
         let total: usize = bufs.iovecs.iter().map(|v| v.iov_len).sum();
         let mut bufs = bufs;
         let mut done = 0usize;
@@ -109,6 +162,9 @@ impl BlockFile {
     ) -> io::Result<usize> {
         if u32::try_from(len).is_err() {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if let Some(e) = injected_eio() {
+            return Err(e);
         }
         let mut done = 0usize;
         while done < len {
@@ -244,6 +300,15 @@ impl BlockFile {
 #[cfg(test)]
 mod tests {
     use super::advance;
+
+    #[test]
+    fn eio_injection_plans_parse() {
+        assert_eq!(super::inject::parse("after=5,count=3"), Some((5, 3)));
+        assert_eq!(super::inject::parse("count=1,after=0"), Some((0, 1)));
+        assert_eq!(super::inject::parse("after=5"), None);
+        assert_eq!(super::inject::parse("after=x,count=1"), None);
+        assert_eq!(super::inject::parse("later=1,count=1"), None);
+    }
 
     fn iov(base: usize, len: usize) -> libc::iovec {
         libc::iovec {

@@ -68,12 +68,17 @@ pub struct NetStats {
     /// Frames the guest's MAC filter refused.
     pub rx_filtered: AtomicU64,
     pub rx_bad_chains: AtomicU64,
+    /// TAP reads that found no frame (`EAGAIN`); the read is simply
+    /// issued again.
+    pub rx_eagain: AtomicU64,
     pub tx_packets: AtomicU64,
     pub tx_bytes: AtomicU64,
     /// Frames refused before reaching the TAP (malformed, too long).
     pub tx_dropped: AtomicU64,
     /// Frames the TAP refused.
     pub tx_errors: AtomicU64,
+    /// Of those, refused with `EAGAIN` (dropped, as a full queue drops).
+    pub tx_eagain: AtomicU64,
     pub ctrl_errors: AtomicU64,
     /// Interrupts raised to the driver.
     pub interrupts: AtomicU64,
@@ -84,16 +89,18 @@ impl NetStats {
     pub fn summary(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "rx_packets={} rx_bytes={} rx_dropped={} rx_filtered={} rx_bad_chains={} tx_packets={} tx_bytes={} tx_dropped={} tx_errors={} ctrl_errors={} interrupts={}",
+            "rx_packets={} rx_bytes={} rx_dropped={} rx_filtered={} rx_bad_chains={} rx_eagain={} tx_packets={} tx_bytes={} tx_dropped={} tx_errors={} tx_eagain={} ctrl_errors={} interrupts={}",
             g(&self.rx_packets),
             g(&self.rx_bytes),
             g(&self.rx_dropped),
             g(&self.rx_filtered),
             g(&self.rx_bad_chains),
+            g(&self.rx_eagain),
             g(&self.tx_packets),
             g(&self.tx_bytes),
             g(&self.tx_dropped),
             g(&self.tx_errors),
+            g(&self.tx_eagain),
             g(&self.ctrl_errors),
             g(&self.interrupts),
         )
@@ -108,10 +115,12 @@ impl NetStats {
             ("rx_dropped", g(&self.rx_dropped)),
             ("rx_filtered", g(&self.rx_filtered)),
             ("rx_bad_chains", g(&self.rx_bad_chains)),
+            ("rx_eagain", g(&self.rx_eagain)),
             ("tx_frames", g(&self.tx_packets)),
             ("tx_bytes", g(&self.tx_bytes)),
             ("tx_dropped", g(&self.tx_dropped)),
             ("tx_errors", g(&self.tx_errors)),
+            ("tx_eagain", g(&self.tx_eagain)),
             ("ctrl_errors", g(&self.ctrl_errors)),
             ("interrupts", g(&self.interrupts)),
         ]

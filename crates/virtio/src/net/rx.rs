@@ -298,18 +298,26 @@ pub(super) async fn serve_rx(ex: Rc<Executor>, ctx: PairCtx, wake: Arc<EventFd>)
             }
             continue;
         };
-        let mut read = Box::pin(ex.readv_waiting(tap.clone(), iov, Box::new(mem)));
-        let result = loop {
-            match first(&mut read, &mut woken).await {
-                Either::Left(result) => break result,
-                Either::Right(_) => {
-                    woken = Box::pin(ex.read_eventfd(wake.clone()));
-                    let active = rx.pair < usize::from(shared.active_pairs.load(Ordering::SeqCst));
-                    if stopping() || !active {
-                        // The read must be over before the queue goes
-                        // back: it writes into the guest's buffers.
-                        let _ = ex.cancel_fd(tap.clone()).await;
-                        break read.await;
+        let result = if uring_backend::net::injected_eagain(true) {
+            // A test build's EAGAIN storm: a round trip through the ring
+            // that found no frame.
+            let _ = ex.nop().await;
+            Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
+        } else {
+            let mut read = Box::pin(ex.readv_waiting(tap.clone(), iov, Box::new(mem)));
+            loop {
+                match first(&mut read, &mut woken).await {
+                    Either::Left(result) => break result,
+                    Either::Right(_) => {
+                        woken = Box::pin(ex.read_eventfd(wake.clone()));
+                        let active =
+                            rx.pair < usize::from(shared.active_pairs.load(Ordering::SeqCst));
+                        if stopping() || !active {
+                            // The read must be over before the queue goes
+                            // back: it writes into the guest's buffers.
+                            let _ = ex.cancel_fd(tap.clone()).await;
+                            break read.await;
+                        }
                     }
                 }
             }
@@ -320,7 +328,13 @@ pub(super) async fn serve_rx(ex: Rc<Executor>, ctx: PairCtx, wake: Arc<EventFd>)
                 rx.deliver(n, used);
             }
             Err(e) => match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EINTR) | Some(libc::ECANCELED) => {}
+                // No frame after all (the ring waits for one before it
+                // reads, so each EAGAIN is a round trip, not a spin):
+                // counted, and the read is issued again.
+                Some(libc::EAGAIN) => {
+                    shared.stats.rx_eagain.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(libc::EINTR) | Some(libc::ECANCELED) => {}
                 _ => {
                     failures += 1;
                     if !shared.tap.is_alive(rx.pair) || failures >= 3 {

@@ -118,7 +118,14 @@ impl Tx {
 async fn write_frame(tx: Tx, head: u16, iov: Vec<libc::iovec>, len: u64) {
     let mem = tx.q.borrow().mem.clone();
     let stats = &tx.shared.stats;
-    match tx.ex.writev(tx.tap.clone(), 0, iov, Box::new(mem)).await {
+    let written = if uring_backend::net::injected_eagain(false) {
+        // A test build's EAGAIN storm (see `injected_eagain`).
+        let _ = tx.ex.nop().await;
+        Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
+    } else {
+        tx.ex.writev(tx.tap.clone(), 0, iov, Box::new(mem)).await
+    };
+    match written {
         Ok(_) => {
             stats.tx_packets.fetch_add(1, Ordering::Relaxed);
             stats
@@ -127,6 +134,9 @@ async fn write_frame(tx: Tx, head: u16, iov: Vec<libc::iovec>, len: u64) {
         }
         Err(e) => {
             stats.tx_errors.fetch_add(1, Ordering::Relaxed);
+            if e.raw_os_error() == Some(libc::EAGAIN) {
+                stats.tx_eagain.fetch_add(1, Ordering::Relaxed);
+            }
             if !tx.shared.tap.is_alive(tx.pair) {
                 tx.shared.tap_gone(tx.pair, &e);
             } else {

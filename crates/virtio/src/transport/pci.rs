@@ -250,7 +250,18 @@ impl VirtioPciDevice {
                 vmm::events::emit("device", "activated", &[("id", &self.name)]);
             }
             Err(e) => {
-                log::warn!("{}: activation failed: {e}; device needs reset", self.name);
+                // With its causes: a host out of descriptors or memory
+                // says so here.
+                let mut why = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    why.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                log::warn!(
+                    "{}: activation failed: {why}; device needs reset",
+                    self.name
+                );
                 self.common.set_needs_reset();
             }
         }

@@ -75,6 +75,10 @@ pub struct Options {
     /// After the result line, spin forever instead of exiting (tests that
     /// kill the VMM after acknowledged writes).
     pub hang: bool,
+    /// After the result line, stay idle (halted, woken by the watchdog
+    /// about once a second) for this many ticks, then exit: a VM that is
+    /// up but quiet (density measurements); 0 = exit at once.
+    pub linger: u64,
 }
 
 impl Default for Options {
@@ -96,6 +100,7 @@ impl Default for Options {
             id: false,
             timeout: 10,
             hang: false,
+            linger: 0,
         }
     }
 }
@@ -158,6 +163,7 @@ pub fn parse<'a>(args: &Cmdline<'a>) -> Result<Options, OptError<'a>> {
             "id" => o.id = boolean(v).ok_or(bad)?,
             "timeout" => o.timeout = num(v, 0, 1 << 20).ok_or(bad)?,
             "hang" => o.hang = boolean(v).ok_or(bad)?,
+            "linger" => o.linger = num(v, 0, 1 << 20).ok_or(bad)?,
             _ => return Err(OptError::Unknown(k)),
         }
     }
@@ -249,7 +255,8 @@ mod tests {
         assert_eq!((o.count, o.secs), (Some(100), Some(2)));
         assert_eq!((o.offset, o.len, o.seed), (1 << 20, Some(2 << 20), 7));
         assert!(!o.event_idx && !o.indirect && o.flush && o.id);
-        assert_eq!(o.timeout, 0);
+        assert_eq!((o.timeout, o.linger), (0, 0));
+        assert_eq!(opts("blk.linger=120").unwrap().linger, 120);
         for m in Mode::ALL {
             let s = format!("blk.mode={}", m.name());
             assert_eq!(opts(&s).unwrap().mode, m);
@@ -272,6 +279,8 @@ mod tests {
             "blk.flush=yes",
             "blk.secs=0",
             "blk.count=-1",
+            "blk.linger=x",
+            "blk.linger=2097152",
         ] {
             assert!(matches!(opts(bad), Err(OptError::Bad(..))), "{bad}");
         }

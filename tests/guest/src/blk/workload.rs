@@ -207,6 +207,15 @@ pub fn run(out: &mut Serial, args: &Cmdline<'_>, exit: Option<u8>) -> ! {
         out.flush();
         crate::exit::halt_forever();
     }
+    if o.linger > 0 {
+        out.flush();
+        lapic.start_watchdog();
+        let start = idt::timer_ticks();
+        while idt::timer_ticks() - start < o.linger {
+            idt::wait_for_interrupt();
+        }
+        lapic.stop_watchdog();
+    }
     let status = exit.unwrap_or(if errors == 0 { 0 } else { STATUS_ERRORS });
     finish(out, status)
 }

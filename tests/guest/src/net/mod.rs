@@ -9,7 +9,8 @@
 //!
 //! once the device is ready (every RX buffer posted, control commands
 //! done), then in `net.mode=respond` answers ARP, ICMP echo and UDP echo
-//! (port 7) until `net.count` UDP echoes (then
+//! (port 7) until `net.count` UDP echoes or `net.secs` watchdog ticks (about
+//! 1 s each; then
 //! `RINGVM-RESULT mode=net-respond ...`, exit 0) or forever; in
 //! `net.mode=udp-flood` sends `net.count` numbered datagrams to
 //! `net.peer` and prints `RINGVM-RESULT mode=net-flood ...` (exit 0 when

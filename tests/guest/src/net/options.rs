@@ -64,6 +64,10 @@ pub struct Options {
     /// Give up after this many watchdog ticks (about 1 s each) without
     /// progress; 0 = never.
     pub timeout: u64,
+    /// Respond: stop after this many watchdog ticks (about 1 s each), with
+    /// the result line and status 0 (a soak's fixed length); None = no
+    /// time limit.
+    pub secs: Option<u64>,
     pub dev: u32,
 }
 
@@ -170,6 +174,7 @@ pub fn parse<'a>(args: &Cmdline<'a>) -> Result<Options, OptError<'a>> {
         event_idx: true,
         rxbuf: BUF_BYTES as u32,
         timeout: 0,
+        secs: None,
         dev: 0,
     };
     let mut timeout = None;
@@ -196,11 +201,15 @@ pub fn parse<'a>(args: &Cmdline<'a>) -> Result<Options, OptError<'a>> {
             "event_idx" => o.event_idx = on_off(v).ok_or(bad)?,
             "rxbuf" => o.rxbuf = num(v, MIN_RXBUF.into(), BUF_BYTES as u64).ok_or(bad)? as u32,
             "timeout" => timeout = Some(num(v, 0, 1 << 20).ok_or(bad)?),
+            "secs" => o.secs = Some(num(v, 1, 1 << 32).ok_or(bad)?),
             "dev" => o.dev = num(v, 0, 255).ok_or(bad)? as u32,
             _ => return Err(OptError::Unknown(k)),
         }
     }
     (o.ip, o.prefix) = ip.ok_or(OptError::Missing("net.ip"))?;
+    if o.mode == Mode::UdpFlood && o.secs.is_some() {
+        return Err(OptError::Conflict("net.secs is for net.mode=respond"));
+    }
     if o.mode == Mode::UdpFlood {
         let (peer, _) = o.peer.ok_or(OptError::Missing("net.peer"))?;
         if (u32::from_be_bytes(peer) ^ u32::from_be_bytes(o.ip)) & o.mask() != 0 {
@@ -246,7 +255,22 @@ mod tests {
         assert_eq!((o.size, o.window, o.queues), (64, 32, 1));
         assert!(o.mrg && !o.csum && o.event_idx);
         assert_eq!((o.rxbuf, o.timeout, o.dev), (2048, 0, 0));
+        assert_eq!(o.secs, None);
         assert_eq!(opts("exit=1"), Err(OptError::Missing("net.ip")));
+    }
+
+    #[test]
+    fn secs_limits_respond_only() {
+        let o = opts("net.ip=10.0.0.2/24 net.secs=600 net.count=9").unwrap();
+        assert_eq!((o.secs, o.count()), (Some(600), Some(9)));
+        assert_eq!(
+            opts("net.ip=10.0.0.2/24 net.secs=0"),
+            Err(OptError::Bad("secs", "0"))
+        );
+        assert_eq!(
+            opts("net.ip=10.0.0.2/24 net.mode=udp-flood net.peer=10.0.0.1:7 net.secs=5"),
+            Err(OptError::Conflict("net.secs is for net.mode=respond"))
+        );
     }
 
     #[test]

@@ -292,11 +292,16 @@ impl<'a> Peer<'a> {
     /// `net.timeout` watchdog ticks without a frame.
     pub fn respond(&mut self) -> Result<u64, &'static str> {
         let start = tsc::now();
-        let mut idle_since = idt::timer_ticks();
+        let first_tick = idt::timer_ticks();
+        let mut idle_since = first_tick;
         loop {
             let got = self.poll()?;
             self.net.kick();
-            if self.o.count().is_some_and(|n| self.c.udp >= n) {
+            let out_of_time = self
+                .o
+                .secs
+                .is_some_and(|s| idt::timer_ticks() - first_tick >= s);
+            if out_of_time || self.o.count().is_some_and(|n| self.c.udp >= n) {
                 self.net.drain_tx()?;
                 return Ok(tsc::now() - start);
             }
