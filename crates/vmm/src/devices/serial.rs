@@ -4,10 +4,13 @@ use std::fs::File;
 use std::io::{self, LineWriter, Write};
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+use crate::snapshot::{decode, encode, Snapshot, SnapshotError};
 
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_LEN: u16 = 8;
@@ -38,6 +41,8 @@ impl Trigger for IrqLine {
 pub enum ConsoleSink {
     Stdout(io::Stdout),
     File(LineWriter<File>),
+    /// Only while the UART is rebuilt from a snapshot.
+    Discard,
 }
 
 impl Write for ConsoleSink {
@@ -45,6 +50,7 @@ impl Write for ConsoleSink {
         match self {
             ConsoleSink::Stdout(s) => s.write(buf),
             ConsoleSink::File(f) => f.write(buf),
+            ConsoleSink::Discard => Ok(buf.len()),
         }
     }
 
@@ -52,6 +58,7 @@ impl Write for ConsoleSink {
         match self {
             ConsoleSink::Stdout(s) => s.flush(),
             ConsoleSink::File(f) => f.flush(),
+            ConsoleSink::Discard => Ok(()),
         }
     }
 }
@@ -75,6 +82,79 @@ impl SerialConsole {
 
     pub fn flush(&mut self) {
         let _ = self.inner.writer_mut().flush();
+    }
+}
+
+/// The UART's registers and receive FIFO (vm-superio's `SerialState`).
+#[derive(Serialize, Deserialize)]
+struct SerialSection {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+impl Snapshot for SerialConsole {
+    fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        let st = self.inner.state();
+        encode(
+            "serial0",
+            &SerialSection {
+                baud_divisor_low: st.baud_divisor_low,
+                baud_divisor_high: st.baud_divisor_high,
+                interrupt_enable: st.interrupt_enable,
+                interrupt_identification: st.interrupt_identification,
+                line_control: st.line_control,
+                line_status: st.line_status,
+                modem_control: st.modem_control,
+                modem_status: st.modem_status,
+                scratch: st.scratch,
+                in_buffer: st.in_buffer,
+            },
+        )
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        let s: SerialSection = decode("serial0", state)?;
+        let st = SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        };
+        let irq = self
+            .inner
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| SnapshotError::Other(format!("serial0: duplicating its eventfd: {e}")))?;
+        let old = std::mem::replace(
+            &mut self.inner,
+            Serial::new(IrqLine(irq.try_clone().map_err(|e| {
+                SnapshotError::Other(format!("serial0: duplicating its eventfd: {e}"))
+            })?), ConsoleSink::Discard),
+        );
+        // The interrupt a pending THR-empty or received byte raises again
+        // goes to the irqfd, as it would have in the original VM.
+        match Serial::from_state(&st, IrqLine(irq), vm_superio::serial::NoEvents, old.into_writer()) {
+            Ok(serial) => {
+                self.inner = serial;
+                Ok(())
+            }
+            Err(e) => Err(SnapshotError::mismatch("serial0", format!("{e:?}"))),
+        }
     }
 }
 
