@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Result;
 use clap::Parser;
 use ringvm::api::dispatch::{ApiError, Backend, Endpoint};
-use ringvm::api::types::{self, VmConfig as ApiConfig};
+use ringvm::api::types::{self, RestoreConfig, SnapshotConfig, VmConfig as ApiConfig};
 use serde_json::{json, Value};
 use vmm::control::Signals;
 use vmm::devices::SerialOutput;
@@ -300,6 +300,9 @@ impl Controller {
             .machine
             .start()
             .map_err(|e| ApiError::internal(chain(&e.into())))?;
+        if plan.restore.as_ref().is_some_and(|r| r.resume) {
+            running.control().resume().map_err(lifecycle)?;
+        }
         inner.current = Some(Current {
             control,
             resources,
@@ -453,6 +456,7 @@ impl Backend for Controller {
                 "vfio-user",
                 "irqchip-split",
                 "pause",
+                "snapshot",
                 "event-monitor",
             ]
             .map(String::from)
@@ -608,6 +612,70 @@ impl Backend for Controller {
     fn power_button(&self) -> Result<(), ApiError> {
         let c = Self::control(&self.lock()).ok_or_else(Self::no_vm)?;
         c.power_button().map_err(lifecycle)
+    }
+
+    fn snapshot(&self, config: SnapshotConfig) -> Result<(), ApiError> {
+        let dir = types::file_url_path(&config.destination_url).map_err(ApiError::bad_request)?;
+        let (control, json) = {
+            let inner = self.lock();
+            match &inner.current {
+                Some(cur) => (cur.control.clone(), cur.config.clone()),
+                None => {
+                    return Err(match Self::control(&inner) {
+                        Some(c) => lifecycle(LifecycleError::WrongState {
+                            action: vmm::lifecycle::Transition::Snapshot,
+                            state: c.state(),
+                        }),
+                        None => Self::no_vm(),
+                    })
+                }
+            }
+        };
+        vmm::events::emit("vm", "snapshotting", &[]);
+        // Every device's state first: a device that cannot be saved
+        // refuses before anything is written.
+        let (state, mem) = control.capture().map_err(lifecycle)?;
+        let json = serde_json::to_vec_pretty(&json)
+            .map_err(|e| ApiError::internal(format!("encoding config.json: {e}")))?;
+        let report = vmm::snapshot::dir::write_dir(&dir, &json, state, &mem)
+            .map_err(|e| ApiError::internal(chain(&e.into())))?;
+        vmm::events::emit(
+            "vm",
+            "snapshotted",
+            &[
+                ("path", &dir.display().to_string()),
+                ("memory_bytes", &report.memory_bytes.to_string()),
+            ],
+        );
+        Ok(())
+    }
+
+    fn restore(&self, config: RestoreConfig) -> Result<(), ApiError> {
+        let dir = types::file_url_path(&config.source_url).map_err(ApiError::bad_request)?;
+        let mut spec = format!("source={}", dir.display());
+        if spec.contains(',') {
+            return Err(ApiError::bad_request("source_url may not contain ','"));
+        }
+        spec.push_str(if config.resume { ",resume=on" } else { ",resume=off" });
+        if let Some(m) = &config.memory_restore_mode {
+            spec.push_str(&format!(",memory_restore_mode={m}"));
+        }
+        let args = RunArgs {
+            restore: Some(spec),
+            disk_path: config
+                .disk_paths
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+            net_tap: config
+                .net_taps
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+            ..Default::default()
+        };
+        self.create_from_args(args)?;
+        self.boot_vm()
     }
 
     fn responded(&self, ep: Endpoint) {
