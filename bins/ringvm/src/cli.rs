@@ -468,6 +468,7 @@ impl RunArgs {
                 },
             ),
             iothread_stats: self.iothread_stats,
+            cpuid_hide: self.cpuid_hide.clone(),
             restore: None,
         })
     }

@@ -104,7 +104,7 @@ fn devices_json(res: &Resources) -> Option<Value> {
 
 /// The configuration of `plan` (made from `args`) in the API's schema:
 /// every default filled in.
-fn config_json(plan: &Plan, args: &RunArgs) -> Value {
+fn config_json(plan: &Plan) -> Value {
     let v = &plan.vm;
     let config = ApiConfig {
         cpus: types::CpusConfig { boot_vcpus: v.cpus },
@@ -192,11 +192,42 @@ fn config_json(plan: &Plan, args: &RunArgs) -> Value {
             },
         },
         iothreads: plan.iothreads,
-        irqchip: args.irqchip.clone(),
-        cpuid_hide: args.cpuid_hide.clone(),
+        irqchip: match v.irqchip {
+            vmm::config::IrqChip::Kernel => "kernel".into(),
+            vmm::config::IrqChip::Split => "split".into(),
+        },
+        cpuid_hide: plan.cpuid_hide.clone(),
         acpi: v.acpi,
     };
     serde_json::to_value(config).unwrap_or(Value::Null)
+}
+
+/// The configuration with every relative file path made absolute (as
+/// this process sees it), so that a snapshot restores from any directory.
+fn absolute_paths(mut config: Value) -> Value {
+    fn fix(v: &mut Value) {
+        if let Some(p) = v.as_str() {
+            let path = std::path::Path::new(p);
+            if path.is_relative() && p != "builtin" {
+                if let Ok(cwd) = std::env::current_dir() {
+                    *v = Value::String(cwd.join(path).display().to_string());
+                }
+            }
+        }
+    }
+    if let Some(disks) = config["disks"].as_array_mut() {
+        for d in disks {
+            fix(&mut d["path"]);
+        }
+    }
+    fix(&mut config["payload"]["kernel"]);
+    if config["payload"]["initramfs"].is_string() {
+        fix(&mut config["payload"]["initramfs"]);
+    }
+    if config["serial"]["file"].is_string() {
+        fix(&mut config["serial"]["file"]);
+    }
+    config
 }
 
 /// `ringvm run` arguments from an API configuration.
@@ -288,10 +319,10 @@ impl Controller {
                 None => Self::no_vm(),
             });
         };
-        let (Some(plan), Some(args)) = (&inner.plan, &inner.args) else {
+        let (Some(plan), Some(_)) = (&inner.plan, &inner.args) else {
             return Err(ApiError::internal("a built VM without its plan"));
         };
-        let config = config_json(plan, args);
+        let config = config_json(plan);
         vmm::events::emit("vm", "booting", &[]);
         let control = built.machine.control().clone();
         let resources = built.resources.clone();
@@ -521,12 +552,12 @@ impl Backend for Controller {
                 "devices": devices,
             }));
         }
-        let (Some(built), Some(plan), Some(args)) = (&inner.built, &inner.plan, &inner.args) else {
+        let (Some(built), Some(plan)) = (&inner.built, &inner.plan) else {
             return Err(Self::no_vm());
         };
         Ok(json!({
             "state": built.machine.control().state().as_str(),
-            "config": config_json(plan, args),
+            "config": config_json(plan),
             "devices": devices_json(&built.resources).unwrap_or(Value::Null),
         }))
     }
@@ -635,7 +666,7 @@ impl Backend for Controller {
         // Every device's state first: a device that cannot be saved
         // refuses before anything is written.
         let (state, mem) = control.capture().map_err(lifecycle)?;
-        let json = serde_json::to_vec_pretty(&json)
+        let json = serde_json::to_vec_pretty(&absolute_paths(json))
             .map_err(|e| ApiError::internal(format!("encoding config.json: {e}")))?;
         let report = vmm::snapshot::dir::write_dir(&dir, &json, state, &mem)
             .map_err(|e| ApiError::internal(chain(&e.into())))?;

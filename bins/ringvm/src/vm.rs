@@ -31,6 +31,8 @@ pub struct Plan {
     pub iothread_poll: (std::time::Duration, uring_backend::executor::PollWhen),
     /// Print each iothread's CPU time and ring counters when the VM stops.
     pub iothread_stats: bool,
+    /// `--cpuid-hide` as given (for the configuration's JSON).
+    pub cpuid_hide: Vec<String>,
     /// Build the VM from this snapshot (its state and memory).
     pub restore: Option<crate::cli::RestoreSpec>,
 }

@@ -18,8 +18,10 @@ use super::SnapshotError;
 /// The floating-point state, in the richest form KVM offers.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum FpuState {
-    /// `KVM_GET_XSAVE`: x87, SSE and every XSAVE component.
-    Xsave(kvm_xsave),
+    /// `KVM_GET_XSAVE`: x87, SSE and every XSAVE component: the 4 KiB
+    /// `kvm_xsave` region as bytes (on the heap: a vCPU's state is decoded
+    /// on threads with small stacks).
+    Xsave(Vec<u8>),
     /// `KVM_GET_FPU`: x87 and SSE only, when KVM has no `KVM_CAP_XSAVE`.
     Fpu(FpuRegs),
 }
@@ -161,7 +163,8 @@ pub fn save_vcpu(
     caps: &CpuStateCaps,
 ) -> Result<VcpuState, SnapshotError> {
     let fpu = if caps.xsave {
-        FpuState::Xsave(fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE", index))?)
+        let x = fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE", index))?;
+        FpuState::Xsave(x.region.iter().flat_map(|w| w.to_le_bytes()).collect())
     } else {
         FpuState::Fpu(FpuRegs::from(
             &fd.get_fpu().map_err(kvm_err("KVM_GET_FPU", index))?,
@@ -206,10 +209,20 @@ pub fn restore_vcpu(
     fd.set_regs(&state.regs)
         .map_err(kvm_err("KVM_SET_REGS", index))?;
     match &state.fpu {
-        FpuState::Xsave(x) if caps.xsave => {
+        FpuState::Xsave(bytes) if caps.xsave => {
+            let mut x = Box::<kvm_xsave>::default();
+            if bytes.len() != x.region.len() * 4 {
+                return Err(SnapshotError::mismatch(
+                    what,
+                    format!("its XSAVE area is {} bytes, not {}", bytes.len(), x.region.len() * 4),
+                ));
+            }
+            for (w, b) in x.region.iter_mut().zip(bytes.chunks_exact(4)) {
+                *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
             // SAFETY: `x` is a whole legacy kvm_xsave (4 KiB region, no
             // flexible-array tail), which is what KVM_SET_XSAVE reads.
-            unsafe { fd.set_xsave(x) }.map_err(kvm_err("KVM_SET_XSAVE", index))?
+            unsafe { fd.set_xsave(&x) }.map_err(kvm_err("KVM_SET_XSAVE", index))?
         }
         FpuState::Xsave(_) => {
             return Err(SnapshotError::mismatch(
