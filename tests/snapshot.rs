@@ -133,6 +133,20 @@ fn request(sock: &Path, endpoint: &str, body: &[u8]) -> (u16, String) {
     (status, body)
 }
 
+/// Waits until `vm.info` says `state` (the API may answer before the VM
+/// is built).
+fn wait_state(sock: &Path, state: &str) {
+    let start = Instant::now();
+    loop {
+        let (code, out, err) = remote(sock, &["info"]);
+        if code == Some(0) && out.contains(&format!("\"state\":\"{state}\"")) {
+            return;
+        }
+        assert!(start.elapsed() < DEADLINE, "never {state}: {out} {err}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn remote_ok(sock: &Path, args: &[&str]) -> String {
     let (code, out, err) = remote(sock, args);
     assert_eq!(code, Some(0), "remote {args:?}: {err}");
@@ -406,4 +420,231 @@ fn one_snapshot_restores_twice_onto_disk_copies_with_the_in_kernel_irqchip() {
         let verify = run_guest(d, "verify", copy, &workload(11, "verify"), "kernel");
         assert_eq!(verify["errors"], "0", "{verify:?}");
     }
+}
+
+/// A small paused VM's snapshot in `dir/snap` (the guest wrote a little
+/// and spins): the base for the damaged copies.
+fn small_snapshot(dir: &Path, extra: &[&str]) -> (PathBuf, Vmm, PathBuf) {
+    let sock = dir.join("small.sock");
+    let serial = dir.join("small.serial");
+    let d = disk(dir, "small.img", 4 << 20);
+    let (serial_arg, disk_arg) = (
+        format!("file={}", serial.display()),
+        format!("path={}", d.display()),
+    );
+    let mut args = vec![
+        "run", "--kernel", "builtin", "--memory", "32M", "--serial", &serial_arg, "--disk",
+        &disk_arg, "--api-socket", sock.to_str().unwrap(), "--cmdline",
+        "blk.mode=write blk.qd=2 blk.len=64K blk.seed=3 blk.hang=1",
+    ];
+    args.extend_from_slice(extra);
+    let mut vmm = Vmm::spawn(&args, dir, "small");
+    wait_for_socket(&sock, &mut vmm);
+    let start = Instant::now();
+    while serial_result(&serial).is_none() {
+        if let Some(st) = vmm.child.try_wait().unwrap() {
+            panic!("ringvm ended ({st}) early:\n{}", vmm.err());
+        }
+        assert!(start.elapsed() < DEADLINE, "no result line");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    remote_ok(&sock, &["pause"]);
+    (sock, vmm, serial)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// `ringvm run --restore` of `snap`: exit code 2, one error line that
+/// contains `expect`, and no vCPU ran (no guest output, no `restored`
+/// event).
+fn assert_refused(dir: &Path, snap: &Path, expect: &str) {
+    let tag = snap.file_name().unwrap().to_str().unwrap().to_string();
+    let serial = dir.join(format!("{tag}.serial"));
+    let events = dir.join(format!("{tag}.events"));
+    let spec = format!("source={},resume=on", snap.display());
+    let (serial_arg, events_arg) = (
+        format!("file={}", serial.display()),
+        format!("path={}", events.display()),
+    );
+    let mut vmm = Vmm::spawn(
+        &["run", "--restore", &spec, "--serial", &serial_arg, "--event-monitor", &events_arg],
+        dir,
+        &tag,
+    );
+    let code = vmm.wait();
+    let err = vmm.err();
+    assert_eq!(code, Some(2), "{tag}: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{tag}: one line: {err}");
+    assert!(lines[0].starts_with("ringvm: error: "), "{tag}: {err}");
+    assert!(lines[0].contains(expect), "{tag}: {expect:?} not in {err}");
+    eprintln!("{tag}: {}", lines[0]);
+    assert!(!err.contains("panicked"), "{tag}: {err}");
+    let out = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert!(out.is_empty(), "{tag}: the guest ran: {out}");
+    let ev = std::fs::read_to_string(&events).unwrap_or_default();
+    assert!(!ev.contains("restored") && !ev.contains("booted"), "{tag}: {ev}");
+}
+
+#[test]
+fn damaged_snapshots_are_one_error_line_and_exit_code_2_before_any_vcpu_runs() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("snap-bad");
+    let d = dir.path();
+    let (sock, vmm, _) = small_snapshot(d, &[]);
+    let good = d.join("good");
+    // Not a file:// URL: 400.
+    let (code, _, err) = remote(&sock, &["snapshot", "/tmp/x"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("HTTP 400") && err.contains("file://"), "{err}");
+    remote_ok(&sock, &["snapshot", &format!("file://{}", good.display())]);
+    vmm.kill();
+    let variant = |name: &str, damage: &dyn Fn(&Path)| -> PathBuf {
+        let p = d.join(name);
+        copy_dir(&good, &p);
+        damage(&p);
+        p
+    };
+    let state = |p: &Path| p.join("state");
+    let edit_state = |p: &Path, f: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = std::fs::read(state(p)).unwrap();
+        f(&mut b);
+        std::fs::write(state(p), b).unwrap();
+    };
+    let edit_config = |p: &Path, f: &dyn Fn(&mut serde_json::Value)| {
+        let path = p.join("config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    };
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (
+            variant("no-state", &|p| std::fs::remove_file(state(p)).unwrap()),
+            "state",
+        ),
+        (
+            variant("no-memory", &|p| std::fs::remove_file(p.join("memory0")).unwrap()),
+            "memory0",
+        ),
+        (
+            variant("no-config", &|p| std::fs::remove_file(p.join("config.json")).unwrap()),
+            "config.json",
+        ),
+        (
+            variant("truncated", &|p| edit_state(p, &|b| b.truncate(b.len() - 100))),
+            "truncated",
+        ),
+        (
+            variant("corrupted", &|p| {
+                edit_state(p, &|b| {
+                    let i = b.len() / 2;
+                    b[i] ^= 0x5a;
+                })
+            }),
+            "checksum",
+        ),
+        (
+            variant("version", &|p| edit_state(p, &|b| b[8] = 77)),
+            "format version 77",
+        ),
+        (
+            variant("not-a-snapshot", &|p| std::fs::write(state(p), b"hello").unwrap()),
+            "shorter than",
+        ),
+        (
+            variant("device-mismatch", &|p| {
+                edit_config(p, &|v| v["disks"] = serde_json::json!([]))
+            }),
+            "virtio-blk0",
+        ),
+        (
+            variant("memory-size", &|p| {
+                edit_config(p, &|v| v["memory"]["size"] = serde_json::json!(64 << 20))
+            }),
+            "RAM regions",
+        ),
+        (
+            variant("memory-file-size", &|p| {
+                File::options()
+                    .write(true)
+                    .open(p.join("memory0"))
+                    .unwrap()
+                    .set_len(16 << 20)
+                    .unwrap()
+            }),
+            "memory file",
+        ),
+        (
+            variant("cpus", &|p| edit_config(p, &|v| v["cpus"]["boot_vcpus"] = serde_json::json!(2))),
+            "vCPUs",
+        ),
+        (
+            variant("bad-config", &|p| std::fs::write(p.join("config.json"), b"{").unwrap()),
+            "not a VM configuration",
+        ),
+    ];
+    for (snap, expect) in &cases {
+        assert_refused(d, snap, expect);
+    }
+    // A disk override that names no device of the snapshot.
+    let spec = format!("source={},resume=on", good.display());
+    let mut vmm = Vmm::spawn(
+        &["run", "--restore", &spec, "--disk-path", "virtio-blk5=/tmp/x"],
+        d,
+        "bad-override",
+    );
+    assert_eq!(vmm.wait(), Some(2), "{}", vmm.err());
+    assert!(vmm.err().contains("virtio-blk5"), "{}", vmm.err());
+    // The undamaged snapshot restores, Paused, and resumes.
+    let sock2 = d.join("good.sock");
+    let spec = format!("source={}", good.display());
+    let mut vmm = Vmm::spawn(
+        &["run", "--restore", &spec, "--serial", &format!("file={}", d.join("good.serial").display()),
+          "--api-socket", sock2.to_str().unwrap()],
+        d,
+        "good",
+    );
+    wait_for_socket(&sock2, &mut vmm);
+    wait_state(&sock2, "Paused");
+    remote_ok(&sock2, &["resume"]);
+    assert!(remote_ok(&sock2, &["info"]).contains("\"Running\""));
+    remote_ok(&sock2, &["shutdown"]);
+    assert_eq!(vmm.wait(), Some(108), "{}", vmm.err());
+    // Without resume=on or an API nobody could resume it.
+    let mut vmm = Vmm::spawn(&["run", "--restore", &spec], d, "no-api");
+    assert_eq!(vmm.wait(), Some(2), "{}", vmm.err());
+    assert!(vmm.err().contains("--api-socket"), "{}", vmm.err());
+}
+
+#[test]
+fn a_vm_with_a_passed_through_device_refuses_vm_snapshot_naming_it() {
+    if !kvm_available() {
+        return;
+    }
+    use ringvm_test_devices::vfio_user_dev::{self, Behaviour};
+    let dir = TempDir::new("snap-pt");
+    let d = dir.path();
+    let socket = d.join("dev.sock");
+    let _dev = vfio_user_dev::spawn(&socket, Behaviour::Good).expect("starting the test device");
+    let spec = format!("socket={}", socket.display());
+    let (sock, vmm, _) = small_snapshot(d, &["--user-device", &spec]);
+    let snap = d.join("snap");
+    let (code, _, err) = remote(&sock, &["snapshot", &format!("file://{}", snap.display())]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("HTTP 409"), "{err}");
+    assert!(err.contains("passthrough0"), "names the device: {err}");
+    assert!(!snap.exists(), "nothing written");
+    // The VM is still paused and fine.
+    let info = remote_ok(&sock, &["info"]);
+    assert!(info.contains("\"Paused\""), "{info}");
+    vmm.kill();
 }
