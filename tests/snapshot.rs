@@ -173,7 +173,10 @@ fn wait_written(path: &Path, offset: u64, vmm: &mut Vmm) {
         if let Some(st) = vmm.child.try_wait().unwrap() {
             panic!("ringvm ended ({st}) early:\n{}", vmm.err());
         }
-        assert!(start.elapsed() < DEADLINE, "the guest never wrote {offset:#x}");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the guest never wrote {offset:#x}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -198,7 +201,13 @@ fn workload(seed: u32, mode: &str) -> String {
 }
 
 /// Runs the built-in guest to its end; its result fields.
-fn run_guest(dir: &Path, tag: &str, disk: &Path, cmdline: &str, irqchip: &str) -> BTreeMap<String, String> {
+fn run_guest(
+    dir: &Path,
+    tag: &str,
+    disk: &Path,
+    cmdline: &str,
+    irqchip: &str,
+) -> BTreeMap<String, String> {
     let serial = dir.join(format!("{tag}.serial"));
     let (serial_arg, disk_arg) = (
         format!("file={}", serial.display()),
@@ -206,8 +215,21 @@ fn run_guest(dir: &Path, tag: &str, disk: &Path, cmdline: &str, irqchip: &str) -
     );
     let mut vmm = Vmm::spawn(
         &[
-            "run", "--kernel", "builtin", "--cpus", "2", "--memory", "64M", "--irqchip", irqchip,
-            "--serial", &serial_arg, "--disk", &disk_arg, "--cmdline", cmdline,
+            "run",
+            "--kernel",
+            "builtin",
+            "--cpus",
+            "2",
+            "--memory",
+            "64M",
+            "--irqchip",
+            irqchip,
+            "--serial",
+            &serial_arg,
+            "--disk",
+            &disk_arg,
+            "--cmdline",
+            cmdline,
         ],
         dir,
         tag,
@@ -227,9 +249,7 @@ fn pending_vectors(snapshot: &Path) -> Vec<u8> {
     for v in &state.vcpus {
         for reg in 0..8usize {
             let off = 0x200 + 0x10 * reg;
-            let word = u32::from_le_bytes(
-                std::array::from_fn(|i| v.lapic.regs[off + i] as u8),
-            );
+            let word = u32::from_le_bytes(std::array::from_fn(|i| v.lapic.regs[off + i] as u8));
             for bit in 0..32 {
                 if word & (1 << bit) != 0 {
                     out.push((reg * 32 + bit) as u8);
@@ -254,9 +274,23 @@ fn snapshot_mid_workload(dir: &Path, disk: &Path, snap: &Path, irqchip: &str, se
     let cmdline = workload(seed, "write");
     let mut vmm = Vmm::spawn(
         &[
-            "run", "--kernel", "builtin", "--cpus", "2", "--memory", "64M", "--irqchip", irqchip,
-            "--serial", &serial_arg, "--disk", &disk_arg, "--cmdline", &cmdline,
-            "--api-socket", sock.to_str().unwrap(),
+            "run",
+            "--kernel",
+            "builtin",
+            "--cpus",
+            "2",
+            "--memory",
+            "64M",
+            "--irqchip",
+            irqchip,
+            "--serial",
+            &serial_arg,
+            "--disk",
+            &disk_arg,
+            "--cmdline",
+            &cmdline,
+            "--api-socket",
+            sock.to_str().unwrap(),
         ],
         dir,
         "orig",
@@ -296,12 +330,20 @@ fn snapshot_mid_workload(dir: &Path, disk: &Path, snap: &Path, irqchip: &str, se
         !block_written(disk, WORKLOAD_LEN - BS),
         "the workload finished before the snapshot"
     );
-    assert!(serial_result(&serial).is_none(), "no result line before the snapshot");
+    assert!(
+        serial_result(&serial).is_none(),
+        "no result line before the snapshot"
+    );
     vmm
 }
 
 /// `ringvm run --restore`, resumed at once; the result fields.
-fn restore_and_finish(dir: &Path, tag: &str, spec: &str, extra: &[&str]) -> BTreeMap<String, String> {
+fn restore_and_finish(
+    dir: &Path,
+    tag: &str,
+    spec: &str,
+    extra: &[&str],
+) -> BTreeMap<String, String> {
     let serial = dir.join(format!("{tag}.serial"));
     let serial_arg = format!("file={}", serial.display());
     let mut args = vec!["run", "--restore", spec, "--serial", &serial_arg];
@@ -311,14 +353,24 @@ fn restore_and_finish(dir: &Path, tag: &str, spec: &str, extra: &[&str]) -> BTre
     let f = serial_result(&serial)
         .unwrap_or_else(|| panic!("{tag}: no result line (exit {code:?}):\n{}", vmm.err()));
     assert_eq!(code, Some(0), "{tag}: {f:?}\n{}", vmm.err());
-    assert!(vmm.err().contains("restored from a snapshot"), "{}", vmm.err());
+    assert!(
+        vmm.err().contains("restored from a snapshot"),
+        "{}",
+        vmm.err()
+    );
     f
 }
 
 fn assert_finished_like(restored: &BTreeMap<String, String>, reference: &BTreeMap<String, String>) {
     assert_eq!(restored["errors"], "0", "{restored:?}");
-    assert_eq!(restored["ops"], reference["ops"], "{restored:?} vs {reference:?}");
-    assert_eq!(restored["bytes"], reference["bytes"], "{restored:?} vs {reference:?}");
+    assert_eq!(
+        restored["ops"], reference["ops"],
+        "{restored:?} vs {reference:?}"
+    );
+    assert_eq!(
+        restored["bytes"], reference["bytes"],
+        "{restored:?} vs {reference:?}"
+    );
     assert_eq!(restored["ops"], (WORKLOAD_LEN / BS).to_string());
 }
 
@@ -384,7 +436,11 @@ fn one_snapshot_restores_twice_onto_disk_copies_with_the_in_kernel_irqchip() {
     // Second: `ringvm serve` restores it paused, copying memory in, and
     // `vm.resume` lets it finish.
     let sock = d.join("serve.sock");
-    let mut serve = Vmm::spawn(&["serve", "--api-socket", sock.to_str().unwrap()], d, "serve");
+    let mut serve = Vmm::spawn(
+        &["serve", "--api-socket", sock.to_str().unwrap()],
+        d,
+        "serve",
+    );
     wait_for_socket(&sock, &mut serve);
     let body = serde_json::json!({
         "source_url": format!("file://{}", snap.display()),
@@ -397,11 +453,18 @@ fn one_snapshot_restores_twice_onto_disk_copies_with_the_in_kernel_irqchip() {
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(v["state"], "Paused", "{info}");
     assert_eq!(v["config"]["irqchip"], "kernel", "{info}");
-    assert_eq!(v["config"]["disks"][0]["path"], copies[1].display().to_string(), "{info}");
+    assert_eq!(
+        v["config"]["disks"][0]["path"],
+        copies[1].display().to_string(),
+        "{info}"
+    );
     // Paused means paused: the disk copy does not change.
     let before = std::fs::read(&copies[1]).unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    assert!(std::fs::read(&copies[1]).unwrap() == before, "a paused VM wrote its disk");
+    assert!(
+        std::fs::read(&copies[1]).unwrap() == before,
+        "a paused VM wrote its disk"
+    );
     remote_ok(&sock, &["resume"]);
     // The console is the snapshot's: the original's serial file.
     let serial = d.join("orig.serial");
@@ -410,7 +473,11 @@ fn one_snapshot_restores_twice_onto_disk_copies_with_the_in_kernel_irqchip() {
         if let Some(f) = serial_result(&serial) {
             break f;
         }
-        assert!(start.elapsed() < DEADLINE, "no result after vm.restore:\n{}", serve.err());
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no result after vm.restore:\n{}",
+            serve.err()
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_finished_like(&b, &reference);
@@ -433,8 +500,18 @@ fn small_snapshot(dir: &Path, extra: &[&str]) -> (PathBuf, Vmm, PathBuf) {
         format!("path={}", d.display()),
     );
     let mut args = vec![
-        "run", "--kernel", "builtin", "--memory", "32M", "--serial", &serial_arg, "--disk",
-        &disk_arg, "--api-socket", sock.to_str().unwrap(), "--cmdline",
+        "run",
+        "--kernel",
+        "builtin",
+        "--memory",
+        "32M",
+        "--serial",
+        &serial_arg,
+        "--disk",
+        &disk_arg,
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--cmdline",
         "blk.mode=write blk.qd=2 blk.len=64K blk.seed=3 blk.hang=1",
     ];
     args.extend_from_slice(extra);
@@ -473,7 +550,15 @@ fn assert_refused(dir: &Path, snap: &Path, expect: &str) {
         format!("path={}", events.display()),
     );
     let mut vmm = Vmm::spawn(
-        &["run", "--restore", &spec, "--serial", &serial_arg, "--event-monitor", &events_arg],
+        &[
+            "run",
+            "--restore",
+            &spec,
+            "--serial",
+            &serial_arg,
+            "--event-monitor",
+            &events_arg,
+        ],
         dir,
         &tag,
     );
@@ -489,7 +574,10 @@ fn assert_refused(dir: &Path, snap: &Path, expect: &str) {
     let out = std::fs::read_to_string(&serial).unwrap_or_default();
     assert!(out.is_empty(), "{tag}: the guest ran: {out}");
     let ev = std::fs::read_to_string(&events).unwrap_or_default();
-    assert!(!ev.contains("restored") && !ev.contains("booted"), "{tag}: {ev}");
+    assert!(
+        !ev.contains("restored") && !ev.contains("booted"),
+        "{tag}: {ev}"
+    );
 }
 
 #[test]
@@ -532,15 +620,21 @@ fn damaged_snapshots_are_one_error_line_and_exit_code_2_before_any_vcpu_runs() {
             "state",
         ),
         (
-            variant("no-memory", &|p| std::fs::remove_file(p.join("memory0")).unwrap()),
+            variant("no-memory", &|p| {
+                std::fs::remove_file(p.join("memory0")).unwrap()
+            }),
             "memory0",
         ),
         (
-            variant("no-config", &|p| std::fs::remove_file(p.join("config.json")).unwrap()),
+            variant("no-config", &|p| {
+                std::fs::remove_file(p.join("config.json")).unwrap()
+            }),
             "config.json",
         ),
         (
-            variant("truncated", &|p| edit_state(p, &|b| b.truncate(b.len() - 100))),
+            variant("truncated", &|p| {
+                edit_state(p, &|b| b.truncate(b.len() - 100))
+            }),
             "truncated",
         ),
         (
@@ -557,7 +651,9 @@ fn damaged_snapshots_are_one_error_line_and_exit_code_2_before_any_vcpu_runs() {
             "format version 77",
         ),
         (
-            variant("not-a-snapshot", &|p| std::fs::write(state(p), b"hello").unwrap()),
+            variant("not-a-snapshot", &|p| {
+                std::fs::write(state(p), b"hello").unwrap()
+            }),
             "shorter than",
         ),
         (
@@ -584,11 +680,15 @@ fn damaged_snapshots_are_one_error_line_and_exit_code_2_before_any_vcpu_runs() {
             "memory file",
         ),
         (
-            variant("cpus", &|p| edit_config(p, &|v| v["cpus"]["boot_vcpus"] = serde_json::json!(2))),
+            variant("cpus", &|p| {
+                edit_config(p, &|v| v["cpus"]["boot_vcpus"] = serde_json::json!(2))
+            }),
             "vCPUs",
         ),
         (
-            variant("bad-config", &|p| std::fs::write(p.join("config.json"), b"{").unwrap()),
+            variant("bad-config", &|p| {
+                std::fs::write(p.join("config.json"), b"{").unwrap()
+            }),
             "not a VM configuration",
         ),
     ];
@@ -598,7 +698,13 @@ fn damaged_snapshots_are_one_error_line_and_exit_code_2_before_any_vcpu_runs() {
     // A disk override that names no device of the snapshot.
     let spec = format!("source={},resume=on", good.display());
     let mut vmm = Vmm::spawn(
-        &["run", "--restore", &spec, "--disk-path", "virtio-blk5=/tmp/x"],
+        &[
+            "run",
+            "--restore",
+            &spec,
+            "--disk-path",
+            "virtio-blk5=/tmp/x",
+        ],
         d,
         "bad-override",
     );
@@ -608,8 +714,15 @@ fn damaged_snapshots_are_one_error_line_and_exit_code_2_before_any_vcpu_runs() {
     let sock2 = d.join("good.sock");
     let spec = format!("source={}", good.display());
     let mut vmm = Vmm::spawn(
-        &["run", "--restore", &spec, "--serial", &format!("file={}", d.join("good.serial").display()),
-          "--api-socket", sock2.to_str().unwrap()],
+        &[
+            "run",
+            "--restore",
+            &spec,
+            "--serial",
+            &format!("file={}", d.join("good.serial").display()),
+            "--api-socket",
+            sock2.to_str().unwrap(),
+        ],
         d,
         "good",
     );

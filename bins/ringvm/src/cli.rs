@@ -373,7 +373,9 @@ impl RunArgs {
                     match kv.split_once('=') {
                         Some(("ip", v)) => ip = Some(v.to_string()),
                         Some(("mask", v)) => mask = Some(v.to_string()),
-                        _ => bail!("--net-tap {o:?}: expected NAME=TAP or NAME=ip=A.B.C.D,mask=A.B.C.D"),
+                        _ => bail!(
+                            "--net-tap {o:?}: expected NAME=TAP or NAME=ip=A.B.C.D,mask=A.B.C.D"
+                        ),
                     }
                 }
                 (n.tap, n.ip, n.mask) = (None, ip, mask);
@@ -394,7 +396,12 @@ impl RunArgs {
             Err(e) => bail!(
                 "{}: {}",
                 config_path.display(),
-                e.render().to_string().lines().next().unwrap_or("").trim_start_matches("error: ")
+                e.render()
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("error: ")
             ),
         };
         // Where this process sends the console, and how it runs.

@@ -687,7 +687,11 @@ impl Backend for Controller {
         if spec.contains(',') {
             return Err(ApiError::bad_request("source_url may not contain ','"));
         }
-        spec.push_str(if config.resume { ",resume=on" } else { ",resume=off" });
+        spec.push_str(if config.resume {
+            ",resume=on"
+        } else {
+            ",resume=off"
+        });
         if let Some(m) = &config.memory_restore_mode {
             spec.push_str(&format!(",memory_restore_mode={m}"));
         }

@@ -219,9 +219,17 @@ fn remote(args: &RemoteArgs) -> ExitCode {
         return exit(exit_code::BAD_INPUT);
     }
     let body = if ep == Endpoint::VmSnapshot {
-        Some(serde_json::json!({"destination_url": args.args[0]}).to_string().into_bytes())
+        Some(
+            serde_json::json!({"destination_url": args.args[0]})
+                .to_string()
+                .into_bytes(),
+        )
     } else if ep == Endpoint::VmRestore {
-        Some(serde_json::json!({"source_url": args.args[0]}).to_string().into_bytes())
+        Some(
+            serde_json::json!({"source_url": args.args[0]})
+                .to_string()
+                .into_bytes(),
+        )
     } else if wants_arg {
         let file = &args.args[0];
         let parsed = std::fs::read(file)

@@ -506,11 +506,17 @@ impl Machine {
     /// around the snapshot's memory, checked against the configuration.
     /// Add the same devices as the original VM had, then call
     /// [`Machine::restore_state`] before [`Machine::start`].
-    pub fn build_restored(config: &VmConfig, from: RestoreFrom<'_>) -> Result<Machine, MachineError> {
+    pub fn build_restored(
+        config: &VmConfig,
+        from: RestoreFrom<'_>,
+    ) -> Result<Machine, MachineError> {
         Self::build_with(config, Some(from))
     }
 
-    fn build_with(config: &VmConfig, from: Option<RestoreFrom<'_>>) -> Result<Machine, MachineError> {
+    fn build_with(
+        config: &VmConfig,
+        from: Option<RestoreFrom<'_>>,
+    ) -> Result<Machine, MachineError> {
         let start = Instant::now();
         validate(config)?;
         let (mem, state, entry, protocol) = match from {
@@ -525,8 +531,8 @@ impl Machine {
                 (mem, None, Some(entry), protocol)
             }
             Some(from) => {
-                let state =
-                    crate::snapshot::dir::read_state(from.dir).map_err(MachineError::SnapshotDir)?;
+                let state = crate::snapshot::dir::read_state(from.dir)
+                    .map_err(MachineError::SnapshotDir)?;
                 if state.vcpus.len() != config.cpus {
                     return Err(MachineError::SnapshotCpus {
                         saved: state.vcpus.len(),
@@ -653,9 +659,12 @@ impl Machine {
             .snapshot_handles();
         crate::registry::restore_all(handles, &state.devices).map_err(snap)?;
         if let Some(root) = &self.pci {
-            root.lock().unwrap_or_else(|e| e.into_inner()).refresh_decoding();
+            root.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .refresh_decoding();
         }
-        crate::snapshot::vmstate::restore_vm(self.vm.fd(), self.irqchip, &state.vm).map_err(snap)?;
+        crate::snapshot::vmstate::restore_vm(self.vm.fd(), self.irqchip, &state.vm)
+            .map_err(snap)?;
         for (vcpu, vs) in self.vcpus.iter().zip(&state.vcpus) {
             crate::snapshot::cpu::restore_vcpu(&vcpu.fd, vcpu.index, vs, &vcpu.state_caps)
                 .map_err(snap)?;
@@ -833,12 +842,13 @@ impl Machine {
             // Every vCPU parks before its first KVM_RUN.
             self.control.close_gate();
         }
-        self.control.set_snapshot_parts(crate::lifecycle::SnapshotParts {
-            registry: self.registry.clone(),
-            mem: self.mem.clone(),
-            irqchip: self.irqchip,
-            vcpus: self.vcpus.len(),
-        });
+        self.control
+            .set_snapshot_parts(crate::lifecycle::SnapshotParts {
+                registry: self.registry.clone(),
+                mem: self.mem.clone(),
+                irqchip: self.irqchip,
+                vcpus: self.vcpus.len(),
+            });
         let stop = self.stop.clone();
         let mut handles = Vec::with_capacity(self.vcpus.len());
         let mut spawn_error = None;
@@ -885,11 +895,7 @@ impl Machine {
             let _ = running.wait(None);
             return Err(MachineError::Lifecycle(e));
         }
-        crate::events::emit(
-            "vm",
-            if self.restored { "restored" } else { "booted" },
-            &[],
-        );
+        crate::events::emit("vm", if self.restored { "restored" } else { "booted" }, &[]);
         Ok(running)
     }
 

@@ -302,7 +302,11 @@ impl DeviceRegistry {
 
     /// Gives device `name` its save/restore interface: from now on its
     /// state is a section of every snapshot, under its name.
-    pub fn set_snapshot(&mut self, name: &str, handle: SharedSnapshot) -> Result<(), RegistryError> {
+    pub fn set_snapshot(
+        &mut self,
+        name: &str,
+        handle: SharedSnapshot,
+    ) -> Result<(), RegistryError> {
         let entry = self
             .devices
             .get_mut(name)
@@ -360,8 +364,16 @@ pub fn restore_all(
 ) -> Result<(), SnapshotError> {
     let have: Vec<&str> = handles.iter().map(|(n, _)| n.as_str()).collect();
     let saved: Vec<&str> = sections.iter().map(|s| s.name.as_str()).collect();
-    let missing: Vec<&str> = have.iter().filter(|n| !saved.contains(n)).copied().collect();
-    let extra: Vec<&str> = saved.iter().filter(|n| !have.contains(n)).copied().collect();
+    let missing: Vec<&str> = have
+        .iter()
+        .filter(|n| !saved.contains(n))
+        .copied()
+        .collect();
+    let extra: Vec<&str> = saved
+        .iter()
+        .filter(|n| !have.contains(n))
+        .copied()
+        .collect();
     if !missing.is_empty() || !extra.is_empty() || have.len() != saved.len() {
         let mut detail = Vec::new();
         if !extra.is_empty() {
@@ -383,7 +395,9 @@ pub fn restore_all(
     }
     for (name, h) in handles {
         if let Some(s) = sections.iter().find(|s| s.name == name) {
-            h.lock().unwrap_or_else(|e| e.into_inner()).restore(&s.data)?;
+            h.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore(&s.data)?;
         }
     }
     Ok(())

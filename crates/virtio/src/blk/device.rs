@@ -19,8 +19,8 @@ use crate::device::{
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::ratelimit::RateLimitedLog;
-use vmm::snapshot::{decode, encode, SnapshotError};
 use crate::workers::{spread_over_iothreads, WorkerCount};
+use vmm::snapshot::{decode, encode, SnapshotError};
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -393,12 +393,12 @@ impl VirtioDevice for BlockDevice {
             ));
         }
         if let Some((mem, features, queues)) = active {
-            let (mut a, starts) = self
-                .prepare(mem, features, queues)
-                .map_err(|e| SnapshotError::Apply {
-                    what: self.name.clone(),
-                    detail: e.to_string(),
-                })?;
+            let (mut a, starts) =
+                self.prepare(mem, features, queues)
+                    .map_err(|e| SnapshotError::Apply {
+                        what: self.name.clone(),
+                        detail: e.to_string(),
+                    })?;
             // Paused: the workers start on resume, at these positions.
             a.paused = Some(starts.iter().map(|(i, q, _, _)| (*i, q.state())).collect());
             self.active = Some(a);

@@ -23,8 +23,8 @@ use crate::device::{
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::ratelimit::RateLimitedLog;
-use vmm::snapshot::{decode, encode, SnapshotError};
 use crate::workers::{spread_over_iothreads, WorkerCount, WorkerGuardToken};
+use vmm::snapshot::{decode, encode, SnapshotError};
 
 pub const VIRTIO_ID_NET: u32 = 1;
 pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;

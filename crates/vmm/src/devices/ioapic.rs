@@ -172,12 +172,13 @@ impl crate::snapshot::Snapshot for Ioapic {
 
     fn restore(&mut self, state: &[u8]) -> Result<(), crate::snapshot::SnapshotError> {
         let s: IoapicSection = crate::snapshot::decode("ioapic", state)?;
-        let entries: [u64; IOAPIC_PINS as usize] = s.entries.try_into().map_err(|e: Vec<u64>| {
-            crate::snapshot::SnapshotError::mismatch(
-                "ioapic",
-                format!("{} redirection entries, not {IOAPIC_PINS}", e.len()),
-            )
-        })?;
+        let entries: [u64; IOAPIC_PINS as usize] =
+            s.entries.try_into().map_err(|e: Vec<u64>| {
+                crate::snapshot::SnapshotError::mismatch(
+                    "ioapic",
+                    format!("{} redirection entries, not {IOAPIC_PINS}", e.len()),
+                )
+            })?;
         self.regs = IoapicRegs {
             select: s.select & 0xff,
             id: s.id & 0x0f00_0000,
@@ -185,12 +186,12 @@ impl crate::snapshot::Snapshot for Ioapic {
         };
         for pin in 0..IOAPIC_PINS {
             let msg = self.regs.entry(pin).and_then(entry_message);
-            self.router
-                .set_pin_route(pin, msg)
-                .map_err(|e| crate::snapshot::SnapshotError::Apply {
+            self.router.set_pin_route(pin, msg).map_err(|e| {
+                crate::snapshot::SnapshotError::Apply {
                     what: "ioapic".into(),
                     detail: format!("routing pin {pin}: {e}"),
-                })?;
+                }
+            })?;
         }
         Ok(())
     }

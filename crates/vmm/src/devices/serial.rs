@@ -134,21 +134,27 @@ impl Snapshot for SerialConsole {
             scratch: s.scratch,
             in_buffer: s.in_buffer,
         };
-        let irq = self
-            .inner
-            .interrupt_evt()
-            .0
-            .try_clone()
-            .map_err(|e| SnapshotError::Other(format!("serial0: duplicating its eventfd: {e}")))?;
+        let irq =
+            self.inner.interrupt_evt().0.try_clone().map_err(|e| {
+                SnapshotError::Other(format!("serial0: duplicating its eventfd: {e}"))
+            })?;
         let old = std::mem::replace(
             &mut self.inner,
-            Serial::new(IrqLine(irq.try_clone().map_err(|e| {
-                SnapshotError::Other(format!("serial0: duplicating its eventfd: {e}"))
-            })?), ConsoleSink::Discard),
+            Serial::new(
+                IrqLine(irq.try_clone().map_err(|e| {
+                    SnapshotError::Other(format!("serial0: duplicating its eventfd: {e}"))
+                })?),
+                ConsoleSink::Discard,
+            ),
         );
         // The interrupt a pending THR-empty or received byte raises again
         // goes to the irqfd, as it would have in the original VM.
-        match Serial::from_state(&st, IrqLine(irq), vm_superio::serial::NoEvents, old.into_writer()) {
+        match Serial::from_state(
+            &st,
+            IrqLine(irq),
+            vm_superio::serial::NoEvents,
+            old.into_writer(),
+        ) {
             Ok(serial) => {
                 self.inner = serial;
                 Ok(())

@@ -115,7 +115,9 @@ impl Snapshot for PciFunctionSnapshot {
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
-        lock(&self.dev).restore_state(state).map_err(|e| self.named(e))
+        lock(&self.dev)
+            .restore_state(state)
+            .map_err(|e| self.named(e))
     }
 }
 
@@ -126,7 +128,11 @@ pub struct PciRootSnapshot(pub Weak<Mutex<PciRoot>>);
 
 impl Snapshot for PciRootSnapshot {
     fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
-        let addr = self.0.upgrade().map(|r| lock(&r).config_address).unwrap_or(0);
+        let addr = self
+            .0
+            .upgrade()
+            .map(|r| lock(&r).config_address)
+            .unwrap_or(0);
         encode("pci-config-io", &addr)
     }
 

@@ -23,7 +23,7 @@ pub enum FpuState {
     /// on threads with small stacks).
     Xsave(Vec<u8>),
     /// `KVM_GET_FPU`: x87 and SSE only, when KVM has no `KVM_CAP_XSAVE`.
-    Fpu(FpuRegs),
+    Fpu(Box<FpuRegs>),
 }
 
 /// `kvm_fpu`'s fields (kvm-bindings has no serde for it).
@@ -166,9 +166,9 @@ pub fn save_vcpu(
         let x = fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE", index))?;
         FpuState::Xsave(x.region.iter().flat_map(|w| w.to_le_bytes()).collect())
     } else {
-        FpuState::Fpu(FpuRegs::from(
+        FpuState::Fpu(Box::new(FpuRegs::from(
             &fd.get_fpu().map_err(kvm_err("KVM_GET_FPU", index))?,
-        ))
+        )))
     };
     let xcrs = if caps.xcrs {
         Some(fd.get_xcrs().map_err(kvm_err("KVM_GET_XCRS", index))?)
@@ -214,7 +214,11 @@ pub fn restore_vcpu(
             if bytes.len() != x.region.len() * 4 {
                 return Err(SnapshotError::mismatch(
                     what,
-                    format!("its XSAVE area is {} bytes, not {}", bytes.len(), x.region.len() * 4),
+                    format!(
+                        "its XSAVE area is {} bytes, not {}",
+                        bytes.len(),
+                        x.region.len() * 4
+                    ),
                 ));
             }
             for (w, b) in x.region.iter_mut().zip(bytes.chunks_exact(4)) {
@@ -230,7 +234,9 @@ pub fn restore_vcpu(
                 "it was saved with XSAVE state, which this host's KVM cannot load",
             ))
         }
-        FpuState::Fpu(f) => fd.set_fpu(&kvm_fpu::from(f)).map_err(kvm_err("KVM_SET_FPU", index))?,
+        FpuState::Fpu(f) => fd
+            .set_fpu(&kvm_fpu::from(&**f))
+            .map_err(kvm_err("KVM_SET_FPU", index))?,
     }
     if let Some(x) = &state.xcrs {
         if !caps.xcrs {
@@ -258,9 +264,7 @@ pub fn restore_vcpu(
             what: what.clone(),
             detail: format!("building the MSR list: {e:?}"),
         })?;
-        let n = fd
-            .set_msrs(&msrs)
-            .map_err(kvm_err("KVM_SET_MSRS", index))?;
+        let n = fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS", index))?;
         if n != entries.len() {
             return Err(SnapshotError::Apply {
                 what,

@@ -71,13 +71,19 @@ pub enum FormatError {
 /// The whole file for `state`.
 pub fn encode_state(state: &SnapshotState) -> Result<Vec<u8>, FormatError> {
     let payload = postcard::to_stdvec(state).map_err(FormatError::Encode)?;
+    Ok(frame(&payload))
+}
+
+/// `payload` behind a header of this format version (with its length
+/// and checksum).
+pub fn frame(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
-    Ok(out)
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
 }
 
 /// Checks and decodes a `state` file.

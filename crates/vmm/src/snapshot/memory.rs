@@ -111,7 +111,12 @@ fn data_runs(mem: &[u8]) -> Vec<(usize, usize)> {
 
 /// Writes `mem` to `file` at the runs' offsets through `ring`, then
 /// `fdatasync`s it; returns the bytes written.
-fn write_runs(ring: &mut IoUring, file: &File, path: &Path, mem: &[u8]) -> Result<u64, MemoryError> {
+fn write_runs(
+    ring: &mut IoUring,
+    file: &File,
+    path: &Path,
+    mem: &[u8],
+) -> Result<u64, MemoryError> {
     let fd = types::Fd(file.as_raw_fd());
     // Pending (offset, length) of every write not yet complete.
     let mut todo: Vec<(usize, usize)> = data_runs(mem);
@@ -331,7 +336,11 @@ fn copy_in(file: &File, path: &Path, region: &GuestRegionMmap) -> Result<(), Mem
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { len } else { (hole as u64).min(len) };
+        let end = if hole < 0 {
+            len
+        } else {
+            (hole as u64).min(len)
+        };
         let (start, end) = (data as u64, end);
         let mut at = start;
         while at < end {
