@@ -761,3 +761,123 @@ fn a_vm_with_a_passed_through_device_refuses_vm_snapshot_naming_it() {
     assert!(info.contains("\"Paused\""), "{info}");
     vmm.kill();
 }
+
+/// Sends `count` numbered datagrams to the guest's echo port one at a
+/// time (no retransmission) and counts the echoes; runs inside the
+/// namespace.
+fn echo_one_by_one(first: u64, count: u64) -> u64 {
+    use common::netns::{GUEST_IP, HOST_IP};
+    let s = std::net::UdpSocket::bind((HOST_IP, 0)).expect("binding a UDP socket");
+    s.connect((GUEST_IP, 7)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut buf = [0u8; 64];
+    let mut answered = 0;
+    for seq in first..first + count {
+        let mut payload = [0x5au8; 64];
+        payload[..8].copy_from_slice(&seq.to_le_bytes());
+        s.send(&payload).unwrap();
+        match s.recv(&mut buf) {
+            Ok(64) if buf[..8] == seq.to_le_bytes() => answered += 1,
+            other => panic!("datagram {seq}: {other:?}"),
+        }
+    }
+    answered
+}
+
+#[test]
+fn udp_echoes_continue_after_restore_onto_a_different_tap() {
+    use common::netns::{Netns, HOST_IP, TAP};
+    if !kvm_available() {
+        return;
+    }
+    let Some(ns) = Netns::new("snap") else {
+        return;
+    };
+    ns.add_tap(1);
+    let dir = TempDir::new("snap-net");
+    let d = dir.path();
+    let sock = d.join("net.sock");
+    let serial = d.join("net.serial");
+    let spawn_in_ns = |args: &[String], tag: &str| -> Vmm {
+        let stderr = d.join(format!("{tag}.err"));
+        let child = ns
+            .command(ringvm_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        Vmm { child, stderr }
+    };
+    let s = |v: &str| v.to_string();
+    let mut vmm = spawn_in_ns(
+        &[
+            s("run"),
+            s("--kernel"),
+            s("builtin"),
+            s("--memory"),
+            s("64M"),
+            s("--serial"),
+            format!("file={}", serial.display()),
+            s("--net"),
+            format!("tap={TAP}"),
+            s("--api-socket"),
+            sock.display().to_string(),
+            s("--cmdline"),
+            s("net.ip=10.0.0.2/24 net.count=60"),
+        ],
+        "net",
+    );
+    wait_for_socket(&sock, &mut vmm);
+    let start = Instant::now();
+    while !std::fs::read_to_string(&serial)
+        .unwrap_or_default()
+        .contains("net: up")
+    {
+        assert!(vmm.child.try_wait().unwrap().is_none(), "{}", vmm.err());
+        assert!(start.elapsed() < DEADLINE, "no net: up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ns.thread(|| echo_one_by_one(0, 30)).join().unwrap(), 30);
+    remote_ok(&sock, &["pause"]);
+    let snap = d.join("snap");
+    remote_ok(&sock, &["snapshot", &format!("file://{}", snap.display())]);
+    vmm.kill();
+    // A different TAP, with the host address, replaces the old one.
+    ns.ip(&["link", "del", TAP]);
+    let tap2 = "rvtap1";
+    ns.ip(&["tuntap", "add", "dev", tap2, "mode", "tap"]);
+    ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", tap2]);
+    ns.ip(&["link", "set", tap2, "up"]);
+    let serial2 = d.join("net2.serial");
+    let events = d.join("net2.events");
+    let mut vmm = spawn_in_ns(
+        &[
+            s("run"),
+            s("--restore"),
+            format!("source={},resume=on", snap.display()),
+            s("--net-tap"),
+            format!("virtio-net0={tap2}"),
+            s("--serial"),
+            format!("file={}", serial2.display()),
+            s("--event-monitor"),
+            format!("path={}", events.display()),
+        ],
+        "net2",
+    );
+    // Traffic sent before the TAP has its reader would be lost to ARP.
+    let start = Instant::now();
+    while !std::fs::read_to_string(&events)
+        .unwrap_or_default()
+        .contains("\"resumed\"")
+    {
+        assert!(vmm.child.try_wait().unwrap().is_none(), "{}", vmm.err());
+        assert!(start.elapsed() < DEADLINE, "the restored VM never resumed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ns.thread(|| echo_one_by_one(30, 30)).join().unwrap(), 30);
+    assert_eq!(vmm.wait(), Some(0), "{}", vmm.err());
+    let f = serial_result(&serial2).expect("a result line after 60 echoes");
+    assert_eq!((f["udp"].as_str(), f["bad"].as_str()), ("60", "0"), "{f:?}");
+}
