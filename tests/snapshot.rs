@@ -728,6 +728,29 @@ fn damaged_snapshots_are_one_error_line_and_exit_code_2_before_any_vcpu_runs() {
     );
     wait_for_socket(&sock2, &mut vmm);
     wait_state(&sock2, "Paused");
+    // A VM whose memory is mapped from `good` snapshots into `good`
+    // itself (the files it reads from are replaced, not truncated).
+    remote_ok(&sock2, &["snapshot", &format!("file://{}", good.display())]);
+    remote_ok(&sock2, &["resume"]);
+    assert!(remote_ok(&sock2, &["info"]).contains("\"Running\""));
+    remote_ok(&sock2, &["shutdown"]);
+    assert_eq!(vmm.wait(), Some(108), "{}", vmm.err());
+    // And that snapshot restores.
+    let mut vmm = Vmm::spawn(
+        &[
+            "run",
+            "--restore",
+            &spec,
+            "--serial",
+            &format!("file={}", d.join("again.serial").display()),
+            "--api-socket",
+            sock2.to_str().unwrap(),
+        ],
+        d,
+        "again",
+    );
+    wait_for_socket(&sock2, &mut vmm);
+    wait_state(&sock2, "Paused");
     remote_ok(&sock2, &["resume"]);
     assert!(remote_ok(&sock2, &["info"]).contains("\"Running\""));
     remote_ok(&sock2, &["shutdown"]);

@@ -214,18 +214,23 @@ pub fn save_memory(
     for (i, region) in mem.iter().enumerate() {
         let name = format!("memory{i}");
         let path = dir.join(&name);
+        // Written under a temporary name and renamed into place: a VM
+        // restored lazily from this very directory keeps reading its
+        // pages from the old file, which must not be truncated under it.
+        let tmp = dir.join(format!("{name}.tmp"));
         let file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&path)
-            .map_err(io("creating", &path))?;
-        file.set_len(region.len()).map_err(io("sizing", &path))?;
+            .open(&tmp)
+            .map_err(io("creating", &tmp))?;
+        file.set_len(region.len()).map_err(io("sizing", &tmp))?;
         // SAFETY: the region's mapping is `len` bytes at `as_ptr`, alive as
         // long as `mem`; the VM is paused, so neither vCPUs nor devices
         // write it while this slice lives.
         let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) };
-        total += write_runs(&mut ring, &file, &path, bytes)?;
+        total += write_runs(&mut ring, &file, &tmp, bytes)?;
+        std::fs::rename(&tmp, &path).map_err(io("renaming into place", &path))?;
         regions.push(MemoryRegion {
             guest_addr: region.start_addr().0,
             size: region.len(),
