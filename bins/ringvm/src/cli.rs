@@ -335,7 +335,7 @@ impl RunArgs {
     /// The arguments of the VM in the snapshot `spec` names: its
     /// `config.json` with the overrides, and this command line's
     /// process-level settings (serial output, seccomp, API, events).
-    fn restored_args(&self, spec: &RestoreSpec) -> Result<RunArgs> {
+    pub fn restored_args(&self, spec: &RestoreSpec) -> Result<RunArgs> {
         if !self.kernel.is_empty()
             || self.initrd.is_some()
             || !self.disk.is_empty()

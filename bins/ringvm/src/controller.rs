@@ -451,8 +451,16 @@ impl Controller {
             inner.plan = None;
             drop(inner);
             if let Some(args) = args {
-                let rebuilt = self
-                    .create_from_args(args)
+                // A restored VM reboots as a fresh boot of its snapshot's
+                // configuration, not as the snapshot again.
+                let args = match &args.restore {
+                    Some(r) => crate::cli::parse_restore(r)
+                        .and_then(|spec| args.restored_args(&spec))
+                        .map_err(|e| ApiError::bad_request(chain(&e))),
+                    None => Ok(args),
+                };
+                let rebuilt = args
+                    .and_then(|args| self.create_from_args(args))
                     .and_then(|()| Self::start(&mut self.lock()));
                 match rebuilt {
                     Ok(()) => return None,

@@ -20,7 +20,10 @@ fn main() {
         .next()
         .and_then(|a| a.parse().ok())
         .expect("usage: snapshot_memory_bench SIZE_MIB DIR");
-    let dir = PathBuf::from(args.next().expect("usage: snapshot_memory_bench SIZE_MIB DIR"));
+    let dir = PathBuf::from(
+        args.next()
+            .expect("usage: snapshot_memory_bench SIZE_MIB DIR"),
+    );
     std::fs::create_dir_all(&dir).expect("creating DIR");
     let size = mib << 20;
     let mem = vmm::vm::create_guest_memory(size).expect("guest memory");
