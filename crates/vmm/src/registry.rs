@@ -576,6 +576,56 @@ mod tests {
         ));
     }
 
+    struct Counter(u8);
+    impl crate::snapshot::Snapshot for Counter {
+        fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
+            crate::snapshot::encode("counter", &self.0)
+        }
+        fn restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+            self.0 = crate::snapshot::decode("counter", state)?;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn sections_are_saved_and_restored_by_name_and_must_match() {
+        let mut r = registry();
+        let (a, b) = (
+            Arc::new(Mutex::new(Counter(7))),
+            Arc::new(Mutex::new(Counter(9))),
+        );
+        r.add("b", dev(), vec![]).unwrap();
+        r.add("a", dev(), vec![]).unwrap();
+        r.add("stateless", dev(), vec![]).unwrap();
+        r.set_snapshot("a", a.clone()).unwrap();
+        r.set_snapshot("b", b.clone()).unwrap();
+        assert!(r.set_snapshot("nobody", a.clone()).is_err());
+        let sections = save_all(r.snapshot_handles()).unwrap();
+        let names: Vec<&str> = sections.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        a.lock().unwrap().0 = 0;
+        b.lock().unwrap().0 = 0;
+        restore_all(r.snapshot_handles(), &sections).unwrap();
+        assert_eq!((a.lock().unwrap().0, b.lock().unwrap().0), (7, 9));
+        // A section for a device this registry lacks, or one missing.
+        let mut extra = sections.clone();
+        extra.push(Section {
+            name: "virtio-blk9".into(),
+            data: vec![],
+        });
+        let e = restore_all(r.snapshot_handles(), &extra).unwrap_err();
+        assert!(e.to_string().contains("virtio-blk9"), "{e}");
+        let e = restore_all(r.snapshot_handles(), &sections[..1]).unwrap_err();
+        assert!(
+            e.to_string().contains("the configuration has device(s) b"),
+            "{e}"
+        );
+        // A malformed section is an error, not a panic.
+        let mut bad = sections;
+        bad[0].data = vec![0xff, 0xff, 0xff];
+        assert!(restore_all(r.snapshot_handles(), &bad).is_err());
+    }
+
     #[test]
     fn refuses_duplicate_names_self_overlap_and_empty_ranges() {
         let mut r = registry();

@@ -180,3 +180,57 @@ impl BusDevice for SerialConsole {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    fn uart() -> (SerialConsole, EventFd) {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let dup = irq.try_clone().unwrap();
+        (SerialConsole::new(irq, ConsoleSink::Discard), dup)
+    }
+
+    #[test]
+    fn registers_and_the_receive_fifo_survive_save_and_restore() {
+        let (mut a, _) = uart();
+        // Scratch register, line control, and RX-data interrupts on.
+        a.write(0, 7, &[0x5a]);
+        a.write(0, 3, &[0x03]);
+        a.write(0, 1, &[0x01]);
+        assert_eq!(a.enqueue_input(b"hi"), 2);
+        let state = a.save().unwrap();
+        let (mut b, irq) = uart();
+        b.restore(&state).unwrap();
+        let mut byte = [0u8];
+        b.read(0, 7, &mut byte);
+        assert_eq!(byte[0], 0x5a);
+        b.read(0, 3, &mut byte);
+        assert_eq!(byte[0], 0x03);
+        // The pending received data raised the interrupt again.
+        assert_eq!(irq.read().unwrap(), 1);
+        b.read(0, 0, &mut byte);
+        assert_eq!(byte[0], b'h');
+        b.read(0, 0, &mut byte);
+        assert_eq!(byte[0], b'i');
+        // Garbage is refused.
+        assert!(b.restore(&[0xff; 3]).is_err());
+        let mut big = SerialSection {
+            baud_divisor_low: 0,
+            baud_divisor_high: 0,
+            interrupt_enable: 0,
+            interrupt_identification: 0,
+            line_control: 0,
+            line_status: 0,
+            modem_control: 0,
+            modem_status: 0,
+            scratch: 0,
+            in_buffer: vec![0; 4096],
+        };
+        let e = b.restore(&encode("serial0", &big).unwrap()).unwrap_err();
+        assert!(e.is_bad_input(), "{e}");
+        big.in_buffer.clear();
+        b.restore(&encode("serial0", &big).unwrap()).unwrap();
+    }
+}
