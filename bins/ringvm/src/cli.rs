@@ -87,7 +87,8 @@ pub struct RemoteArgs {
     #[arg(long, value_name = "PATH")]
     pub api_socket: PathBuf,
     /// ping, info, counters, pause, resume, shutdown, reboot,
-    /// power-button, create FILE.json, boot, delete, shutdown-vmm.
+    /// power-button, create FILE.json, boot, delete, shutdown-vmm,
+    /// snapshot file:///DIR, restore file:///DIR.
     #[arg(value_name = "COMMAND")]
     pub command: String,
     /// The command's argument (create: the VM configuration file).
@@ -98,9 +99,31 @@ pub struct RemoteArgs {
 #[derive(Args, Debug, Default)]
 pub struct RunArgs {
     /// Kernel to boot: a bzImage, an ELF vmlinux, a PVH ELF (32- or
-    /// 64-bit), or `builtin` for the built-in test guest.
-    #[arg(long, value_name = "PATH|builtin")]
+    /// 64-bit), or `builtin` for the built-in test guest (not with
+    /// `--restore`).
+    #[arg(long, value_name = "PATH|builtin", default_value = "")]
     pub kernel: String,
+
+    /// Restore a VM from a snapshot directory instead of booting one:
+    /// `source=DIR[,resume=on][,memory_restore_mode=ondemand|copy]`. The
+    /// VM (CPUs, memory, disks, NICs, command line) is the snapshot's
+    /// `config.json`; it comes up Paused (resume it with `vm.resume`
+    /// through `--api-socket`) unless `resume=on`. `ondemand` (default)
+    /// maps the memory files copy-on-write: they must not change while
+    /// the VM runs.
+    #[arg(long, value_name = "source=DIR[,...]")]
+    pub restore: Option<String>,
+
+    /// With `--restore`: a new path for one of the snapshot's disks, by
+    /// device name: `virtio-blk0=/new/disk.img` (repeatable).
+    #[arg(long, value_name = "NAME=PATH")]
+    pub disk_path: Vec<String>,
+
+    /// With `--restore`: a new TAP for one of the snapshot's NICs, by
+    /// device name: `virtio-net0=TAPNAME` or
+    /// `virtio-net0=ip=A.B.C.D,mask=A.B.C.D` (repeatable).
+    #[arg(long, value_name = "NAME=TAP")]
+    pub net_tap: Vec<String>,
 
     /// Initial ramdisk, loaded high in low memory (Linux: initrd; PVH:
     /// module 0).
@@ -230,6 +253,66 @@ pub struct RunArgs {
     pub event_monitor: Option<String>,
 }
 
+/// What `--restore` asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoreSpec {
+    pub dir: PathBuf,
+    pub resume: bool,
+    pub mode: vmm::snapshot::memory::RestoreMode,
+}
+
+fn on_off(key: &str, v: &str) -> Result<bool> {
+    match v {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => bail!("--restore: {key}={v:?} must be on or off"),
+    }
+}
+
+/// Parses `source=DIR[,resume=on][,memory_restore_mode=ondemand|copy]`.
+pub fn parse_restore(s: &str) -> Result<RestoreSpec> {
+    let mut spec = RestoreSpec {
+        dir: PathBuf::new(),
+        resume: false,
+        mode: Default::default(),
+    };
+    for part in s.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .with_context(|| format!("--restore: {part:?} is not KEY=VALUE"))?;
+        match k {
+            "source" => {
+                spec.dir = v.strip_prefix("file://").unwrap_or(v).into();
+            }
+            "resume" => spec.resume = on_off(k, v)?,
+            "memory_restore_mode" => {
+                spec.mode = match v {
+                    "ondemand" => vmm::snapshot::memory::RestoreMode::Lazy,
+                    "copy" => vmm::snapshot::memory::RestoreMode::Copy,
+                    _ => bail!("--restore: memory_restore_mode={v:?} must be ondemand or copy"),
+                }
+            }
+            _ => bail!("--restore: unknown key {k:?} (source, resume, memory_restore_mode)"),
+        }
+    }
+    if spec.dir.as_os_str().is_empty() {
+        bail!("--restore needs source=DIR");
+    }
+    Ok(spec)
+}
+
+/// `virtio-blk3` -> 3.
+fn device_index(name: &str, prefix: &str, count: usize, what: &str) -> Result<usize> {
+    name.strip_prefix(prefix)
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|&n| n < count)
+        .with_context(|| {
+            format!(
+                "{what}: the snapshot has no device {name:?} ({count} {prefix} device(s), {prefix}0..)"
+            )
+        })
+}
+
 fn parse_serial(s: &str) -> Result<SerialOutput> {
     Ok(match s {
         "stdio" => SerialOutput::Stdio,
@@ -254,8 +337,102 @@ impl RunArgs {
         }
     }
 
+    /// The arguments of the VM in the snapshot `spec` names: its
+    /// `config.json` with the overrides, and this command line's
+    /// process-level settings (serial output, seccomp, API, events).
+    pub fn restored_args(&self, spec: &RestoreSpec) -> Result<RunArgs> {
+        if !self.kernel.is_empty()
+            || self.initrd.is_some()
+            || !self.disk.is_empty()
+            || !self.net.is_empty()
+            || !self.device.is_empty()
+            || !self.user_device.is_empty()
+        {
+            bail!(
+                "--restore builds the VM from the snapshot's config.json: --kernel, --initrd, \
+                 --disk, --net, --device and --user-device cannot be given with it \
+                 (--disk-path and --net-tap replace disks and TAPs)"
+            );
+        }
+        let bytes = vmm::snapshot::dir::read_config(&spec.dir).context("--restore")?;
+        let config_path = spec.dir.join(vmm::snapshot::dir::CONFIG_FILE);
+        let mut cfg: ringvm::api::types::VmConfig = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not a VM configuration", config_path.display()))?;
+        for o in &self.disk_path {
+            let (name, path) = o
+                .split_once('=')
+                .with_context(|| format!("--disk-path {o:?}: expected NAME=PATH"))?;
+            let i = device_index(name, "virtio-blk", cfg.disks.len(), "--disk-path")?;
+            cfg.disks[i].path = path.into();
+        }
+        for o in &self.net_tap {
+            let (name, tap) = o
+                .split_once('=')
+                .with_context(|| format!("--net-tap {o:?}: expected NAME=TAP"))?;
+            let i = device_index(name, "virtio-net", cfg.net.len(), "--net-tap")?;
+            let n = &mut cfg.net[i];
+            if tap.starts_with("ip=") {
+                let mut ip = None;
+                let mut mask = None;
+                for kv in tap.split(',') {
+                    match kv.split_once('=') {
+                        Some(("ip", v)) => ip = Some(v.to_string()),
+                        Some(("mask", v)) => mask = Some(v.to_string()),
+                        _ => bail!(
+                            "--net-tap {o:?}: expected NAME=TAP or NAME=ip=A.B.C.D,mask=A.B.C.D"
+                        ),
+                    }
+                }
+                (n.tap, n.ip, n.mask) = (None, ip, mask);
+            } else {
+                (n.tap, n.ip, n.mask) = (Some(tap.to_string()), None, None);
+            }
+        }
+        let mut argv = vec!["ringvm".to_string(), "run".to_string()];
+        argv.extend(
+            cfg.to_run_args()
+                .with_context(|| config_path.display().to_string())?,
+        );
+        let mut args = match Cli::try_parse_from(argv) {
+            Ok(Cli {
+                command: Some(Command::Run(args)),
+            }) => args,
+            Ok(_) => bail!("{} did not map to a VM", config_path.display()),
+            Err(e) => bail!(
+                "{}: {}",
+                config_path.display(),
+                e.render()
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("error: ")
+            ),
+        };
+        // Where this process sends the console, and how it runs.
+        if !self.serial.is_empty() {
+            args.serial = self.serial.clone();
+        }
+        args.seccomp = self.seccomp.clone();
+        args.api_socket = self.api_socket.clone();
+        args.event_monitor = self.event_monitor.clone();
+        args.iothread_stats = self.iothread_stats;
+        args.iothread_poll_us = self.iothread_poll_us;
+        args.iothread_poll_mode = self.iothread_poll_mode.clone();
+        Ok(args)
+    }
+
     /// The whole VM plan: machine, disks, iothreads.
     pub fn to_plan(&self) -> Result<Plan> {
+        if let Some(r) = &self.restore {
+            let spec = parse_restore(r)?;
+            let mut plan = self.restored_args(&spec)?.to_plan()?;
+            plan.restore = Some(spec);
+            return Ok(plan);
+        }
+        if !self.disk_path.is_empty() || !self.net_tap.is_empty() {
+            bail!("--disk-path and --net-tap are only for --restore");
+        }
         let disks = self
             .disk
             .iter()
@@ -303,6 +480,8 @@ impl RunArgs {
                 },
             ),
             iothread_stats: self.iothread_stats,
+            cpuid_hide: self.cpuid_hide.clone(),
+            restore: None,
         })
     }
 

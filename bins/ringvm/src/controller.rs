@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Result;
 use clap::Parser;
 use ringvm::api::dispatch::{ApiError, Backend, Endpoint};
-use ringvm::api::types::{self, VmConfig as ApiConfig};
+use ringvm::api::types::{self, RestoreConfig, SnapshotConfig, VmConfig as ApiConfig};
 use ringvm::api::worker::Worker;
 use serde_json::{json, Value};
 use vmm::control::Signals;
@@ -112,7 +112,7 @@ fn devices_json(res: &Resources) -> Option<Value> {
 
 /// The configuration of `plan` (made from `args`) in the API's schema:
 /// every default filled in.
-fn config_json(plan: &Plan, args: &RunArgs) -> Value {
+fn config_json(plan: &Plan) -> Value {
     let v = &plan.vm;
     let config = ApiConfig {
         cpus: types::CpusConfig { boot_vcpus: v.cpus },
@@ -200,11 +200,42 @@ fn config_json(plan: &Plan, args: &RunArgs) -> Value {
             },
         },
         iothreads: plan.iothreads,
-        irqchip: args.irqchip.clone(),
-        cpuid_hide: args.cpuid_hide.clone(),
+        irqchip: match v.irqchip {
+            vmm::config::IrqChip::Kernel => "kernel".into(),
+            vmm::config::IrqChip::Split => "split".into(),
+        },
+        cpuid_hide: plan.cpuid_hide.clone(),
         acpi: v.acpi,
     };
     serde_json::to_value(config).unwrap_or(Value::Null)
+}
+
+/// The configuration with every relative file path made absolute (as
+/// this process sees it), so that a snapshot restores from any directory.
+fn absolute_paths(mut config: Value) -> Value {
+    fn fix(v: &mut Value) {
+        if let Some(p) = v.as_str() {
+            let path = std::path::Path::new(p);
+            if path.is_relative() && p != "builtin" {
+                if let Ok(cwd) = std::env::current_dir() {
+                    *v = Value::String(cwd.join(path).display().to_string());
+                }
+            }
+        }
+    }
+    if let Some(disks) = config["disks"].as_array_mut() {
+        for d in disks {
+            fix(&mut d["path"]);
+        }
+    }
+    fix(&mut config["payload"]["kernel"]);
+    if config["payload"]["initramfs"].is_string() {
+        fix(&mut config["payload"]["initramfs"]);
+    }
+    if config["serial"]["file"].is_string() {
+        fix(&mut config["serial"]["file"]);
+    }
+    config
 }
 
 /// `ringvm run` arguments from an API configuration.
@@ -316,10 +347,10 @@ impl Controller {
                 None => Self::no_vm(),
             });
         };
-        let (Some(plan), Some(args)) = (&inner.plan, &inner.args) else {
+        let (Some(plan), Some(_)) = (&inner.plan, &inner.args) else {
             return Err(ApiError::internal("a built VM without its plan"));
         };
-        let config = config_json(plan, args);
+        let config = config_json(plan);
         vmm::events::emit("vm", "booting", &[]);
         let control = built.machine.control().clone();
         let resources = built.resources.clone();
@@ -328,6 +359,9 @@ impl Controller {
             .machine
             .start()
             .map_err(|e| ApiError::internal(chain(&e.into())))?;
+        if plan.restore.as_ref().is_some_and(|r| r.resume) {
+            running.control().resume().map_err(lifecycle)?;
+        }
         inner.current = Some(Current {
             control,
             resources,
@@ -445,12 +479,21 @@ impl Controller {
             inner.plan = None;
             drop(inner);
             if let Some(args) = args {
-                let rebuilt = self
-                    .on_worker(|c| {
+                // A restored VM reboots as a fresh boot of its snapshot's
+                // configuration, not as the snapshot again.
+                let args = match &args.restore {
+                    Some(r) => crate::cli::parse_restore(r)
+                        .and_then(|spec| args.restored_args(&spec))
+                        .map_err(|e| ApiError::bad_request(chain(&e))),
+                    None => Ok(args),
+                };
+                let rebuilt = args.and_then(|args| {
+                    self.on_worker(|c| {
                         c.create_from_args(args)
                             .and_then(|()| Self::start(&mut c.lock()))
                     })
-                    .unwrap_or_else(|| Err(ApiError::internal("the worker thread is gone")));
+                    .unwrap_or_else(|| Err(ApiError::internal("the worker thread is gone")))
+                });
                 match rebuilt {
                     Ok(()) => return None,
                     Err(e) => {
@@ -484,6 +527,7 @@ impl Backend for Controller {
                 "vfio-user",
                 "irqchip-split",
                 "pause",
+                "snapshot",
                 "event-monitor",
             ]
             .map(String::from)
@@ -551,12 +595,12 @@ impl Backend for Controller {
                 "devices": devices,
             }));
         }
-        let (Some(built), Some(plan), Some(args)) = (&inner.built, &inner.plan, &inner.args) else {
+        let (Some(built), Some(plan)) = (&inner.built, &inner.plan) else {
             return Err(Self::no_vm());
         };
         Ok(json!({
             "state": built.machine.control().state().as_str(),
-            "config": config_json(plan, args),
+            "config": config_json(plan),
             "devices": devices_json(&built.resources).unwrap_or(Value::Null),
         }))
     }
@@ -642,6 +686,74 @@ impl Backend for Controller {
     fn power_button(&self) -> Result<(), ApiError> {
         let c = Self::control(&self.lock()).ok_or_else(Self::no_vm)?;
         c.power_button().map_err(lifecycle)
+    }
+
+    fn snapshot(&self, config: SnapshotConfig) -> Result<(), ApiError> {
+        let dir = types::file_url_path(&config.destination_url).map_err(ApiError::bad_request)?;
+        let (control, json) = {
+            let inner = self.lock();
+            match &inner.current {
+                Some(cur) => (cur.control.clone(), cur.config.clone()),
+                None => {
+                    return Err(match Self::control(&inner) {
+                        Some(c) => lifecycle(LifecycleError::WrongState {
+                            action: vmm::lifecycle::Transition::Snapshot,
+                            state: c.state(),
+                        }),
+                        None => Self::no_vm(),
+                    })
+                }
+            }
+        };
+        vmm::events::emit("vm", "snapshotting", &[]);
+        // Every device's state first: a device that cannot be saved
+        // refuses before anything is written.
+        let (state, mem) = control.capture().map_err(lifecycle)?;
+        let json = serde_json::to_vec_pretty(&absolute_paths(json))
+            .map_err(|e| ApiError::internal(format!("encoding config.json: {e}")))?;
+        let report = vmm::snapshot::dir::write_dir(&dir, &json, state, &mem)
+            .map_err(|e| ApiError::internal(chain(&e.into())))?;
+        vmm::events::emit(
+            "vm",
+            "snapshotted",
+            &[
+                ("path", &dir.display().to_string()),
+                ("memory_bytes", &report.memory_bytes.to_string()),
+            ],
+        );
+        Ok(())
+    }
+
+    fn restore(&self, config: RestoreConfig) -> Result<(), ApiError> {
+        let dir = types::file_url_path(&config.source_url).map_err(ApiError::bad_request)?;
+        let mut spec = format!("source={}", dir.display());
+        if spec.contains(',') {
+            return Err(ApiError::bad_request("source_url may not contain ','"));
+        }
+        spec.push_str(if config.resume {
+            ",resume=on"
+        } else {
+            ",resume=off"
+        });
+        if let Some(m) = &config.memory_restore_mode {
+            spec.push_str(&format!(",memory_restore_mode={m}"));
+        }
+        let args = RunArgs {
+            restore: Some(spec),
+            disk_path: config
+                .disk_paths
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+            net_tap: config
+                .net_taps
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+            ..Default::default()
+        };
+        self.create_from_args(args)?;
+        self.boot_vm()
     }
 
     fn responded(&self, ep: Endpoint) {

@@ -270,25 +270,42 @@ fn remote(args: &RemoteArgs) -> ExitCode {
         "shutdown" => Endpoint::VmShutdown,
         "reboot" => Endpoint::VmReboot,
         "power-button" => Endpoint::VmPowerButton,
+        "snapshot" => Endpoint::VmSnapshot,
+        "restore" => Endpoint::VmRestore,
         other => {
             eprintln!("ringvm: error: unknown remote command {other:?} (see ringvm remote --help)");
             return exit(exit_code::BAD_INPUT);
         }
     };
-    let wants_arg = ep == Endpoint::VmCreate;
+    let wants_arg = matches!(
+        ep,
+        Endpoint::VmCreate | Endpoint::VmSnapshot | Endpoint::VmRestore
+    );
     if args.args.len() != usize::from(wants_arg) {
         eprintln!(
             "ringvm: error: remote {} takes {}",
             args.command,
-            if wants_arg {
-                "one FILE.json"
-            } else {
-                "no argument"
+            match ep {
+                Endpoint::VmCreate => "one FILE.json",
+                Endpoint::VmSnapshot | Endpoint::VmRestore => "one file:///DIR URL",
+                _ => "no argument",
             }
         );
         return exit(exit_code::BAD_INPUT);
     }
-    let body = if wants_arg {
+    let body = if ep == Endpoint::VmSnapshot {
+        Some(
+            serde_json::json!({"destination_url": args.args[0]})
+                .to_string()
+                .into_bytes(),
+        )
+    } else if ep == Endpoint::VmRestore {
+        Some(
+            serde_json::json!({"source_url": args.args[0]})
+                .to_string()
+                .into_bytes(),
+        )
+    } else if wants_arg {
         let file = &args.args[0];
         let parsed = std::fs::read(file)
             .with_context(|| format!("reading {file}"))
@@ -334,6 +351,16 @@ fn run(args: RunArgs) -> ExitCode {
     if let Some(spec) = &args.event_monitor {
         if let Err(e) = event_monitor(spec) {
             error_line(&e);
+            return exit(exit_code::BAD_INPUT);
+        }
+    }
+    if let Some(r) = &args.restore {
+        let resume = cli::parse_restore(r).map(|s| s.resume).unwrap_or(true);
+        if !resume && args.api_socket.is_none() {
+            eprintln!(
+                "ringvm: error: --restore: a restored VM comes up paused; give resume=on, \
+                 or --api-socket to resume it with vm.resume"
+            );
             return exit(exit_code::BAD_INPUT);
         }
     }

@@ -31,6 +31,10 @@ pub struct Plan {
     pub iothread_poll: (std::time::Duration, uring_backend::executor::PollWhen),
     /// Print each iothread's CPU time and ring counters when the VM stops.
     pub iothread_stats: bool,
+    /// `--cpuid-hide` as given (for the configuration's JSON).
+    pub cpuid_hide: Vec<String>,
+    /// Build the VM from this snapshot (its state and memory).
+    pub restore: Option<crate::cli::RestoreSpec>,
 }
 
 /// A failure, and whether it is the user's input (exit code 2) rather than
@@ -105,10 +109,21 @@ pub struct Built {
 pub fn build(plan: &Plan) -> Result<Built, Failure> {
     // Threads devices start on their own take this mode too.
     vmm::seccomp::set_default_mode(plan.vm.seccomp);
-    let mut machine = Machine::build(&plan.vm).map_err(|e| Failure {
+    let machine_err = |e: vmm::MachineError| Failure {
         bad_input: e.is_bad_input(),
         error: e.into(),
-    })?;
+    };
+    let mut machine = match &plan.restore {
+        None => Machine::build(&plan.vm),
+        Some(r) => Machine::build_restored(
+            &plan.vm,
+            vmm::machine::RestoreFrom {
+                dir: &r.dir,
+                mode: r.mode,
+            },
+        ),
+    }
+    .map_err(machine_err)?;
     // Iothreads exist only when a device needs them.
     let iothreads: Vec<Arc<IoThread>> = if plan.disks.is_empty() && plan.nets.is_empty() {
         Vec::new()
@@ -168,6 +183,9 @@ pub fn build(plan: &Plan) -> Result<Built, Failure> {
             }
         })?;
     }
+    // A snapshot's state goes into the devices just built, before any
+    // vCPU runs.
+    machine.restore_state().map_err(machine_err)?;
     let registry = Arc::downgrade(machine.registry());
     Ok(Built {
         machine,
@@ -205,6 +223,16 @@ pub fn run(plan: &Plan) -> Result<RunReport, Failure> {
     let signals = vmm::control::Signals::block().map_err(host)?;
     // Devices go down with the machine, before their iothreads.
     let running = built.machine.start().map_err(host)?;
+    if plan.restore.as_ref().is_some_and(|r| r.resume) {
+        if let Err(e) = running.control().resume() {
+            running
+                .control()
+                .stop_handle()
+                .request(vmm::StopReason::HostError {
+                    message: format!("resuming the restored VM: {e}"),
+                });
+        }
+    }
     // One VM per process here: the control thread is sandboxed once every
     // vCPU runs (with an API, the thread that builds VMs stays unfiltered).
     if let Err(e) = vmm::seccomp::apply(vmm::seccomp::ThreadKind::Vmm, plan.vm.seccomp) {

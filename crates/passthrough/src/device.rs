@@ -750,6 +750,15 @@ impl Drop for PassthroughDevice {
 }
 
 impl PciDevice for PassthroughDevice {
+    fn save_state(&mut self) -> Result<Vec<u8>, vmm::snapshot::SnapshotError> {
+        // The function's registers, DMA mappings and in-flight work live
+        // in the host device (kernel VFIO) or another process (vfio-user),
+        // which this VMM can neither read back nor load into a new one.
+        Err(vmm::snapshot::SnapshotError::Unsupported {
+            device: self.name.clone(),
+            reason: "it is a passed-through PCI function, whose state lives outside ringvm".into(),
+        })
+    }
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
         if !self.live() {
             data.fill(0xff);

@@ -14,8 +14,9 @@
 //! `reset` when the driver writes 0 to the status register or the VM goes
 //! away. After `reset` returns, the device no longer touches guest memory.
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
+use vmm::snapshot::SnapshotError;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Feature bits common to every device (virtio 1.2 §6).
@@ -97,6 +98,35 @@ pub trait VirtioDevice: Send {
     /// Continues after `pause`, from the kept queue positions.
     fn resume(&mut self) -> Result<(), PauseError> {
         Err(PauseError::Unsupported)
+    }
+    /// While paused: each queue the device served, where its worker
+    /// stopped (`next_avail`, `next_used`), for a snapshot.
+    fn paused_queues(&self) -> Vec<(u16, QueueState)> {
+        Vec::new()
+    }
+    /// The device's own state for a snapshot (paused, or never
+    /// activated): configuration and whatever the driver programmed
+    /// beyond the transport. The default: it cannot be saved.
+    fn save_state(&self) -> Result<Vec<u8>, SnapshotError> {
+        Err(SnapshotError::Unsupported {
+            device: String::new(),
+            reason: "its virtio device model has no snapshot support".into(),
+        })
+    }
+    /// Loads a [`VirtioDevice::save_state`] into this device, built anew
+    /// from the same configuration. `active` holds what
+    /// [`VirtioDevice::activate`] would get when the saved device was
+    /// running (its queues at their saved positions): the device then
+    /// comes up paused, starting its workers on `resume`.
+    fn restore_state(
+        &mut self,
+        _state: &[u8],
+        _active: Option<(GuestMemoryMmap, u64, Vec<QueueInit>)>,
+    ) -> Result<(), SnapshotError> {
+        Err(SnapshotError::Unsupported {
+            device: String::new(),
+            reason: "its virtio device model has no snapshot support".into(),
+        })
     }
 }
 

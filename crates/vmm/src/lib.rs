@@ -18,6 +18,7 @@ pub mod memslots;
 pub mod pci;
 pub mod registry;
 pub mod seccomp;
+pub mod snapshot;
 pub mod stop;
 pub mod vcpu;
 pub mod vm;

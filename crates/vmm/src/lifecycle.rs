@@ -14,16 +14,25 @@
 //! the vCPUs. Transitions are serialised by one lock; a VM being paused or
 //! resumed is never stopped half-way by another request.
 //!
-//! Snapshots (a later step) plug in here: a Paused VM has every vCPU parked
-//! with final registers, every device quiescent, and the clock saved.
+//! Snapshots plug in here: a Paused VM has every vCPU parked with final
+//! registers, every device quiescent, and the clock saved;
+//! [`VmControl::capture`] collects its state (each parked vCPU thread
+//! reads its own registers, see [`VcpuGate::save_vcpus`]). A VM restored
+//! from a snapshot starts Paused ([`VmControl::booted_paused`]).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::kvm_clock_data;
 use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryMmap;
 
+use crate::config::IrqChip;
 use crate::pci::{PciDevice, PciRoot};
+use crate::registry::DeviceRegistry;
+use crate::snapshot::cpu::VcpuState;
+use crate::snapshot::{SnapshotError, SnapshotState};
 use crate::stop::{StopReason, VmStop};
 use crate::vcpu::Kicker;
 
@@ -62,6 +71,7 @@ pub enum Transition {
     Pause,
     Resume,
     Shutdown,
+    Snapshot,
 }
 
 impl Transition {
@@ -71,6 +81,7 @@ impl Transition {
             Transition::Pause => "pause",
             Transition::Resume => "resume",
             Transition::Shutdown => "shut down",
+            Transition::Snapshot => "snapshot",
         }
     }
 }
@@ -103,6 +114,8 @@ pub enum LifecycleError {
     NoPowerButton,
     #[error("pressing the power button: {0}")]
     PowerButton(String),
+    #[error("saving the VM's state")]
+    Snapshot(#[source] SnapshotError),
 }
 
 impl LifecycleError {
@@ -114,6 +127,7 @@ impl LifecycleError {
             LifecycleError::WrongState { .. }
                 | LifecycleError::StoppedWhilePausing
                 | LifecycleError::NoPowerButton
+                | LifecycleError::Snapshot(SnapshotError::Unsupported { .. })
         )
     }
 }
@@ -141,7 +155,14 @@ pub struct VcpuGate {
 struct GateState {
     closed: bool,
     parked: usize,
+    /// vCPUs asked to save their state while parked.
+    save_pending: BTreeSet<usize>,
+    /// What they saved.
+    saved: BTreeMap<usize, Result<VcpuState, SnapshotError>>,
 }
+
+/// How a parked vCPU thread saves its own state (its fd is its own).
+pub type SaveVcpu<'a> = &'a mut dyn FnMut() -> Result<VcpuState, SnapshotError>;
 
 impl VcpuGate {
     pub fn new() -> Arc<VcpuGate> {
@@ -160,9 +181,9 @@ impl VcpuGate {
         self.lock().closed
     }
 
-    /// Called by a vCPU thread: waits while the gate is closed and the VM
-    /// is not stopping.
-    pub fn park(&self, stop: &VmStop) {
+    /// Called by vCPU thread `index`: waits while the gate is closed and
+    /// the VM is not stopping, saving its state with `save` when asked.
+    pub fn park(&self, stop: &VmStop, index: usize, save: SaveVcpu<'_>) {
         let mut g = self.lock();
         if !g.closed {
             return;
@@ -170,6 +191,14 @@ impl VcpuGate {
         g.parked += 1;
         self.cv.notify_all();
         while g.closed && !stop.is_stopping() {
+            if g.save_pending.remove(&index) {
+                drop(g);
+                let r = save();
+                g = self.lock();
+                g.saved.insert(index, r);
+                self.cv.notify_all();
+                continue;
+            }
             g = self
                 .cv
                 .wait_timeout(g, Duration::from_millis(100))
@@ -180,8 +209,34 @@ impl VcpuGate {
         self.cv.notify_all();
     }
 
-    fn close(&self) {
+    /// Closes the gate (vCPUs park before their next `KVM_RUN`; one not
+    /// started yet parks before its first).
+    pub(crate) fn close(&self) {
         self.lock().closed = true;
+    }
+
+    /// Asks each of the `n` parked vCPUs to save its state and waits for
+    /// all of them; in vCPU order.
+    pub fn save_vcpus(&self, n: usize, stop: &VmStop) -> Result<Vec<VcpuState>, SnapshotError> {
+        let mut g = self.lock();
+        g.saved.clear();
+        g.save_pending = (0..n).collect();
+        self.cv.notify_all();
+        while g.saved.len() < n {
+            if stop.is_stopping() {
+                g.save_pending.clear();
+                return Err(SnapshotError::Other(
+                    "the VM stopped while its vCPUs were being saved".into(),
+                ));
+            }
+            g = self
+                .cv
+                .wait_timeout(g, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let saved = std::mem::take(&mut g.saved);
+        saved.into_values().collect()
     }
 
     fn open(&self) {
@@ -217,6 +272,14 @@ impl VcpuGate {
 /// Run when the power button is pressed (an ACPI device registers it).
 pub type PowerButton = Box<dyn Fn() -> Result<(), String> + Send>;
 
+/// What a snapshot reads besides the vCPUs (set when the VM starts).
+pub(crate) struct SnapshotParts {
+    pub registry: Arc<Mutex<DeviceRegistry>>,
+    pub mem: GuestMemoryMmap,
+    pub irqchip: IrqChip,
+    pub vcpus: usize,
+}
+
 struct Inner {
     state: VmState,
     /// The vCPU threads, while they run (cleared before they are joined).
@@ -234,6 +297,7 @@ pub struct VmControl {
     vm: Arc<VmFd>,
     pci: Mutex<Option<Arc<Mutex<PciRoot>>>>,
     power_button: Mutex<Option<PowerButton>>,
+    snapshot: Mutex<Option<SnapshotParts>>,
 }
 
 fn emit_vm(event: &str) {
@@ -253,6 +317,7 @@ impl VmControl {
             vm,
             pci: Mutex::new(None),
             power_button: Mutex::new(None),
+            snapshot: Mutex::new(None),
         })
     }
 
@@ -277,6 +342,73 @@ impl VmControl {
         *self.power_button.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
     }
 
+    /// Closes the vCPU gate before the vCPUs start (a restored VM).
+    pub(crate) fn close_gate(&self) {
+        self.gate.close();
+    }
+
+    pub(crate) fn set_snapshot_parts(&self, parts: SnapshotParts) {
+        *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Some(parts);
+    }
+
+    /// Created -> Paused, for a VM restored from a snapshot: its vCPU
+    /// threads just started behind the closed gate, its devices are
+    /// paused, and `clock` is set when it resumes.
+    pub(crate) fn booted_paused(
+        &self,
+        kicks: Vec<Kicker>,
+        clock: kvm_clock_data,
+    ) -> Result<(), LifecycleError> {
+        let mut inner = self.lock();
+        next_state(inner.state, Transition::Boot)?;
+        inner.state = VmState::Paused;
+        inner.kicks = kicks;
+        inner.clock = Some(clock);
+        Ok(())
+    }
+
+    /// The whole state of a Paused VM, and its memory to write: every
+    /// device's section (refused, naming the device, if one cannot be
+    /// saved), every vCPU, the VM's KVM state.
+    pub fn capture(&self) -> Result<(SnapshotState, GuestMemoryMmap), LifecycleError> {
+        let inner = self.lock();
+        if inner.state != VmState::Paused {
+            return Err(LifecycleError::WrongState {
+                action: Transition::Snapshot,
+                state: inner.state,
+            });
+        }
+        let parts = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(parts) = parts.as_ref() else {
+            return Err(LifecycleError::WrongState {
+                action: Transition::Snapshot,
+                state: inner.state,
+            });
+        };
+        let handles = parts
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .snapshot_handles();
+        let devices = crate::registry::save_all(handles).map_err(LifecycleError::Snapshot)?;
+        let vcpus = self
+            .gate
+            .save_vcpus(parts.vcpus, &self.stop)
+            .map_err(LifecycleError::Snapshot)?;
+        let clock = inner.clock.unwrap_or_default();
+        let vm = crate::snapshot::vmstate::save_vm(&self.vm, parts.irqchip, clock)
+            .map_err(LifecycleError::Snapshot)?;
+        Ok((
+            SnapshotState {
+                vcpus,
+                vm,
+                devices,
+                memory: Vec::new(),
+            },
+            parts.mem.clone(),
+        ))
+    }
+
     /// Created -> Running, with the vCPU threads just started.
     pub(crate) fn booted(&self, kicks: Vec<Kicker>) -> Result<(), LifecycleError> {
         let mut inner = self.lock();
@@ -294,6 +426,7 @@ impl VmControl {
         drop(inner);
         // The devices go down with the machine, not with the last handle.
         self.set_pci(None);
+        *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *self.power_button.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.gate.open();
     }
@@ -458,7 +591,9 @@ mod tests {
         let stop = Arc::new(VmStop::new().unwrap());
         gate.close();
         let (g, s) = (gate.clone(), stop.clone());
-        let t = std::thread::spawn(move || g.park(&s));
+        let t = std::thread::spawn(move || {
+            g.park(&s, 0, &mut || Err(SnapshotError::Other("not asked".into())))
+        });
         assert!(gate.wait_parked(1, &stop, &[]));
         stop.request(StopReason::Shutdown);
         t.join().unwrap();

@@ -34,6 +34,10 @@ use crate::pci::root::{
 };
 use crate::pci::{PciDevice, PciRoot};
 use crate::registry::{DeviceRegistry, RegistryError, Resource};
+use crate::snapshot::cpu::CpuStateCaps;
+use crate::snapshot::dir::DirError;
+use crate::snapshot::memory::RestoreMode;
+use crate::snapshot::{SnapshotError, SnapshotState};
 use crate::stop::{StopReason, VmStop};
 use crate::vcpu::{HaltWatch, Vcpu, VcpuError};
 use crate::vm::{create_guest_memory, create_shared_guest_memory, Vm, VmError};
@@ -114,6 +118,12 @@ pub enum MachineError {
     Pci(#[source] crate::pci::PciRootError),
     #[error("starting the VM")]
     Lifecycle(#[source] LifecycleError),
+    #[error("restoring the snapshot")]
+    Snapshot(#[source] SnapshotError),
+    #[error("reading the snapshot")]
+    SnapshotDir(#[source] DirError),
+    #[error("the snapshot has {saved} vCPUs; the configuration says {configured}")]
+    SnapshotCpus { saved: usize, configured: usize },
 }
 
 impl MachineError {
@@ -130,7 +140,10 @@ impl MachineError {
                 | MachineError::Kernel { .. }
                 | MachineError::Boot { .. }
                 | MachineError::CpuidNotHidden { .. }
+                | MachineError::SnapshotCpus { .. }
         ) || matches!(self, MachineError::Vm(VmError::TooManyVcpus { .. }))
+            || matches!(self, MachineError::Snapshot(e) if e.is_bad_input())
+            || matches!(self, MachineError::SnapshotDir(e) if e.is_bad_input())
     }
 }
 
@@ -289,14 +302,18 @@ fn add_legacy_devices(
                     ],
                 )
                 .map_err(MachineError::Registry)?;
+            registry
+                .set_snapshot("serial0", dev.clone())
+                .map_err(MachineError::Registry)?;
             Some(dev)
         }
         None => None,
     };
+    let i8042 = Arc::new(Mutex::new(I8042::new(stop.clone())));
     registry
         .add(
             "i8042",
-            Some(Arc::new(Mutex::new(I8042::new(stop.clone())))),
+            Some(i8042.clone()),
             vec![
                 Resource::Pio {
                     base: I8042_DATA_PORT,
@@ -309,15 +326,20 @@ fn add_legacy_devices(
             ],
         )
         .map_err(MachineError::Registry)?;
+    let debug_exit = Arc::new(Mutex::new(DebugExit::new(stop.clone())));
     registry
         .add(
             "debug-exit",
-            Some(Arc::new(Mutex::new(DebugExit::new(stop.clone())))),
+            Some(debug_exit.clone()),
             vec![Resource::Pio {
                 base: DEBUG_EXIT_PORT,
                 len: DEBUG_EXIT_LEN,
             }],
         )
+        .map_err(MachineError::Registry)?;
+    registry
+        .set_snapshot("i8042", i8042)
+        .and_then(|()| registry.set_snapshot("debug-exit", debug_exit))
         .map_err(MachineError::Registry)?;
     Ok(serial)
 }
@@ -369,6 +391,9 @@ fn add_acpi_pm(
             ],
         )
         .map_err(MachineError::Registry)?;
+    registry
+        .set_snapshot("acpi-pm", dev.clone())
+        .map_err(MachineError::Registry)?;
     Ok(dev)
 }
 
@@ -390,13 +415,14 @@ struct VcpuShared<'a> {
     halt: &'a Arc<HaltWatch>,
     gate: &'a Arc<VcpuGate>,
     interrupts: &'a Arc<InterruptRouter>,
+    caps: &'a Arc<CpuStateCaps>,
 }
 
 fn create_vcpus(
     vm: &Vm,
     config: &VmConfig,
     mem: &GuestMemoryMmap,
-    entry: regs::EntryMode,
+    entry: Option<regs::EntryMode>,
     buses: (&Arc<Bus>, &Arc<Bus>),
     shared: VcpuShared<'_>,
 ) -> Result<Vec<Vcpu>, MachineError> {
@@ -430,7 +456,7 @@ fn create_vcpus(
         regs::setup_msrs(&fd).map_err(regs_err)?;
         regs::setup_fpu(&fd).map_err(regs_err)?;
         regs::setup_lint(&fd).map_err(regs_err)?;
-        if index == 0 {
+        if let (0, Some(entry)) = (index, entry) {
             regs::setup_entry(&fd, mem, entry).map_err(regs_err)?;
         }
         vcpus.push(Vcpu {
@@ -445,6 +471,7 @@ fn create_vcpus(
             gate: shared.gate.clone(),
             interrupts: shared.interrupts.clone(),
             coalesced: None,
+            state_caps: shared.caps.clone(),
         });
     }
     Ok(vcpus)
@@ -481,20 +508,77 @@ pub struct Machine {
     /// they hold on the host, like an assigned PCI function).
     stop_hooks: Vec<Box<dyn FnOnce() + Send>>,
     control: Arc<VmControl>,
+    /// A snapshot's state, until [`Machine::restore_state`] loads it.
+    restore: Option<SnapshotState>,
+    /// Built from a snapshot: starts Paused.
+    restored: bool,
+    /// The snapshot's KVM clock, set when the restored VM resumes.
+    restore_clock: Option<kvm_bindings::kvm_clock_data>,
+}
+
+/// A snapshot to build a machine from.
+pub struct RestoreFrom<'a> {
+    pub dir: &'a Path,
+    pub mode: RestoreMode,
 }
 
 impl Machine {
     /// Builds the VM described by `config`.
     pub fn build(config: &VmConfig) -> Result<Machine, MachineError> {
+        Self::build_with(config, None)
+    }
+
+    /// Builds the VM described by `config` (the snapshot's `config.json`)
+    /// around the snapshot's memory, checked against the configuration.
+    /// Add the same devices as the original VM had, then call
+    /// [`Machine::restore_state`] before [`Machine::start`].
+    pub fn build_restored(
+        config: &VmConfig,
+        from: RestoreFrom<'_>,
+    ) -> Result<Machine, MachineError> {
+        Self::build_with(config, Some(from))
+    }
+
+    fn build_with(
+        config: &VmConfig,
+        from: Option<RestoreFrom<'_>>,
+    ) -> Result<Machine, MachineError> {
         let start = Instant::now();
         validate(config)?;
-        let mem = if config.shared_memory {
-            create_shared_guest_memory(config.memory)
-        } else {
-            create_guest_memory(config.memory)
-        }
-        .map_err(MachineError::Vm)?;
-        let (entry, protocol) = load_guest(config, &mem)?;
+        let (mem, state, entry, protocol) = match from {
+            None => {
+                let mem = if config.shared_memory {
+                    create_shared_guest_memory(config.memory)
+                } else {
+                    create_guest_memory(config.memory)
+                }
+                .map_err(MachineError::Vm)?;
+                let (entry, protocol) = load_guest(config, &mem)?;
+                (mem, None, Some(entry), protocol)
+            }
+            Some(from) => {
+                let state = crate::snapshot::dir::read_state(from.dir)
+                    .map_err(MachineError::SnapshotDir)?;
+                if state.vcpus.len() != config.cpus {
+                    return Err(MachineError::SnapshotCpus {
+                        saved: state.vcpus.len(),
+                        configured: config.cpus,
+                    });
+                }
+                let layout: Vec<(u64, u64)> = ram_regions(config.memory)
+                    .into_iter()
+                    .map(|(a, l)| (a.0, l))
+                    .collect();
+                let mem = crate::snapshot::memory::restore_memory(
+                    from.dir,
+                    &state.memory,
+                    &layout,
+                    from.mode,
+                )
+                .map_err(|e| MachineError::SnapshotDir(DirError::Memory(e)))?;
+                (mem, Some(state), None, "restored from a snapshot")
+            }
+        };
         let sink = console_sink(&config.serial)?;
 
         let vm = Vm::new(&mem, config.cpus, config.irqchip).map_err(MachineError::Vm)?;
@@ -509,19 +593,24 @@ impl Machine {
         };
         let halt = HaltWatch::new(config.cpus);
         let gate = VcpuGate::new();
+        let caps = Arc::new(CpuStateCaps::probe(vm.kvm()).map_err(MachineError::Snapshot)?);
         let router = match config.irqchip {
             IrqChip::Kernel => InterruptRouter::new(vm.fd().clone()),
             IrqChip::Split => {
                 let router = InterruptRouter::new_split(vm.fd().clone());
+                let ioapic = Arc::new(Mutex::new(Ioapic::new(router.clone())));
                 registry
                     .add(
                         "ioapic",
-                        Some(Arc::new(Mutex::new(Ioapic::new(router.clone())))),
+                        Some(ioapic.clone()),
                         vec![Resource::Mmio {
                             base: IOAPIC_START,
                             len: IOAPIC_MMIO_LEN,
                         }],
                     )
+                    .map_err(MachineError::Registry)?;
+                registry
+                    .set_snapshot("ioapic", ioapic)
                     .map_err(MachineError::Registry)?;
                 router
             }
@@ -531,6 +620,7 @@ impl Machine {
             halt: &halt,
             gate: &gate,
             interrupts: &router,
+            caps: &caps,
         };
         let mut vcpus = create_vcpus(&vm, config, &mem, entry, (&pio, &mmio), shared)?;
         if let Some(serial) = &serial {
@@ -575,7 +665,41 @@ impl Machine {
             acpi_pm,
             intx_routes: Vec::new(),
             stop_hooks: Vec::new(),
+            restored: state.is_some(),
+            restore: state,
+            restore_clock: None,
         })
+    }
+
+    /// Loads the snapshot given to [`Machine::build_restored`] into the
+    /// machine as built so far (every device added): vCPUs, the VM's
+    /// interrupt controllers, every device's section by name (the devices
+    /// must be exactly the snapshot's), then the PCI BARs where the
+    /// restored configuration spaces put them. Nothing runs yet.
+    pub fn restore_state(&mut self) -> Result<(), MachineError> {
+        let Some(state) = self.restore.take() else {
+            return Ok(());
+        };
+        let snap = MachineError::Snapshot;
+        let handles = self
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .snapshot_handles();
+        crate::registry::restore_all(handles, &state.devices).map_err(snap)?;
+        if let Some(root) = &self.pci {
+            root.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .refresh_decoding();
+        }
+        crate::snapshot::vmstate::restore_vm(self.vm.fd(), self.irqchip, &state.vm)
+            .map_err(snap)?;
+        for (vcpu, vs) in self.vcpus.iter().zip(&state.vcpus) {
+            crate::snapshot::cpu::restore_vcpu(&vcpu.fd, vcpu.index, vs, &vcpu.state_caps)
+                .map_err(snap)?;
+        }
+        self.restore_clock = Some(state.vm.clock);
+        Ok(())
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -640,6 +764,13 @@ impl Machine {
                 base: PCI_CONFIG_ADDRESS,
                 len: PCI_CONFIG_PORTS,
             }],
+        )
+        .map_err(MachineError::Registry)?;
+        reg.set_snapshot(
+            "pci-config-io",
+            Arc::new(Mutex::new(crate::pci::root::PciRootSnapshot(
+                Arc::downgrade(&root),
+            ))),
         )
         .map_err(MachineError::Registry)?;
         reg.add(
@@ -727,9 +858,26 @@ impl Machine {
                 state,
             }));
         }
-        if self.acpi_pm.is_some() {
+        // A restored VM's tables are in its memory already.
+        if self.acpi_pm.is_some() && !self.restored {
             self.write_acpi_tables()?;
         }
+        if self.restore.is_some() {
+            return Err(MachineError::Snapshot(SnapshotError::Other(
+                "the snapshot's state was not loaded before the start".into(),
+            )));
+        }
+        if self.restored {
+            // Every vCPU parks before its first KVM_RUN.
+            self.control.close_gate();
+        }
+        self.control
+            .set_snapshot_parts(crate::lifecycle::SnapshotParts {
+                registry: self.registry.clone(),
+                mem: self.mem.clone(),
+                irqchip: self.irqchip,
+                vcpus: self.vcpus.len(),
+            });
         let stop = self.stop.clone();
         let mut handles = Vec::with_capacity(self.vcpus.len());
         let mut spawn_error = None;
@@ -746,9 +894,11 @@ impl Machine {
             }
         }
         self.control.set_pci(self.pci.clone());
-        let booted = self
-            .control
-            .booted(handles.iter().map(|h| h.kicker()).collect());
+        let kicks = handles.iter().map(|h| h.kicker()).collect();
+        let booted = match self.restore_clock {
+            Some(clock) if self.restored => self.control.booted_paused(kicks, clock),
+            _ => self.control.booted(kicks),
+        };
         let running = RunningMachine {
             start: self.start,
             stop,
@@ -774,7 +924,7 @@ impl Machine {
             let _ = running.wait(None);
             return Err(MachineError::Lifecycle(e));
         }
-        crate::events::emit("vm", "booted", &[]);
+        crate::events::emit("vm", if self.restored { "restored" } else { "booted" }, &[]);
         Ok(running)
     }
 

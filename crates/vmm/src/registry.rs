@@ -10,6 +10,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::bus::{Bus, BusError, SharedDevice};
+use crate::snapshot::{Section, SharedSnapshot, SnapshotError};
 
 /// Something a device holds exclusively.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +70,8 @@ pub struct DeviceEntry {
     pub bus_device: Option<SharedDevice>,
     /// Everything it claimed.
     pub resources: Vec<Resource>,
+    /// Its save/restore interface; a device without one has no state.
+    pub snapshot: Option<SharedSnapshot>,
 }
 
 /// Errors from the registry.
@@ -207,6 +210,7 @@ impl DeviceRegistry {
             DeviceEntry {
                 bus_device,
                 resources,
+                snapshot: None,
             },
         );
         Ok(())
@@ -296,6 +300,31 @@ impl DeviceRegistry {
         true
     }
 
+    /// Gives device `name` its save/restore interface: from now on its
+    /// state is a section of every snapshot, under its name.
+    pub fn set_snapshot(
+        &mut self,
+        name: &str,
+        handle: SharedSnapshot,
+    ) -> Result<(), RegistryError> {
+        let entry = self
+            .devices
+            .get_mut(name)
+            .ok_or_else(|| RegistryError::NoSuchDevice { name: name.into() })?;
+        entry.snapshot = Some(handle);
+        Ok(())
+    }
+
+    /// Every device's save/restore interface, by name (sorted). Take them
+    /// and drop the registry's lock before calling [`save_all`] or
+    /// [`restore_all`]: a device's save or restore may take other locks.
+    pub fn snapshot_handles(&self) -> Vec<(String, SharedSnapshot)> {
+        self.devices
+            .iter()
+            .filter_map(|(n, e)| e.snapshot.clone().map(|h| (n.clone(), h)))
+            .collect()
+    }
+
     /// The claims of the device called `name`.
     pub fn resources(&self, name: &str) -> Option<&[Resource]> {
         self.devices.get(name).map(|e| e.resources.as_slice())
@@ -313,6 +342,65 @@ impl DeviceRegistry {
     pub fn mmio_bus(&self) -> &Arc<Bus> {
         &self.mmio
     }
+}
+
+/// Every device's state, by name: the first device that cannot be saved
+/// fails the whole call.
+pub fn save_all(handles: Vec<(String, SharedSnapshot)>) -> Result<Vec<Section>, SnapshotError> {
+    handles
+        .into_iter()
+        .map(|(name, h)| {
+            let data = h.lock().unwrap_or_else(|e| e.into_inner()).save()?;
+            Ok(Section { name, data })
+        })
+        .collect()
+}
+
+/// Loads `sections` into the devices of the same names; both sides must
+/// name exactly the same devices.
+pub fn restore_all(
+    handles: Vec<(String, SharedSnapshot)>,
+    sections: &[Section],
+) -> Result<(), SnapshotError> {
+    let have: Vec<&str> = handles.iter().map(|(n, _)| n.as_str()).collect();
+    let saved: Vec<&str> = sections.iter().map(|s| s.name.as_str()).collect();
+    let missing: Vec<&str> = have
+        .iter()
+        .filter(|n| !saved.contains(n))
+        .copied()
+        .collect();
+    let extra: Vec<&str> = saved
+        .iter()
+        .filter(|n| !have.contains(n))
+        .copied()
+        .collect();
+    if !missing.is_empty() || !extra.is_empty() || have.len() != saved.len() {
+        let mut detail = Vec::new();
+        if !extra.is_empty() {
+            detail.push(format!(
+                "the snapshot has device(s) {} that the configuration lacks",
+                extra.join(", ")
+            ));
+        }
+        if !missing.is_empty() {
+            detail.push(format!(
+                "the configuration has device(s) {} that the snapshot lacks",
+                missing.join(", ")
+            ));
+        }
+        if detail.is_empty() {
+            detail.push("a device appears twice in the snapshot".into());
+        }
+        return Err(SnapshotError::mismatch("the devices", detail.join("; ")));
+    }
+    for (name, h) in handles {
+        if let Some(s) = sections.iter().find(|s| s.name == name) {
+            h.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore(&s.data)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -486,6 +574,56 @@ mod tests {
             r.claim("nobody", bar),
             Err(RegistryError::NoSuchDevice { .. })
         ));
+    }
+
+    struct Counter(u8);
+    impl crate::snapshot::Snapshot for Counter {
+        fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
+            crate::snapshot::encode("counter", &self.0)
+        }
+        fn restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+            self.0 = crate::snapshot::decode("counter", state)?;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn sections_are_saved_and_restored_by_name_and_must_match() {
+        let mut r = registry();
+        let (a, b) = (
+            Arc::new(Mutex::new(Counter(7))),
+            Arc::new(Mutex::new(Counter(9))),
+        );
+        r.add("b", dev(), vec![]).unwrap();
+        r.add("a", dev(), vec![]).unwrap();
+        r.add("stateless", dev(), vec![]).unwrap();
+        r.set_snapshot("a", a.clone()).unwrap();
+        r.set_snapshot("b", b.clone()).unwrap();
+        assert!(r.set_snapshot("nobody", a.clone()).is_err());
+        let sections = save_all(r.snapshot_handles()).unwrap();
+        let names: Vec<&str> = sections.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        a.lock().unwrap().0 = 0;
+        b.lock().unwrap().0 = 0;
+        restore_all(r.snapshot_handles(), &sections).unwrap();
+        assert_eq!((a.lock().unwrap().0, b.lock().unwrap().0), (7, 9));
+        // A section for a device this registry lacks, or one missing.
+        let mut extra = sections.clone();
+        extra.push(Section {
+            name: "virtio-blk9".into(),
+            data: vec![],
+        });
+        let e = restore_all(r.snapshot_handles(), &extra).unwrap_err();
+        assert!(e.to_string().contains("virtio-blk9"), "{e}");
+        let e = restore_all(r.snapshot_handles(), &sections[..1]).unwrap_err();
+        assert!(
+            e.to_string().contains("the configuration has device(s) b"),
+            "{e}"
+        );
+        // A malformed section is an error, not a panic.
+        let mut bad = sections;
+        bad[0].data = vec![0xff, 0xff, 0xff];
+        assert!(restore_all(r.snapshot_handles(), &bad).is_err());
     }
 
     #[test]

@@ -26,7 +26,7 @@ use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
-use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 /// Exit code after a forbidden system call.
 pub const EXIT_SECCOMP: i32 = 109;
@@ -249,6 +249,18 @@ ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
 ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
 ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
 ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+// A parked vCPU saving its own state for a snapshot (snapshot::cpu).
+ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_bindings::kvm_fpu);
+ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_bindings::kvm_msrs);
+ioctl_ior_nr!(
+    KVM_GET_VCPU_EVENTS,
+    KVMIO,
+    0x9f,
+    kvm_bindings::kvm_vcpu_events
+);
+ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_bindings::kvm_debugregs);
+ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_bindings::kvm_xsave);
+ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_bindings::kvm_xcrs);
 ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
 ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
 ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
@@ -273,7 +285,8 @@ ioctl_iow_nr!(
 );
 
 /// The `ioctl` requests a vCPU thread makes: running the vCPU and reading
-/// its state (stop reports, the dead-guest probe), and what device
+/// its state (stop reports, the dead-guest probe, and all of it for a
+/// snapshot, which a parked vCPU thread reads itself), and what device
 /// emulation on an exit reprograms: GSI routes, irqfds, ioeventfds and
 /// memory slots (MSI-X tables, BAR moves, virtio activation), and TAP
 /// set-up of a virtio-net device the guest starts, and the serial port's
@@ -288,6 +301,12 @@ fn vcpu_ioctls() -> Vec<u64> {
         KVM_GET_SREGS(),
         KVM_GET_LAPIC(),
         KVM_GET_MP_STATE(),
+        KVM_GET_FPU(),
+        KVM_GET_MSRS(),
+        KVM_GET_VCPU_EVENTS(),
+        KVM_GET_DEBUGREGS(),
+        KVM_GET_XSAVE(),
+        KVM_GET_XCRS(),
         KVM_SET_GSI_ROUTING(),
         KVM_IRQFD(),
         KVM_IOEVENTFD(),

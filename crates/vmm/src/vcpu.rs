@@ -119,6 +119,8 @@ pub struct Vcpu {
     /// KVM's ring of coalesced writes, drained after every `KVM_RUN`
     /// (none when no device coalesces).
     pub coalesced: Option<Arc<CoalescedRing>>,
+    /// What KVM offers for saving this vCPU's state (snapshots).
+    pub state_caps: Arc<crate::snapshot::cpu::CpuStateCaps>,
 }
 
 /// A running vCPU thread.
@@ -194,7 +196,10 @@ impl Vcpu {
         while !self.stop.is_stopping() {
             if self.gate.is_closed() {
                 self.settle();
-                self.gate.park(&self.stop);
+                let (fd, index, caps) = (&self.fd, self.index, &self.state_caps);
+                self.gate.park(&self.stop, index, &mut || {
+                    crate::snapshot::cpu::save_vcpu(fd, index, caps)
+                });
                 continue;
             }
             if let Some(reason) = self.run_once() {

@@ -7,7 +7,7 @@
 
 use serde_json::Value;
 
-use super::types::VmConfig;
+use super::types::{RestoreConfig, SnapshotConfig, VmConfig};
 
 /// The prefix of every endpoint.
 pub const PREFIX: &str = "/api/v1/";
@@ -27,6 +27,8 @@ pub enum Endpoint {
     VmShutdown,
     VmReboot,
     VmPowerButton,
+    VmSnapshot,
+    VmRestore,
 }
 
 /// Name, verb and endpoint.
@@ -43,6 +45,8 @@ pub const ENDPOINTS: &[(&str, &str, Endpoint)] = &[
     ("vm.shutdown", "PUT", Endpoint::VmShutdown),
     ("vm.reboot", "PUT", Endpoint::VmReboot),
     ("vm.power-button", "PUT", Endpoint::VmPowerButton),
+    ("vm.snapshot", "PUT", Endpoint::VmSnapshot),
+    ("vm.restore", "PUT", Endpoint::VmRestore),
 ];
 
 impl Endpoint {
@@ -112,6 +116,15 @@ pub trait Backend: Sync {
     fn shutdown(&self) -> Result<(), ApiError>;
     fn reboot(&self) -> Result<(), ApiError>;
     fn power_button(&self) -> Result<(), ApiError>;
+    /// Writes a snapshot of the Paused VM. A VMM without snapshot support
+    /// says so.
+    fn snapshot(&self, _config: SnapshotConfig) -> Result<(), ApiError> {
+        Err(ApiError::new(501, "this VMM does not take snapshots"))
+    }
+    /// Builds and starts a VM from a snapshot (Paused unless asked).
+    fn restore(&self, _config: RestoreConfig) -> Result<(), ApiError> {
+        Err(ApiError::new(501, "this VMM does not restore snapshots"))
+    }
     /// Called once the answer to a successful `ep` was sent (the VMM
     /// exits only after `vmm.shutdown` was answered).
     fn responded(&self, _ep: Endpoint) {}
@@ -146,6 +159,17 @@ pub fn parse_config(body: &[u8]) -> Result<VmConfig, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("invalid VM configuration: {e}")))
 }
 
+/// Parses a JSON body of `endpoint`.
+fn parse_body<T: serde::de::DeserializeOwned>(endpoint: &str, body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "{endpoint} needs a JSON body"
+        )));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid {endpoint} body: {e}")))
+}
+
 fn done(r: Result<(), ApiError>) -> Result<Option<Value>, ApiError> {
     r.map(|()| None)
 }
@@ -165,6 +189,8 @@ pub fn call(ep: Endpoint, body: &[u8], b: &dyn Backend) -> Result<Option<Value>,
         Endpoint::VmShutdown => done(b.shutdown()),
         Endpoint::VmReboot => done(b.reboot()),
         Endpoint::VmPowerButton => done(b.power_button()),
+        Endpoint::VmSnapshot => done(b.snapshot(parse_body("vm.snapshot", body)?)),
+        Endpoint::VmRestore => done(b.restore(parse_body("vm.restore", body)?)),
     }
 }
 

@@ -149,7 +149,10 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
         let s = shared.clone();
         let spawned = std::thread::Builder::new()
             .name("api-conn".into())
-            .stack_size(256 * 1024)
+            // vm.create and vm.restore build a VM on this thread (clap's
+            // parser alone takes over 256 KiB in a debug build); only the
+            // pages touched count.
+            .stack_size(2 << 20)
             .spawn(move || {
                 serve_connection(stream, &s);
                 s.connections.fetch_sub(1, Ordering::SeqCst);

@@ -285,6 +285,47 @@ impl VmConfig {
     }
 }
 
+/// `vm.snapshot`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// `file:///DIR`: the directory to write (created if missing).
+    pub destination_url: String,
+}
+
+/// `vm.restore`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreConfig {
+    /// `file:///DIR`: a directory `vm.snapshot` wrote.
+    pub source_url: String,
+    /// Resume the VM once restored (default: it stays Paused).
+    #[serde(default)]
+    pub resume: bool,
+    /// `ondemand` (default: the memory files mapped copy-on-write) or
+    /// `copy` (read in full before the VM starts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_restore_mode: Option<String>,
+    /// New paths for the snapshot's disks, by device name
+    /// (`virtio-blk0`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub disk_paths: std::collections::BTreeMap<String, String>,
+    /// New TAPs for the snapshot's NICs, by device name (`virtio-net0`):
+    /// a TAP name, or `ip=A.B.C.D,mask=A.B.C.D` to create one.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub net_taps: std::collections::BTreeMap<String, String>,
+}
+
+/// The directory of a `file://` URL.
+pub fn file_url_path(url: &str) -> Result<std::path::PathBuf, String> {
+    match url.strip_prefix("file://") {
+        Some(p) if p.starts_with('/') => Ok(p.into()),
+        _ => Err(format!(
+            "{url:?} is not a file:///ABSOLUTE/PATH URL (the only kind supported)"
+        )),
+    }
+}
+
 /// `vmm.ping`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmmPing {

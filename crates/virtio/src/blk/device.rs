@@ -20,6 +20,7 @@ use crate::device::{
 };
 use crate::ratelimit::RateLimitedLog;
 use crate::workers::{spread_over_iothreads, WorkerCount};
+use vmm::snapshot::{decode, encode, SnapshotError};
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -68,6 +69,19 @@ struct Active {
 
 /// A queue to serve: index, the queue, its kick and its interrupt.
 type QueueStart = (u16, Queue, EventFd, Option<EventFd>);
+
+/// What a snapshot keeps of a virtio-blk device: its configuration as the
+/// driver saw it. The restored device must present the same (a disk of
+/// another size is refused).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BlkSection {
+    capacity: u64,
+    features: u64,
+    queues: u16,
+    queue_size: u16,
+    readonly: bool,
+    id: Vec<u8>,
+}
 
 /// A virtio-blk device over a raw file or block device.
 pub struct BlockDevice {
@@ -233,6 +247,38 @@ impl BlockDevice {
         queues
     }
 
+    /// Everything an activation needs before its workers start: the
+    /// active state and each queue to serve.
+    fn prepare(
+        &mut self,
+        mem: GuestMemoryMmap,
+        features: u64,
+        queues: Vec<QueueInit>,
+    ) -> Result<(Active, Vec<QueueStart>), ActivateError> {
+        if self.active.is_some() {
+            self.reset();
+        }
+        let mut active = Active {
+            stop: Arc::new(AtomicBool::new(false)),
+            workers: Arc::new(WorkerCount::default()),
+            kicks: Vec::with_capacity(queues.len()),
+            returned: ReturnedQueues::default(),
+            mem,
+            features,
+            wiring: Vec::with_capacity(queues.len()),
+            paused: None,
+        };
+        let mut starts = Vec::with_capacity(queues.len());
+        for q in queues {
+            let dup = |e: &EventFd| e.try_clone().map_err(ActivateError::EventFd);
+            active.kicks.push(dup(&q.kick)?);
+            let interrupt = q.interrupt.as_ref().map(dup).transpose()?;
+            active.wiring.push((q.index, dup(&q.kick)?, interrupt));
+            starts.push((q.index, q.queue, q.kick, q.interrupt));
+        }
+        Ok((active, starts))
+    }
+
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
         self.capacity
@@ -295,29 +341,68 @@ impl VirtioDevice for BlockDevice {
         features: u64,
         queues: Vec<QueueInit>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            self.reset();
-        }
-        let mut active = Active {
-            stop: Arc::new(AtomicBool::new(false)),
-            workers: Arc::new(WorkerCount::default()),
-            kicks: Vec::with_capacity(queues.len()),
-            returned: ReturnedQueues::default(),
-            mem,
-            features,
-            wiring: Vec::with_capacity(queues.len()),
-            paused: None,
-        };
-        let mut starts = Vec::with_capacity(queues.len());
-        for q in queues {
-            let dup = |e: &EventFd| e.try_clone().map_err(ActivateError::EventFd);
-            active.kicks.push(dup(&q.kick)?);
-            let interrupt = q.interrupt.as_ref().map(dup).transpose()?;
-            active.wiring.push((q.index, dup(&q.kick)?, interrupt));
-            starts.push((q.index, q.queue, q.kick, q.interrupt));
-        }
+        let (active, starts) = self.prepare(mem, features, queues)?;
         self.spawn_workers(&active, starts);
         self.active = Some(active);
+        Ok(())
+    }
+
+    fn paused_queues(&self) -> Vec<(u16, QueueState)> {
+        self.active
+            .as_ref()
+            .and_then(|a| a.paused.clone())
+            .unwrap_or_default()
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, SnapshotError> {
+        encode(
+            &self.name,
+            &BlkSection {
+                capacity: self.capacity,
+                features: self.features,
+                queues: self.config.queues,
+                queue_size: self.config.queue_size,
+                readonly: self.config.readonly,
+                id: self.id().to_vec(),
+            },
+        )
+    }
+
+    fn restore_state(
+        &mut self,
+        state: &[u8],
+        active: Option<(GuestMemoryMmap, u64, Vec<QueueInit>)>,
+    ) -> Result<(), SnapshotError> {
+        let s: BlkSection = decode(&self.name, state)?;
+        let mine = (
+            self.capacity,
+            self.features,
+            self.config.queues,
+            self.config.queue_size,
+            self.config.readonly,
+        );
+        let saved = (s.capacity, s.features, s.queues, s.queue_size, s.readonly);
+        if mine != saved {
+            return Err(SnapshotError::mismatch(
+                self.name.clone(),
+                format!(
+                    "saved as (capacity {} sectors, features {:#x}, {} queues of {}, readonly {}), \
+                     the configured disk is (capacity {} sectors, features {:#x}, {} queues of {}, readonly {})",
+                    saved.0, saved.1, saved.2, saved.3, saved.4, mine.0, mine.1, mine.2, mine.3, mine.4
+                ),
+            ));
+        }
+        if let Some((mem, features, queues)) = active {
+            let (mut a, starts) =
+                self.prepare(mem, features, queues)
+                    .map_err(|e| SnapshotError::Apply {
+                        what: self.name.clone(),
+                        detail: e.to_string(),
+                    })?;
+            // Paused: the workers start on resume, at these positions.
+            a.paused = Some(starts.iter().map(|(i, q, _, _)| (*i, q.state())).collect());
+            self.active = Some(a);
+        }
         Ok(())
     }
 

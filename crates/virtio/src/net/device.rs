@@ -24,6 +24,7 @@ use crate::device::{
 };
 use crate::ratelimit::RateLimitedLog;
 use crate::workers::{spread_over_iothreads, WorkerCount, WorkerGuardToken};
+use vmm::snapshot::{decode, encode, SnapshotError};
 
 pub const VIRTIO_ID_NET: u32 = 1;
 pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
@@ -239,6 +240,31 @@ struct Active {
     paused: Option<Vec<(u16, QueueState)>>,
 }
 
+/// What a snapshot keeps of a virtio-net device: the MAC the driver
+/// sees, the features offered, the link status, and what the driver set
+/// through the control queue (filters, queue pairs in use).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NetSection {
+    mac: [u8; 6],
+    features: u64,
+    queue_pairs: u16,
+    link_status: u16,
+    /// Present when the device was active.
+    driver: Option<NetDriverState>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NetDriverState {
+    filter_mac: [u8; 6],
+    promisc: bool,
+    allmulti: bool,
+    alluni: bool,
+    unicast: Vec<[u8; 6]>,
+    multicast: Vec<[u8; 6]>,
+    filter_open: bool,
+    active_pairs: u16,
+}
+
 /// A virtio-net device over a TAP.
 pub struct NetDevice {
     name: String,
@@ -346,7 +372,7 @@ impl NetDevice {
         mem: GuestMemoryMmap,
         features: u64,
         queues: Vec<QueueInit>,
-    ) -> Result<Active, ActivateError> {
+    ) -> Result<(Active, Vec<QueueStart>), ActivateError> {
         let pairs = self.pairs();
         let mq = features & VIRTIO_NET_F_MQ != 0;
         let ctrl_index = if mq { 2 * pairs } else { 2 };
@@ -443,12 +469,26 @@ impl NetDevice {
             });
             starts.push((q.index, q.queue, q.kick, q.interrupt));
         }
-        self.spawn_tasks(&active, starts);
-        Ok(active)
+        Ok((active, starts))
+    }
+
+    fn driver_state(&self) -> Option<NetDriverState> {
+        let a = self.active.as_ref()?;
+        let f = a.shared.filter.lock().unwrap_or_else(|e| e.into_inner());
+        Some(NetDriverState {
+            filter_mac: f.mac,
+            promisc: f.promisc,
+            allmulti: f.allmulti,
+            alluni: f.alluni,
+            unicast: f.unicast.clone(),
+            multicast: f.multicast.clone(),
+            filter_open: a.shared.filter_open.load(Ordering::SeqCst),
+            active_pairs: a.shared.active_pairs.load(Ordering::SeqCst),
+        })
     }
 
     /// Starts the task of each queue in `queues` on its pair's iothread.
-    fn spawn_tasks(&self, active: &Active, queues: Vec<(u16, Queue, EventFd, Option<EventFd>)>) {
+    fn spawn_tasks(&self, active: &Active, queues: Vec<QueueStart>) {
         let has = |f: u64| active.features & f != 0;
         for (index, queue, kick, interrupt) in queues {
             let Some(plan) = active.plans.iter().find(|p| p.index == index) else {
@@ -506,6 +546,9 @@ impl NetDevice {
     }
 }
 
+/// A queue to serve: index, the queue, its kick and its interrupt.
+type QueueStart = (u16, Queue, EventFd, Option<EventFd>);
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Role {
     Rx,
@@ -548,7 +591,87 @@ impl VirtioDevice for NetDevice {
         if self.active.is_some() {
             self.reset();
         }
-        self.active = Some(self.start(mem, features, queues)?);
+        let (active, starts) = self.start(mem, features, queues)?;
+        self.spawn_tasks(&active, starts);
+        self.active = Some(active);
+        Ok(())
+    }
+
+    fn paused_queues(&self) -> Vec<(u16, QueueState)> {
+        self.active
+            .as_ref()
+            .and_then(|a| a.paused.clone())
+            .unwrap_or_default()
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, SnapshotError> {
+        encode(
+            &self.name,
+            &NetSection {
+                mac: self.mac,
+                features: self.features,
+                queue_pairs: self.config.queue_pairs,
+                link_status: u16::from_le_bytes([self.config_space[6], self.config_space[7]]),
+                driver: self.driver_state(),
+            },
+        )
+    }
+
+    fn restore_state(
+        &mut self,
+        state: &[u8],
+        active: Option<(GuestMemoryMmap, u64, Vec<QueueInit>)>,
+    ) -> Result<(), SnapshotError> {
+        let s: NetSection = decode(&self.name, state)?;
+        if (s.features, s.queue_pairs) != (self.features, self.config.queue_pairs) {
+            return Err(SnapshotError::mismatch(
+                self.name.clone(),
+                format!(
+                    "saved with features {:#x} and {} queue pairs, configured with {:#x} and {}",
+                    s.features, s.queue_pairs, self.features, self.config.queue_pairs
+                ),
+            ));
+        }
+        // The guest knows the device by the saved MAC, whatever this
+        // configuration would have picked.
+        self.mac = s.mac;
+        self.build_config_space();
+        self.config_space[6..8].copy_from_slice(&s.link_status.to_le_bytes());
+        let (Some((mem, features, queues)), Some(d)) = (active, s.driver) else {
+            return Ok(());
+        };
+        let name = self.name.clone();
+        let apply = |detail: String| SnapshotError::Apply {
+            what: name.clone(),
+            detail,
+        };
+        let (a, starts) = self
+            .start(mem, features, queues)
+            .map_err(|e| apply(e.to_string()))?;
+        {
+            let mut f = a.shared.filter.lock().unwrap_or_else(|e| e.into_inner());
+            f.mac = d.filter_mac;
+            f.promisc = d.promisc;
+            f.allmulti = d.allmulti;
+            f.alluni = d.alluni;
+            f.unicast = d.unicast;
+            f.multicast = d.multicast;
+        }
+        a.shared.filter_open.store(d.filter_open, Ordering::SeqCst);
+        if d.active_pairs == 0 || d.active_pairs > self.config.queue_pairs {
+            return Err(SnapshotError::mismatch(
+                self.name.clone(),
+                format!("{} queue pairs in use", d.active_pairs),
+            ));
+        }
+        if let Err(e) = a.shared.set_active_pairs(d.active_pairs) {
+            log::error!("{}: {e}; the device runs without a link", self.name);
+            a.shared.tap_dead.store(true, Ordering::SeqCst);
+        }
+        let mut a = a;
+        // Paused: the tasks start on resume, at these positions.
+        a.paused = Some(starts.iter().map(|(i, q, _, _)| (*i, q.state())).collect());
+        self.active = Some(a);
         Ok(())
     }
 

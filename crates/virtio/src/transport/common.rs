@@ -2,7 +2,8 @@
 //! state machine: feature windows, queue selection and setup, the device
 //! status register. Pure: no guest memory, no file descriptors.
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 
 use crate::device::VIRTIO_F_VERSION_1;
 
@@ -29,6 +30,33 @@ pub enum StatusChange {
     Reset,
     /// The driver set DRIVER_OK.
     DriverOk,
+}
+
+/// One queue's registers and ring positions, as a snapshot keeps them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QueueSection {
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub msix_vector: u16,
+}
+
+/// The common configuration as a snapshot keeps it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommonSection {
+    pub device_features: u64,
+    pub driver_features: u64,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
+    pub config_msix_vector: u16,
+    pub status: u8,
+    pub config_generation: u8,
+    pub queue_select: u16,
+    pub queues: Vec<QueueSection>,
 }
 
 pub struct CommonConfig {
@@ -81,6 +109,92 @@ impl CommonConfig {
     pub fn set_needs_reset(&mut self) {
         self.status |= STATUS_DEVICE_NEEDS_RESET;
         self.config_generation = self.config_generation.wrapping_add(1);
+    }
+
+    /// The state for a snapshot; `positions` are the ring positions of
+    /// queues a device served (the others are where the driver left them).
+    pub fn state(&self, positions: &[(u16, QueueState)]) -> CommonSection {
+        CommonSection {
+            device_features: self.device_features,
+            driver_features: self.driver_features,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            config_msix_vector: self.config_msix_vector,
+            status: self.status,
+            config_generation: self.config_generation,
+            queue_select: self.queue_select,
+            queues: self
+                .queues
+                .iter()
+                .enumerate()
+                .map(|(i, q)| {
+                    let st = positions
+                        .iter()
+                        .find(|(idx, _)| usize::from(*idx) == i)
+                        .map(|(_, s)| *s)
+                        .unwrap_or_else(|| q.queue.state());
+                    QueueSection {
+                        size: q.queue.size(),
+                        ready: q.queue.ready(),
+                        desc_table: q.queue.desc_table(),
+                        avail_ring: q.queue.avail_ring(),
+                        used_ring: q.queue.used_ring(),
+                        next_avail: st.next_avail,
+                        next_used: st.next_used,
+                        msix_vector: q.msix_vector,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Loads a saved state into the common configuration of the same
+    /// device (same features offered, same queues).
+    pub fn set_state(&mut self, s: &CommonSection) -> Result<(), String> {
+        if s.device_features != self.device_features {
+            return Err(format!(
+                "the device offered features {:#x}, this one offers {:#x}",
+                s.device_features, self.device_features
+            ));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "{} queues saved, the device has {}",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (i, (q, saved)) in self.queues.iter().zip(&s.queues).enumerate() {
+            let state = QueueState {
+                max_size: q.queue.max_size(),
+                next_avail: saved.next_avail,
+                next_used: saved.next_used,
+                event_idx_enabled: false,
+                size: saved.size,
+                ready: saved.ready,
+                desc_table: saved.desc_table,
+                avail_ring: saved.avail_ring,
+                used_ring: saved.used_ring,
+            };
+            let queue = Queue::try_from(state).map_err(|e| format!("queue {i}: {e}"))?;
+            queues.push(QueueRegs {
+                queue,
+                msix_vector: saved.msix_vector,
+            });
+        }
+        *self = CommonConfig {
+            device_features: s.device_features,
+            driver_features: s.driver_features,
+            device_feature_select: s.device_feature_select,
+            driver_feature_select: s.driver_feature_select,
+            config_msix_vector: s.config_msix_vector,
+            status: s.status,
+            config_generation: s.config_generation,
+            queue_select: s.queue_select,
+            queues,
+        };
+        Ok(())
     }
 
     /// Back to the reset state (queue sizes return to their maximum).

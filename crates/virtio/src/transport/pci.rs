@@ -25,7 +25,12 @@ use vmm::pci::config::{PciIdentity, COMMAND_BUS_MASTER, PCI_COMMAND};
 use vmm::pci::{BarKind, BarRange, PciConfigSpace, PciDevice};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::common::{CommonConfig, StatusChange};
+use serde::{Deserialize, Serialize};
+use vmm::pci::config::PciConfigState;
+use vmm::pci::msix::MsixState;
+use vmm::snapshot::{decode, encode, SnapshotError};
+
+use super::common::{CommonConfig, CommonSection, StatusChange};
 use crate::device::{QueueInit, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::msix::Msix;
 
@@ -76,6 +81,19 @@ fn vendor_cap(
     body.extend_from_slice(&(length as u32).to_le_bytes());
     body.extend_from_slice(extra);
     config.add_capability(PCI_CAP_ID_VENDOR, &body, &[])
+}
+
+/// A virtio-pci function's snapshot section: the transport's registers
+/// and queues, then the device's own state.
+#[derive(Serialize, Deserialize)]
+struct VirtioPciSection {
+    device_type: u32,
+    config: PciConfigState,
+    msix: MsixState,
+    common: CommonSection,
+    /// The device was running (DRIVER_OK, bus mastering on).
+    active: bool,
+    device: Vec<u8>,
 }
 
 /// One virtio device on the PCI bus.
@@ -198,8 +216,9 @@ impl VirtioPciDevice {
         }
     }
 
-    /// Starts the device on DRIVER_OK; a failure sets DEVICE_NEEDS_RESET.
-    fn activate(&mut self) {
+    /// The queues to hand the device on activation, or None (the device
+    /// then needs a reset; the reason is logged).
+    fn queue_inits(&mut self) -> Option<Vec<QueueInit>> {
         let features = self.common.driver_features();
         let event_idx = features & crate::device::VIRTIO_RING_F_EVENT_IDX != 0;
         let mut queues = Vec::new();
@@ -212,8 +231,7 @@ impl VirtioPciDevice {
                     "{}: queue {i} is not valid in guest memory; device needs reset",
                     self.name
                 );
-                self.common.set_needs_reset();
-                return;
+                return None;
             }
             let mut state = q.queue.state();
             state.event_idx_enabled = event_idx;
@@ -221,16 +239,14 @@ impl VirtioPciDevice {
                 Ok(queue) => queue,
                 Err(e) => {
                     log::warn!("{}: queue {i}: {e}; device needs reset", self.name);
-                    self.common.set_needs_reset();
-                    return;
+                    return None;
                 }
             };
             let kick = match self.kicks[i].try_clone() {
                 Ok(k) => k,
                 Err(e) => {
                     log::error!("{}: duplicating the kick eventfd: {e}", self.name);
-                    self.common.set_needs_reset();
-                    return;
+                    return None;
                 }
             };
             let interrupt = match q.msix_vector {
@@ -244,6 +260,16 @@ impl VirtioPciDevice {
                 interrupt,
             });
         }
+        Some(queues)
+    }
+
+    /// Starts the device on DRIVER_OK; a failure sets DEVICE_NEEDS_RESET.
+    fn activate(&mut self) {
+        let features = self.common.driver_features();
+        let Some(queues) = self.queue_inits() else {
+            self.common.set_needs_reset();
+            return;
+        };
         match self.device.activate(self.mem.clone(), features, queues) {
             Ok(()) => {
                 self.active = true;
@@ -503,6 +529,87 @@ impl PciDevice for VirtioPciDevice {
         if self.paused {
             self.device.resume()?;
             self.paused = false;
+        }
+        Ok(())
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        self.snapshot_save()
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        self.snapshot_restore(state)
+    }
+}
+
+impl VirtioPciDevice {
+    fn named(&self, e: SnapshotError) -> SnapshotError {
+        match e {
+            SnapshotError::Unsupported { device, reason } if device.is_empty() => {
+                SnapshotError::Unsupported {
+                    device: self.name.clone(),
+                    reason,
+                }
+            }
+            e => e,
+        }
+    }
+
+    fn snapshot_save(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        if self.active && !self.paused {
+            return Err(SnapshotError::Other(format!(
+                "{}: the device is running (the VM is not paused)",
+                self.name
+            )));
+        }
+        let device = self.device.save_state().map_err(|e| self.named(e))?;
+        let positions = if self.active {
+            self.device.paused_queues()
+        } else {
+            Vec::new()
+        };
+        encode(
+            &self.name,
+            &VirtioPciSection {
+                device_type: self.device.device_type(),
+                config: self.config.state(),
+                msix: self.msix.state(),
+                common: self.common.state(&positions),
+                active: self.active,
+                device,
+            },
+        )
+    }
+
+    fn snapshot_restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        let s: VirtioPciSection = decode(&self.name, state)?;
+        let name = self.name.clone();
+        let mismatch = |d: String| SnapshotError::mismatch(name.clone(), d);
+        if s.device_type != self.device.device_type() {
+            return Err(mismatch(format!(
+                "it was virtio device type {}, this is type {}",
+                s.device_type,
+                self.device.device_type()
+            )));
+        }
+        self.config.set_state(&s.config).map_err(mismatch)?;
+        self.common.set_state(&s.common).map_err(mismatch)?;
+        // Routes and irqfds follow the restored table.
+        self.msix.set_state(&s.msix).map_err(mismatch)?;
+        if s.active {
+            let features = self.common.driver_features();
+            let queues = self.queue_inits().ok_or_else(|| {
+                mismatch("its queues are not valid in the restored guest memory".into())
+            })?;
+            self.device
+                .restore_state(&s.device, Some((self.mem.clone(), features, queues)))
+                .map_err(|e| self.named(e))?;
+            self.active = true;
+            self.paused = true;
+        } else {
+            self.device
+                .restore_state(&s.device, None)
+                .map_err(|e| self.named(e))?;
         }
         Ok(())
     }

@@ -119,6 +119,17 @@ impl AcpiPm {
 /// The device, shared between the bus and whoever presses the button.
 pub type SharedAcpiPm = Arc<Mutex<AcpiPm>>;
 
+/// The GED's pending events (a pressed button the guest has not read).
+impl crate::snapshot::Snapshot for AcpiPm {
+    fn save(&mut self) -> Result<Vec<u8>, crate::snapshot::SnapshotError> {
+        crate::snapshot::encode("acpi-pm", &self.regs.ged_pending)
+    }
+    fn restore(&mut self, state: &[u8]) -> Result<(), crate::snapshot::SnapshotError> {
+        self.regs.ged_pending = crate::snapshot::decode("acpi-pm", state)?;
+        Ok(())
+    }
+}
+
 impl BusDevice for AcpiPm {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
         data.fill(0);

@@ -149,6 +149,54 @@ impl Ioapic {
     }
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
+struct IoapicSection {
+    select: u32,
+    id: u32,
+    entries: Vec<u64>,
+}
+
+/// The registers; restoring routes every pin as its entry says (the
+/// routes are rebuilt, not stored).
+impl crate::snapshot::Snapshot for Ioapic {
+    fn save(&mut self) -> Result<Vec<u8>, crate::snapshot::SnapshotError> {
+        crate::snapshot::encode(
+            "ioapic",
+            &IoapicSection {
+                select: self.regs.select,
+                id: self.regs.id,
+                entries: self.regs.entries.to_vec(),
+            },
+        )
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), crate::snapshot::SnapshotError> {
+        let s: IoapicSection = crate::snapshot::decode("ioapic", state)?;
+        let entries: [u64; IOAPIC_PINS as usize] =
+            s.entries.try_into().map_err(|e: Vec<u64>| {
+                crate::snapshot::SnapshotError::mismatch(
+                    "ioapic",
+                    format!("{} redirection entries, not {IOAPIC_PINS}", e.len()),
+                )
+            })?;
+        self.regs = IoapicRegs {
+            select: s.select & 0xff,
+            id: s.id & 0x0f00_0000,
+            entries,
+        };
+        for pin in 0..IOAPIC_PINS {
+            let msg = self.regs.entry(pin).and_then(entry_message);
+            self.router.set_pin_route(pin, msg).map_err(|e| {
+                crate::snapshot::SnapshotError::Apply {
+                    what: "ioapic".into(),
+                    detail: format!("routing pin {pin}: {e}"),
+                }
+            })?;
+        }
+        Ok(())
+    }
+}
+
 impl BusDevice for Ioapic {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         // 32-bit accesses only; anything else reads as zero.

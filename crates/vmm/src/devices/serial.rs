@@ -4,11 +4,14 @@ use std::fs::File;
 use std::io::{self, LineWriter, Write};
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::coalesced::CoalescedZone;
+use crate::snapshot::{decode, encode, Snapshot, SnapshotError};
 
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_LEN: u16 = 8;
@@ -39,6 +42,8 @@ impl Trigger for IrqLine {
 pub enum ConsoleSink {
     Stdout(io::Stdout),
     File(LineWriter<File>),
+    /// Only while the UART is rebuilt from a snapshot.
+    Discard,
 }
 
 impl Write for ConsoleSink {
@@ -46,6 +51,7 @@ impl Write for ConsoleSink {
         match self {
             ConsoleSink::Stdout(s) => s.write(buf),
             ConsoleSink::File(f) => f.write(buf),
+            ConsoleSink::Discard => Ok(buf.len()),
         }
     }
 
@@ -53,6 +59,7 @@ impl Write for ConsoleSink {
         match self {
             ConsoleSink::Stdout(s) => s.flush(),
             ConsoleSink::File(f) => f.flush(),
+            ConsoleSink::Discard => Ok(()),
         }
     }
 }
@@ -122,6 +129,92 @@ impl SerialConsole {
     }
 }
 
+/// The UART's registers and receive FIFO (vm-superio's `SerialState`).
+#[derive(Serialize, Deserialize)]
+struct SerialSection {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+impl Snapshot for SerialConsole {
+    fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        let st = self.inner.state();
+        encode(
+            "serial0",
+            &SerialSection {
+                baud_divisor_low: st.baud_divisor_low,
+                baud_divisor_high: st.baud_divisor_high,
+                interrupt_enable: st.interrupt_enable,
+                interrupt_identification: st.interrupt_identification,
+                line_control: st.line_control,
+                line_status: st.line_status,
+                modem_control: st.modem_control,
+                modem_status: st.modem_status,
+                scratch: st.scratch,
+                in_buffer: st.in_buffer,
+            },
+        )
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        let s: SerialSection = decode("serial0", state)?;
+        let st = SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        };
+        let irq =
+            self.inner.interrupt_evt().0.try_clone().map_err(|e| {
+                SnapshotError::Other(format!("serial0: duplicating its eventfd: {e}"))
+            })?;
+        let old = std::mem::replace(
+            &mut self.inner,
+            Serial::new(
+                IrqLine(irq.try_clone().map_err(|e| {
+                    SnapshotError::Other(format!("serial0: duplicating its eventfd: {e}"))
+                })?),
+                ConsoleSink::Discard,
+            ),
+        );
+        // The interrupt a pending THR-empty or received byte raises again
+        // goes to the irqfd, as it would have in the original VM.
+        match Serial::from_state(
+            &st,
+            IrqLine(irq),
+            vm_superio::serial::NoEvents,
+            old.into_writer(),
+        ) {
+            Ok(serial) => {
+                self.inner = serial;
+                // The coalescing rule follows the restored registers.
+                self.lcr = s.line_control;
+                self.ier = s.interrupt_enable & IER_VALID_BITS;
+                let ier = self.ier;
+                if let Some(zone) = &mut self.zone {
+                    zone.set(ier == 0);
+                }
+                Ok(())
+            }
+            Err(e) => Err(SnapshotError::mismatch("serial0", format!("{e:?}"))),
+        }
+    }
+}
+
 impl BusDevice for SerialConsole {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -144,6 +237,55 @@ impl BusDevice for SerialConsole {
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    fn uart() -> (SerialConsole, EventFd) {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let dup = irq.try_clone().unwrap();
+        (SerialConsole::new(irq, ConsoleSink::Discard), dup)
+    }
+
+    #[test]
+    fn registers_and_the_receive_fifo_survive_save_and_restore() {
+        let (mut a, _) = uart();
+        // Scratch register, line control, and RX-data interrupts on.
+        a.write(0, 7, &[0x5a]);
+        a.write(0, 3, &[0x03]);
+        a.write(0, 1, &[0x01]);
+        assert_eq!(a.enqueue_input(b"hi"), 2);
+        let state = a.save().unwrap();
+        let (mut b, irq) = uart();
+        b.restore(&state).unwrap();
+        let mut byte = [0u8];
+        b.read(0, 7, &mut byte);
+        assert_eq!(byte[0], 0x5a);
+        b.read(0, 3, &mut byte);
+        assert_eq!(byte[0], 0x03);
+        // The pending received data raised the interrupt again.
+        assert_eq!(irq.read().unwrap(), 1);
+        b.read(0, 0, &mut byte);
+        assert_eq!(byte[0], b'h');
+        b.read(0, 0, &mut byte);
+        assert_eq!(byte[0], b'i');
+        // Garbage is refused.
+        assert!(b.restore(&[0xff; 3]).is_err());
+        let mut big = SerialSection {
+            baud_divisor_low: 0,
+            baud_divisor_high: 0,
+            interrupt_enable: 0,
+            interrupt_identification: 0,
+            line_control: 0,
+            line_status: 0,
+            modem_control: 0,
+            modem_status: 0,
+            scratch: 0,
+            in_buffer: vec![0; 4096],
+        };
+        let e = b.restore(&encode("serial0", &big).unwrap()).unwrap_err();
+        assert!(e.is_bad_input(), "{e}");
+        big.in_buffer.clear();
+        b.restore(&encode("serial0", &big).unwrap()).unwrap();
+    }
 
     /// Records what the device asks of its zone.
     struct Zone(Arc<Mutex<Vec<bool>>>);

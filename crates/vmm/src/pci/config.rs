@@ -49,6 +49,14 @@ pub struct PciIdentity {
     pub revision: u8,
 }
 
+/// What a snapshot keeps of a configuration space: every byte as the
+/// guest sees it and each BAR's address.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PciConfigState {
+    pub bytes: Vec<u8>,
+    pub bar_addrs: Vec<u64>,
+}
+
 /// Configuration space bytes plus per-byte write masks.
 pub struct PciConfigSpace {
     bytes: Vec<u8>,
@@ -202,6 +210,48 @@ impl PciConfigSpace {
             Some(src) => data.copy_from_slice(src),
             None => data.fill(0xff),
         }
+    }
+
+    /// The state for a snapshot.
+    pub fn state(&self) -> PciConfigState {
+        PciConfigState {
+            bytes: self.bytes.clone(),
+            bar_addrs: self.bars.iter().map(|b| b.addr).collect(),
+        }
+    }
+
+    /// Loads a saved state into a space built by the same device: its
+    /// identity (vendor, device, revision, class, subsystem) must match.
+    /// BAR addresses are kept aligned to their BAR's size.
+    pub fn set_state(&mut self, state: &PciConfigState) -> Result<(), String> {
+        if state.bytes.len() != CONFIG_SIZE || state.bar_addrs.len() != BARS {
+            return Err(format!(
+                "{} configuration bytes and {} BARs, not {CONFIG_SIZE} and {BARS}",
+                state.bytes.len(),
+                state.bar_addrs.len()
+            ));
+        }
+        for r in [0x00..0x04, 0x08..0x0c, 0x2c..0x30] {
+            if state.bytes[r.clone()] != self.bytes[r.clone()] {
+                return Err(format!(
+                    "the saved function's identity (bytes {:#x}..{:#x}) is {:02x?}, this one's {:02x?}",
+                    r.start,
+                    r.end,
+                    &state.bytes[r.clone()],
+                    &self.bytes[r.clone()]
+                ));
+            }
+        }
+        self.bytes.copy_from_slice(&state.bytes);
+        for (i, addr) in state.bar_addrs.iter().enumerate() {
+            let bar = &mut self.bars[i];
+            bar.addr = if bar.kind.is_some() {
+                addr & !(bar.size - 1)
+            } else {
+                0
+            };
+        }
+        Ok(())
     }
 
     /// Direct access for devices updating their own registers.

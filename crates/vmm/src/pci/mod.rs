@@ -58,4 +58,23 @@ pub trait PciDevice: Send {
     fn resume(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         Ok(())
     }
+    /// The function's state for a snapshot (the VM is paused), as
+    /// [`crate::snapshot::Snapshot::save`]: configuration space with the
+    /// BARs the guest programmed, MSI-X, and whatever the device model
+    /// keeps. The default: it cannot be saved.
+    fn save_state(&mut self) -> Result<Vec<u8>, crate::snapshot::SnapshotError> {
+        Err(crate::snapshot::SnapshotError::Unsupported {
+            device: String::new(),
+            reason: "its device model has no snapshot support".into(),
+        })
+    }
+    /// Loads a state [`PciDevice::save_state`] made into a function built
+    /// anew from the same configuration; it stays paused until
+    /// [`PciDevice::resume`]. The root maps the restored BARs afterwards.
+    fn restore_state(&mut self, _state: &[u8]) -> Result<(), crate::snapshot::SnapshotError> {
+        Err(crate::snapshot::SnapshotError::Unsupported {
+            device: String::new(),
+            reason: "its device model has no snapshot support".into(),
+        })
+    }
 }

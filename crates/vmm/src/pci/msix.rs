@@ -44,6 +44,16 @@ impl Default for Entry {
     }
 }
 
+/// What a snapshot keeps of MSI-X: the table, message control and which
+/// vectors are pending (raised while masked).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct MsixState {
+    /// (address low, address high, data, vector control) per entry.
+    pub table: Vec<(u32, u32, u32, u32)>,
+    pub control: u16,
+    pub pending: Vec<bool>,
+}
+
 /// The MSI-X state of one function.
 pub struct Msix {
     entries: Vec<Entry>,
@@ -98,6 +108,53 @@ impl Msix {
         if let Err(err) = self.vectors[i].update(message, masked) {
             log::error!("MSI-X vector {i}: {err}");
         }
+    }
+
+    /// The state for a snapshot.
+    pub fn state(&self) -> MsixState {
+        MsixState {
+            table: self
+                .entries
+                .iter()
+                .map(|e| (e.addr_lo, e.addr_hi, e.data, e.ctrl))
+                .collect(),
+            control: self.control,
+            pending: self.vectors.iter().map(MsiVector::pending).collect(),
+        }
+    }
+
+    /// Loads a saved state: every vector's route and irqfd are rebuilt
+    /// from the table as a guest write would, and a pending vector's
+    /// eventfd is signalled again (delivered when the guest unmasks it).
+    pub fn set_state(&mut self, state: &MsixState) -> Result<(), String> {
+        let n = self.entries.len();
+        if state.table.len() != n || state.pending.len() != n {
+            return Err(format!(
+                "{} MSI-X entries saved, the function has {n}",
+                state.table.len()
+            ));
+        }
+        for (e, &(addr_lo, addr_hi, data, ctrl)) in self.entries.iter_mut().zip(&state.table) {
+            *e = Entry {
+                addr_lo: addr_lo & !0x3,
+                addr_hi,
+                data,
+                ctrl: ctrl & VECTOR_CTRL_MASKED,
+            };
+        }
+        let rw = MSG_CTRL_ENABLE | MSG_CTRL_FUNCTION_MASK;
+        self.control = (self.control & !rw) | (state.control & rw);
+        for i in 0..n {
+            self.sync(i);
+        }
+        for (v, &p) in self.vectors.iter().zip(&state.pending) {
+            if p {
+                v.eventfd()
+                    .write(1)
+                    .map_err(|e| format!("raising a pending MSI-X vector: {e}"))?;
+            }
+        }
+        Ok(())
     }
 
     /// A read of the vector table at `offset`.

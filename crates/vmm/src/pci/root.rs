@@ -8,6 +8,7 @@ use super::config::{PciConfigSpace, PciIdentity};
 use super::{BarRange, PciDevice};
 use crate::bus::BusDevice;
 use crate::registry::{DeviceRegistry, RegistryError, Resource};
+use crate::snapshot::{decode, encode, Snapshot, SnapshotError};
 
 /// Configuration mechanism #1 ports.
 pub const PCI_CONFIG_ADDRESS: u16 = 0xcf8;
@@ -87,6 +88,63 @@ struct Slot {
 /// The host bridge at 00:00.0: identity only.
 struct HostBridge(PciConfigSpace);
 
+/// A PCI function's face in the registry's snapshot: the function's own
+/// [`PciDevice::save_state`], with its name on a refusal.
+struct PciFunctionSnapshot {
+    name: String,
+    dev: Arc<Mutex<dyn PciDevice>>,
+}
+
+impl PciFunctionSnapshot {
+    fn named(&self, e: SnapshotError) -> SnapshotError {
+        match e {
+            SnapshotError::Unsupported { device, reason } if device.is_empty() => {
+                SnapshotError::Unsupported {
+                    device: self.name.clone(),
+                    reason,
+                }
+            }
+            e => e,
+        }
+    }
+}
+
+impl Snapshot for PciFunctionSnapshot {
+    fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        lock(&self.dev).save_state().map_err(|e| self.named(e))
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        lock(&self.dev)
+            .restore_state(state)
+            .map_err(|e| self.named(e))
+    }
+}
+
+/// The root's own state, under the name of its configuration ports: the
+/// address last written to 0xcf8 (a vCPU may be between its two halves
+/// of a configuration access).
+pub struct PciRootSnapshot(pub Weak<Mutex<PciRoot>>);
+
+impl Snapshot for PciRootSnapshot {
+    fn save(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        let addr = self
+            .0
+            .upgrade()
+            .map(|r| lock(&r).config_address)
+            .unwrap_or(0);
+        encode("pci-config-io", &addr)
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        let addr: u32 = decode("pci-config-io", state)?;
+        if let Some(root) = self.0.upgrade() {
+            lock(&root).config_address = addr;
+        }
+        Ok(())
+    }
+}
+
 impl PciDevice for HostBridge {
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
         self.0.read(offset, data)
@@ -104,6 +162,15 @@ impl PciDevice for HostBridge {
     fn set_bar_address(&mut self, _: u8, _: u64) {}
     fn bar_requests(&self) -> Vec<(u8, u64, bool)> {
         Vec::new()
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        encode("pci-host-bridge", &self.0.state())
+    }
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), SnapshotError> {
+        let s = decode("pci-host-bridge", state)?;
+        self.0
+            .set_state(&s)
+            .map_err(|d| SnapshotError::mismatch("pci-host-bridge", d))
     }
 }
 
@@ -204,6 +271,12 @@ impl PciRoot {
                 name: name.into(),
                 source,
             })?;
+        let snap = Arc::new(Mutex::new(PciFunctionSnapshot {
+            name: name.into(),
+            dev: dev.clone(),
+        }));
+        // The device was added just above under this name.
+        let _ = lock(&self.registry).set_snapshot(name, snap);
         self.slots[slot] = Some(Slot {
             name: name.into(),
             dev,
@@ -229,6 +302,14 @@ impl PciRoot {
             log::warn!("removing PCI device {:?}: {e}", s.name);
         }
         Some(s.dev)
+    }
+
+    /// After a restore: maps every function's BARs where its restored
+    /// configuration space has them (and so moves its ioeventfds there).
+    pub fn refresh_decoding(&mut self) {
+        for slot in 0..self.slots.len() {
+            self.update_decoding(slot);
+        }
     }
 
     /// Brings the bus mapping of `slot`'s BARs in line with what the device
