@@ -480,20 +480,20 @@ impl Controller {
             drop(inner);
             if let Some(args) = args {
                 // A restored VM reboots as a fresh boot of its snapshot's
-                // configuration, not as the snapshot again.
-                let args = match &args.restore {
-                    Some(r) => crate::cli::parse_restore(r)
-                        .and_then(|spec| args.restored_args(&spec))
-                        .map_err(|e| ApiError::bad_request(chain(&e))),
-                    None => Ok(args),
-                };
-                let rebuilt = args.and_then(|args| {
-                    self.on_worker(|c| {
+                // configuration, not as the snapshot again. Reading that
+                // configuration opens files: the worker does it.
+                let rebuilt = self
+                    .on_worker(|c| {
+                        let args = match &args.restore {
+                            Some(r) => crate::cli::parse_restore(r)
+                                .and_then(|spec| args.restored_args(&spec))
+                                .map_err(|e| ApiError::bad_request(chain(&e)))?,
+                            None => args,
+                        };
                         c.create_from_args(args)
                             .and_then(|()| Self::start(&mut c.lock()))
                     })
-                    .unwrap_or_else(|| Err(ApiError::internal("the worker thread is gone")))
-                });
+                    .unwrap_or_else(|| Err(ApiError::internal("the worker thread is gone")));
                 match rebuilt {
                     Ok(()) => return None,
                     Err(e) => {

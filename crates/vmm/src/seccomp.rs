@@ -446,6 +446,25 @@ const VM_BUILD: &[i64] = &[
     libc::SYS_setsockopt,
     // Guest RAM size against the host's (memory checks).
     libc::SYS_sysinfo,
+    // Snapshots (vm.snapshot, vm.restore): the directory, memory files
+    // written under a temporary name, made durable and renamed; restore
+    // checks sizes, finds data runs (SEEK_DATA) and copies or maps them.
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+    libc::SYS_lseek,
+    libc::SYS_statx,
+    libc::SYS_newfstatat,
+    libc::SYS_fstat,
+    libc::SYS_read,
+    libc::SYS_pread64,
 ];
 
 fn list(kind: ThreadKind) -> &'static [i64] {
