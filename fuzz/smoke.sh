@@ -17,9 +17,14 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 for target in $(cargo +nightly fuzz list); do
     mkdir -p "$scratch/$target/new" "$scratch/$target/artifacts" "corpus/$target"
+    # vfio_user_replies spawns a server thread per input; glibc's
+    # thread-exit bookkeeping (__cxa_thread_atexit_impl) shows up as a
+    # LeakSanitizer report that is not ringvm's.
+    extra=()
+    [ "$target" = vfio_user_replies ] && extra=(-detect_leaks=0)
     if ! ASAN_OPTIONS=detect_odr_violation=0 \
         "target/x86_64-unknown-linux-gnu/release/$target" \
-        "$scratch/$target/new" "corpus/$target" -max_total_time="$secs" \
+        "$scratch/$target/new" "corpus/$target" -max_total_time="$secs" "${extra[@]}" \
         -artifact_prefix="$scratch/$target/artifacts/" >"$scratch/$target.log" 2>&1; then
         tail -n 40 "$scratch/$target.log"
         mkdir -p artifacts/"$target"
