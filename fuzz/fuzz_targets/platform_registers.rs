@@ -21,9 +21,19 @@ fuzz_target!(|input: &[u8]| {
         prog_if: 0,
         revision: 1,
     });
-    cfg.add_bar(0, 0x4000, BarKind::Mem64 { prefetchable: false });
+    cfg.add_bar(
+        0,
+        0x4000,
+        BarKind::Mem64 {
+            prefetchable: false,
+        },
+    );
     cfg.add_bar(2, 0x1000, BarKind::Mem32);
-    cfg.add_capability(0x11, &[0x07, 0x00, 0x00, 0x20, 0x00, 0x00, 0x00, 0x30, 0x00, 0x00], &[0x00, 0xc0]);
+    cfg.add_capability(
+        0x11,
+        &[0x07, 0x00, 0x00, 0x20, 0x00, 0x00, 0x00, 0x30, 0x00, 0x00],
+        &[0x00, 0xc0],
+    );
     let mut ioapic = IoapicRegs::default();
     let mut pm = AcpiPmRegs::default();
     for op in input.chunks_exact(8) {

@@ -104,6 +104,22 @@ impl UserTransport {
             source,
         };
         let stream = UnixStream::connect(path).map_err(io)?;
+        Self::over_stream(stream, path, timeout)
+    }
+
+    /// Negotiates over an already connected `stream` (`path` names the
+    /// server in messages). Public (hidden) for the fuzz target, which
+    /// plays the server on one end of a socket pair.
+    #[doc(hidden)]
+    pub fn over_stream(
+        stream: UnixStream,
+        path: &Path,
+        timeout: Duration,
+    ) -> Result<UserTransport, TransportError> {
+        let io = |source| TransportError::Io {
+            op: "connecting",
+            source,
+        };
         stream.set_read_timeout(Some(timeout)).map_err(io)?;
         stream.set_write_timeout(Some(timeout)).map_err(io)?;
         let mut t = UserTransport {

@@ -11,3 +11,7 @@ mod tx;
 
 pub use config::{NetConfig, NetConfigError};
 pub use device::{NetDevice, NetDeviceError, NetStats};
+#[doc(hidden)]
+pub use queue::ChainError;
+#[doc(hidden)]
+pub use tx::{tx_frame, TxDrop, TxFrame};

@@ -13,13 +13,61 @@ use std::sync::Arc;
 
 use uring_backend::executor::{yield_now, Executor};
 use uring_backend::net::VNET_HDR_LEN;
-use virtio_queue::QueueT;
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{GuestMemory, GuestMemoryMmap};
 
 use super::device::{NetShared, PairCtx};
-use super::queue::{iovecs, schedule_notify, segments, NetQueue};
+use super::queue::{iovecs, schedule_notify, segments, ChainError, NetQueue};
 
 /// Most buffers one `writev` takes (`UIO_MAXIOV`).
 const MAX_IOVECS: usize = 1024;
+
+/// Why a guest's TX chain is dropped instead of sent.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TxDrop {
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error("{0} buffers, more than one write takes")]
+    TooManyBuffers(usize),
+    #[error("{len} bytes with its header (negotiated maximum {max})")]
+    Length { len: u64, max: u64 },
+    #[error("buffers outside guest memory")]
+    Unmapped,
+}
+
+/// A TX chain checked for sending: its buffers as host iovecs into guest
+/// memory and its length (virtio-net header included).
+pub struct TxFrame {
+    pub iov: Vec<libc::iovec>,
+    pub len: u64,
+}
+
+/// Checks a guest's TX chain: all device-readable, inside guest memory, at
+/// most one `writev`'s worth of buffers, a header and an Ethernet header
+/// long and at most `max_len` bytes. Public (hidden) for the fuzz target.
+#[doc(hidden)]
+pub fn tx_frame<M>(
+    chain: DescriptorChain<M>,
+    mem: &GuestMemoryMmap,
+    max_len: u64,
+) -> Result<TxFrame, TxDrop>
+where
+    M: std::ops::Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let segs = segments(chain, mem, false)?;
+    if segs.segs.len() > MAX_IOVECS {
+        return Err(TxDrop::TooManyBuffers(segs.segs.len()));
+    }
+    if segs.len < (VNET_HDR_LEN + 14) as u64 || segs.len > max_len {
+        return Err(TxDrop::Length {
+            len: segs.len,
+            max: max_len,
+        });
+    }
+    let iov = iovecs(mem, &segs.segs).ok_or(TxDrop::Unmapped)?;
+    Ok(TxFrame { iov, len: segs.len })
+}
 
 struct Tx {
     ex: Rc<Executor>,
@@ -63,37 +111,16 @@ impl Tx {
                 };
                 let head = chain.head_index();
                 let mem = self.q.borrow().mem.clone();
-                let segs = match segments(chain, &mem, false) {
-                    Ok(s) => s,
+                let frame = match tx_frame(chain, &mem, self.max_len) {
+                    Ok(f) => f,
                     Err(e) => {
                         self.drop_frame(head, format_args!("{e}"));
                         continue;
                     }
                 };
-                if segs.segs.len() > MAX_IOVECS {
-                    self.drop_frame(
-                        head,
-                        format_args!("{} buffers, more than one write takes", segs.segs.len()),
-                    );
-                    continue;
-                }
-                if segs.len < (VNET_HDR_LEN + 14) as u64 || segs.len > self.max_len {
-                    self.drop_frame(
-                        head,
-                        format_args!(
-                            "{} bytes with its header (negotiated maximum {})",
-                            segs.len, self.max_len
-                        ),
-                    );
-                    continue;
-                }
-                let Some(iov) = iovecs(&mem, &segs.segs) else {
-                    self.drop_frame(head, format_args!("buffers outside guest memory"));
-                    continue;
-                };
                 self.inflight.set(self.inflight.get() + 1);
                 let ex = self.ex.clone();
-                let fut = write_frame(self.clone_parts(), head, iov, segs.len);
+                let fut = write_frame(self.clone_parts(), head, frame.iov, frame.len);
                 ex.spawn(fut);
             }
             if !self.q.borrow_mut().enable_notification() {
@@ -204,4 +231,66 @@ pub(super) async fn serve_tx(ex: Rc<Executor>, ctx: PairCtx) {
         }
     }
     tx.q.borrow().hand_back(&returned, 0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
+    use vm_memory::GuestAddress;
+
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+
+    /// `tx_frame` of the first chain made of `descs` (addr, len, flags).
+    fn check(descs: &[(u64, u32, u16)], max_len: u64) -> Result<u64, TxDrop> {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x4_0000)]).unwrap();
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(a, l, f))| RawDescriptor::from(Descriptor::new(a, l, f, i as u16 + 1)))
+            .collect();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(&raw, 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        tx_frame(chain, &mem, max_len).map(|f| {
+            assert_eq!(f.iov.iter().map(|v| v.iov_len as u64).sum::<u64>(), f.len);
+            f.len
+        })
+    }
+
+    #[test]
+    fn accepts_a_frame_and_refuses_what_a_write_cannot_send() {
+        // Header and frame in two buffers.
+        assert_eq!(
+            check(&[(0x1_0000, 12, NEXT), (0x1_1000, 60, 0)], 1526),
+            Ok(72)
+        );
+        // Device-writable buffers are not for TX.
+        assert_eq!(
+            check(&[(0x1_0000, 72, WRITE)], 1526),
+            Err(TxDrop::Chain(ChainError::WrongDirection(
+                "write-only",
+                "read"
+            )))
+        );
+        // Shorter than a header and an Ethernet header, longer than
+        // negotiated, outside guest memory.
+        assert!(matches!(
+            check(&[(0x1_0000, 25, 0)], 1526),
+            Err(TxDrop::Length { len: 25, .. })
+        ));
+        assert!(matches!(
+            check(&[(0x1_0000, 1527, 0)], 1526),
+            Err(TxDrop::Length { len: 1527, .. })
+        ));
+        assert!(matches!(
+            check(&[(0x3_ff00, 0x200, 0)], 1526),
+            Err(TxDrop::Chain(ChainError::OutsideMemory { .. }))
+        ));
+    }
 }
