@@ -49,7 +49,10 @@ struct Netns(String);
 
 impl Netns {
     fn new() -> Option<Netns> {
-        let name = format!("rvsec-{}", std::process::id());
+        // Tests of this binary run in parallel: one name each.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("rvsec-{}-{n}", std::process::id());
         let made = Command::new("ip").args(["netns", "add", &name]).output();
         match made {
             Ok(o) if o.status.success() => Some(Netns(name)),
@@ -284,7 +287,16 @@ fn threads_with_a_connection(
     want: usize,
 ) -> Vec<(String, u32, u32)> {
     let _idle = std::os::unix::net::UnixStream::connect(sock).expect("connecting to the API");
-    wait_threads(pid, want)
+    // A new thread names itself once it runs: until then it shows its
+    // parent's name ("api").
+    let start = Instant::now();
+    loop {
+        let threads = wait_threads(pid, want);
+        if threads.iter().any(|t| t.0 == "api-conn") || start.elapsed() > DEADLINE {
+            return threads;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn assert_all_filtered(threads: &[(String, u32, u32)], names: &[&str], what: &str) {
