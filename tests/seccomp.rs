@@ -288,11 +288,17 @@ fn threads_with_a_connection(
 ) -> Vec<(String, u32, u32)> {
     let _idle = std::os::unix::net::UnixStream::connect(sock).expect("connecting to the API");
     // A new thread names itself once it runs: until then it shows its
-    // parent's name ("api").
+    // parent's name (a second "api" or "vm-build"); every name here is
+    // distinct once all have run.
     let start = Instant::now();
     loop {
         let threads = wait_threads(pid, want);
-        if threads.iter().any(|t| t.0 == "api-conn") || start.elapsed() > DEADLINE {
+        let mut names: Vec<&str> = threads.iter().map(|t| t.0.as_str()).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        let all_named = names.len() == before && names.contains(&"api-conn");
+        if all_named || start.elapsed() > DEADLINE {
             return threads;
         }
         std::thread::sleep(Duration::from_millis(10));
