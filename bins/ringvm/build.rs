@@ -30,6 +30,7 @@ fn main() {
         println!("cargo:rerun-if-changed={}", guest.join(p).display());
     }
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    ensure_bare_metal_target(&guest);
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&guest)
         .args([
@@ -61,6 +62,36 @@ fn main() {
     );
     let elf = target_dir.join("x86_64-unknown-none/release/ringvm-guest");
     std::fs::copy(&elf, out.join("ringvm-guest.elf")).expect("copying the guest ELF");
+}
+
+/// A fresh machine's rustup (1.28 and later) does not add the targets
+/// that rust-toolchain.toml names to a toolchain that is already
+/// installed: add the guest's target here, so that `cargo run` is the
+/// only set-up step. Without rustup (a distribution's Rust), the guest
+/// build below reports what is missing.
+fn ensure_bare_metal_target(guest: &std::path::Path) {
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let sysroot = Command::new(rustc)
+        .current_dir(guest)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    // The guest directory's toolchain file names the same channel.
+    let installed = sysroot
+        .map(|s| s.join("lib/rustlib/x86_64-unknown-none").is_dir())
+        .unwrap_or(false);
+    if installed {
+        return;
+    }
+    let added = Command::new("rustup")
+        .current_dir(guest)
+        .args(["target", "add", "x86_64-unknown-none"])
+        .status();
+    if !matches!(added, Ok(s) if s.success()) {
+        println!("cargo:warning=could not add the x86_64-unknown-none target with rustup");
+    }
 }
 
 /// Release builds of the binary: the functions of the common paths
