@@ -11,6 +11,7 @@
 //! any thread (see `task.rs`).
 
 mod buffers;
+mod direct;
 mod op;
 pub(crate) mod ops;
 mod setup;
@@ -32,6 +33,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::slab::Slab;
 use buffers::FixedBuffers;
 use op::OpSlot;
+pub use direct::{Completion, Deferred, EventFdReader, FILE_SLOTS};
 pub use setup::{Opcodes, RingSetup};
 use task::{Task, TaskWaker, WakeShared};
 
@@ -69,6 +71,8 @@ pub enum ExecutorError {
     },
     #[error("unregistering fixed buffers")]
     UnregisterBuffers(#[source] io::Error),
+    #[error("registering a file with the ring")]
+    RegisterFile(#[source] io::Error),
 }
 
 /// Counters for benchmarks; written by the executor's thread only, read
@@ -163,6 +167,12 @@ pub struct Executor {
     /// The outstanding read on the wake eventfd, if armed.
     wake_key: Cell<Option<u64>>,
     deferred: RefCell<Vec<Box<dyn FnOnce()>>>,
+    deferred_rc: RefCell<Vec<Rc<dyn Deferred>>>,
+    /// Scratch lists of `reap`, kept for their capacity.
+    reap_wakers: RefCell<Vec<Waker>>,
+    reap_direct: RefCell<Vec<(Rc<dyn Completion>, u64, i32)>>,
+    /// Which slots of the registered-file table are taken.
+    file_slots: RefCell<Vec<bool>>,
     buffers: RefCell<FixedBuffers>,
     stats: Arc<ExecutorStats>,
     running: Cell<bool>,
@@ -191,6 +201,10 @@ impl Executor {
             polling: RefCell::new(VecDeque::new()),
             wake_key: Cell::new(None),
             deferred: RefCell::new(Vec::new()),
+            deferred_rc: RefCell::new(Vec::new()),
+            reap_wakers: RefCell::new(Vec::new()),
+            reap_direct: RefCell::new(Vec::new()),
+            file_slots: RefCell::new(vec![false; FILE_SLOTS as usize]),
             buffers: RefCell::new(FixedBuffers::default()),
             stats: Arc::new(ExecutorStats::default()),
             running: Cell::new(false),
@@ -424,12 +438,21 @@ impl Executor {
     fn run_deferred(&self) {
         loop {
             let batch = std::mem::take(&mut *self.deferred.borrow_mut());
-            if batch.is_empty() {
+            let mut rcs = std::mem::take(&mut *self.deferred_rc.borrow_mut());
+            if batch.is_empty() && rcs.is_empty() {
+                *self.deferred_rc.borrow_mut() = rcs;
                 return;
             }
             for f in batch {
                 f();
             }
+            for d in rcs.drain(..) {
+                d.run();
+            }
+            // Keep the list's capacity; what was queued meanwhile moves in.
+            let mut queued = self.deferred_rc.borrow_mut();
+            rcs.append(&mut queued);
+            *queued = rcs;
         }
     }
 
@@ -477,6 +500,7 @@ impl Executor {
             }
         }
         self.deferred.borrow_mut().clear();
+        self.deferred_rc.borrow_mut().clear();
         self.shared.ready().clear();
         let pending: Vec<u64> = {
             let ops = self.ops.borrow();

@@ -36,6 +36,9 @@ pub(super) struct OpSlot {
     /// Waits for something outside the ring (an eventfd read): its
     /// completion may never come, so polling does not wait for it.
     pub(super) waits: bool,
+    /// Started with `submit_direct`: the completion goes to this handler,
+    /// with this tag, instead of to an `Op` future.
+    pub(super) direct: Option<(std::rc::Rc<dyn super::direct::Completion>, u64)>,
 }
 
 enum Stage<R> {
@@ -159,6 +162,7 @@ impl Executor {
             state: OpState::Pending(None),
             owned,
             waits,
+            direct: None,
         });
         match self.push(&entry.user_data(key)) {
             Ok(()) => {
@@ -233,10 +237,12 @@ impl Executor {
         }
     }
 
-    /// Drains the completion queue: records results, wakes waiters, frees
-    /// detached ops. Returns the number of CQEs reaped.
+    /// Drains the completion queue: records results, wakes waiters, runs
+    /// direct handlers, frees detached ops. Returns the number of CQEs
+    /// reaped. Allocates nothing once its scratch lists have grown.
     pub(super) fn reap(&self) -> usize {
-        let mut wakers = Vec::new();
+        let mut wakers = std::mem::take(&mut *self.reap_wakers.borrow_mut());
+        let mut direct = std::mem::take(&mut *self.reap_direct.borrow_mut());
         let mut freed = Vec::new();
         let mut rearm = false;
         let mut count = 0;
@@ -257,6 +263,13 @@ impl Executor {
                 if !slot.waits {
                     self.busy.set(self.busy.get().saturating_sub(1));
                 }
+                if let Some((handler, tag)) = slot.direct.take() {
+                    direct.push((handler, tag, cqe.result()));
+                    // The handler took over what the kernel used.
+                    let slot = ops.remove(key);
+                    drop(slot);
+                    continue;
+                }
                 match &mut slot.state {
                     OpState::Pending(waker) => {
                         if let Some(w) = waker.take() {
@@ -276,9 +289,15 @@ impl Executor {
             }
         }
         drop(freed);
-        for w in wakers {
+        for w in wakers.drain(..) {
             w.wake();
         }
+        for (handler, tag, result) in direct.drain(..) {
+            handler.complete(tag, result);
+        }
+        // Keep the lists' capacity for the next reap.
+        *self.reap_wakers.borrow_mut() = wakers;
+        *self.reap_direct.borrow_mut() = direct;
         if rearm {
             self.arm_wake();
         }

@@ -9,10 +9,15 @@ use io_uring::IoUring;
 
 use super::ExecutorError;
 
-/// `IORING_REGISTER_BUFFERS` and `IORING_UNREGISTER_BUFFERS`, the only
-/// registrations a restricted ring still allows.
+/// `IORING_REGISTER_BUFFERS`, `IORING_UNREGISTER_BUFFERS` and
+/// `IORING_REGISTER_FILES_UPDATE`, the only registrations a restricted ring
+/// still allows: guest RAM as fixed buffers, and files put into (and taken
+/// out of) the sparse table registered before the restriction.
 const IORING_REGISTER_BUFFERS: u8 = 0;
 const IORING_UNREGISTER_BUFFERS: u8 = 1;
+const IORING_REGISTER_FILES_UPDATE: u8 = 6;
+/// `IOSQE_FIXED_FILE`, the one SQE flag a restricted ring accepts.
+const IOSQE_FIXED_FILE: u8 = 1;
 
 /// Which of the executor's opcodes the kernel supports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +95,9 @@ pub struct RingSetup {
     pub restricted: bool,
     /// The kernel answered the opcode probe.
     pub probed: bool,
+    /// A sparse registered-file table of [`super::FILE_SLOTS`] slots is
+    /// set up (Linux 5.19 and later).
+    pub file_table: bool,
     pub opcodes: Opcodes,
     pub sq_entries: u32,
     pub cq_entries: u32,
@@ -138,6 +146,14 @@ pub(super) fn create(entries: u32) -> Result<(IoUring, RingSetup), ExecutorError
         }
     };
 
+    let file_table = match ring.submitter().register_files_sparse(super::FILE_SLOTS) {
+        Ok(()) => true,
+        Err(e) => {
+            log::debug!("no registered-file table ({e}); I/O names plain descriptors");
+            false
+        }
+    };
+
     let mut restricted = false;
     if disabled {
         let mut list: Vec<Restriction> = opcodes
@@ -147,6 +163,8 @@ pub(super) fn create(entries: u32) -> Result<(IoUring, RingSetup), ExecutorError
             .collect();
         list.push(Restriction::register_op(IORING_REGISTER_BUFFERS));
         list.push(Restriction::register_op(IORING_UNREGISTER_BUFFERS));
+        list.push(Restriction::register_op(IORING_REGISTER_FILES_UPDATE));
+        list.push(Restriction::sqe_flags_allowed(IOSQE_FIXED_FILE));
         match ring.submitter().register_restrictions(&mut list) {
             Ok(()) => restricted = true,
             Err(e) => {
@@ -162,6 +180,7 @@ pub(super) fn create(entries: u32) -> Result<(IoUring, RingSetup), ExecutorError
         single_issuer,
         restricted,
         probed,
+        file_table,
         opcodes,
         sq_entries: ring.params().sq_entries(),
         cq_entries: ring.params().cq_entries(),

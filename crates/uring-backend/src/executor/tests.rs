@@ -171,3 +171,127 @@ fn io_only_polling_skips_reads_that_wait_for_outside_events() {
         "nothing but a waiting read was in flight: no polling"
     );
 }
+
+/// Counts direct completions by tag.
+#[derive(Default)]
+struct Sink(RefCell<Vec<(u64, i32)>>);
+
+impl super::Completion for Sink {
+    fn complete(&self, tag: u64, result: i32) {
+        self.0.borrow_mut().push((tag, result));
+    }
+}
+
+#[test]
+fn direct_ops_reach_their_handler_with_tag_and_result_through_a_registered_file() {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let ex = Executor::new(8).expect("executor");
+    let mut file = tempfile_with(b"0123456789abcdef");
+    file.flush().unwrap();
+    let sink = Rc::new(Sink::default());
+    let buf = Rc::new(RefCell::new([0u8; 4]));
+    let slot = if ex.setup().file_table {
+        Some(ex.register_file(&file).expect("a registered file"))
+    } else {
+        eprintln!("note: no registered-file table on this kernel");
+        None
+    };
+    for (tag, offset) in [(7u64, 4u64), (9, 12)] {
+        let ptr = buf.borrow_mut().as_mut_ptr();
+        let entry = match slot {
+            Some(s) => opcode::Read::new(types::Fixed(s), ptr, 2)
+                .offset(offset)
+                .build()
+                .flags(io_uring::squeue::Flags::FIXED_FILE),
+            None => opcode::Read::new(types::Fd(file.as_raw_fd()), ptr, 2)
+                .offset(offset)
+                .build(),
+        };
+        // SAFETY: `buf` outlives the executor's run below, which reaps
+        // the completion.
+        unsafe { ex.submit_direct(sink.clone(), tag, entry, false) }.unwrap();
+        let ex2 = ex.clone();
+        let s2 = sink.clone();
+        block_on(&ex, async move {
+            while s2.0.borrow().len() < (tag as usize - 5) / 2 {
+                ex2.nop().await.unwrap();
+            }
+        });
+        let got = &buf.borrow()[..2];
+        assert_eq!(got, &b"0123456789abcdef"[offset as usize..offset as usize + 2]);
+    }
+    assert_eq!(*sink.0.borrow(), vec![(7, 2), (9, 2)]);
+    if let Some(s) = slot {
+        ex.unregister_file(s);
+    }
+}
+
+#[test]
+fn a_restricted_ring_takes_only_the_fixed_file_flag() {
+    let ex = Executor::new(8).expect("executor");
+    if !ex.setup().restricted {
+        eprintln!("note: this kernel does not restrict rings; nothing to check");
+        return;
+    }
+    let ex2 = ex.clone();
+    let (forced_async, fixed) = block_on(&ex, async move {
+        // IOSQE_ASYNC is not among the allowed flags.
+        let op = ex2.submit_op(Box::new(()), |_| {
+            opcode::Nop::new()
+                .build()
+                .flags(io_uring::squeue::Flags::ASYNC)
+        });
+        let drained = op.await.0;
+        let op = ex2.submit_op(Box::new(()), |_| {
+            opcode::Nop::new()
+                .build()
+                .flags(io_uring::squeue::Flags::FIXED_FILE)
+        });
+        (drained, op.await.0)
+    });
+    assert_eq!(forced_async, -libc::EACCES);
+    assert_eq!(fixed, 0);
+}
+
+#[test]
+fn an_eventfd_reader_keeps_one_read_outstanding_across_dropped_futures() {
+    use std::sync::Arc;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let ex = Executor::new(8).expect("executor");
+    let fd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    let reader = Rc::new(super::EventFdReader::new(fd.clone()));
+    let (ex2, r2, fd2) = (ex.clone(), reader.clone(), fd.clone());
+    let got = block_on(&ex, async move {
+        // Start a read and drop its future before the counter moves.
+        {
+            let mut first = Box::pin(r2.read(&ex2));
+            let waker = std::task::Waker::noop();
+            let mut cx = std::task::Context::from_waker(waker);
+            assert!(first.as_mut().poll(&mut cx).is_pending());
+        }
+        assert!(r2.armed());
+        fd2.write(5).unwrap();
+        let a = r2.read(&ex2).await.unwrap();
+        fd2.write(3).unwrap();
+        let b = r2.read(&ex2).await.unwrap();
+        (a, b)
+    });
+    assert_eq!(got, (5, 3));
+    assert!(!reader.armed());
+}
+
+fn tempfile_with(data: &[u8]) -> std::fs::File {
+    use std::io::Write;
+    let path = std::env::temp_dir().join(format!("ringvm-exec-{}-{:?}", std::process::id(), std::thread::current().id()));
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    f.write_all(data).unwrap();
+    f
+}
