@@ -18,8 +18,12 @@ for t in "$@"; do
     mkdir -p "corpus/$t" "artifacts/$t"
     start=$(date -u +%s)
     day=$(date -u +%Y-%m-%dT%H:%MZ)
+    # See smoke.sh: glibc's thread-exit bookkeeping in the per-input server
+    # thread shows up as a leak that is not ringvm's.
+    extra=()
+    [ "$t" = vfio_user_replies ] && extra=(-detect_leaks=0)
     nice -n 19 "$bin/$t" "corpus/$t" -runs=10000000 -max_total_time="$max_time" \
-        -artifact_prefix="artifacts/$t/" -print_final_stats=1 >"campaign/$t.log" 2>&1
+        -artifact_prefix="artifacts/$t/" -print_final_stats=1 "${extra[@]}" >"campaign/$t.log" 2>&1
     rc=$?
     wall=$(( $(date -u +%s) - start ))
     runs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "campaign/$t.log" | tail -1 | grep -o '[0-9]*$')

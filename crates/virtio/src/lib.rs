@@ -14,6 +14,7 @@ pub mod net;
 pub mod ratelimit;
 pub mod transport;
 pub mod vhost_user;
+pub mod vq;
 pub mod workers;
 
 pub use device::{ActivateError, PauseError, QueueInit, VirtioDevice};

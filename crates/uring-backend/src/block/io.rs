@@ -68,7 +68,7 @@ mod inject {
 }
 
 /// The injected failure of a transfer, if any (see `inject`).
-fn injected_eio() -> Option<io::Error> {
+pub(super) fn injected_eio() -> Option<io::Error> {
     #[cfg(debug_assertions)]
     if inject::fails() {
         return Some(io::Error::from_raw_os_error(libc::EIO));

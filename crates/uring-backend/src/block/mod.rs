@@ -6,6 +6,7 @@
 //!
 //! [`Executor`]: crate::executor::Executor
 
+mod direct;
 mod io;
 
 use std::fs::{File, OpenOptions};
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+pub use direct::DirectIo;
 pub use io::ZERO_CHUNK;
 
 /// `BLKSSZGET`: logical sector size of a block device (`int`).

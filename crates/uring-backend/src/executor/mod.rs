@@ -32,8 +32,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::slab::Slab;
 use buffers::FixedBuffers;
-use op::OpSlot;
 pub use direct::{Completion, Deferred, EventFdReader, FILE_SLOTS};
+use op::OpSlot;
 pub use setup::{Opcodes, RingSetup};
 use task::{Task, TaskWaker, WakeShared};
 
@@ -150,6 +150,9 @@ impl StopHandle {
     }
 }
 
+/// A direct op's completion waiting for its handler: handler, tag, result.
+type DirectDone = (Rc<dyn Completion>, u64, i32);
+
 /// The io_uring executor of one thread.
 pub struct Executor {
     ring: RefCell<IoUring>,
@@ -170,7 +173,7 @@ pub struct Executor {
     deferred_rc: RefCell<Vec<Rc<dyn Deferred>>>,
     /// Scratch lists of `reap`, kept for their capacity.
     reap_wakers: RefCell<Vec<Waker>>,
-    reap_direct: RefCell<Vec<(Rc<dyn Completion>, u64, i32)>>,
+    reap_direct: RefCell<Vec<DirectDone>>,
     /// Which slots of the registered-file table are taken.
     file_slots: RefCell<Vec<bool>>,
     buffers: RefCell<FixedBuffers>,

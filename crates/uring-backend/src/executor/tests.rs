@@ -219,7 +219,10 @@ fn direct_ops_reach_their_handler_with_tag_and_result_through_a_registered_file(
             }
         });
         let got = &buf.borrow()[..2];
-        assert_eq!(got, &b"0123456789abcdef"[offset as usize..offset as usize + 2]);
+        assert_eq!(
+            got,
+            &b"0123456789abcdef"[offset as usize..offset as usize + 2]
+        );
     }
     assert_eq!(*sink.0.borrow(), vec![(7, 2), (9, 2)]);
     if let Some(s) = slot {
@@ -283,7 +286,11 @@ fn an_eventfd_reader_keeps_one_read_outstanding_across_dropped_futures() {
 
 fn tempfile_with(data: &[u8]) -> std::fs::File {
     use std::io::Write;
-    let path = std::env::temp_dir().join(format!("ringvm-exec-{}-{:?}", std::process::id(), std::thread::current().id()));
+    let path = std::env::temp_dir().join(format!(
+        "ringvm-exec-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -1,14 +1,12 @@
 //! The virtio-blk device: configuration space, features, and starting and
 //! stopping one worker per queue on the iothreads it was given.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use uring_backend::block::{BlockFile, BlockOpenOptions};
 use uring_backend::iothread::IoThread;
-use virtio_queue::{Queue, QueueState};
+use virtio_queue::QueueState;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::config::DiskConfig;
 use super::request::{RequestLimits, MAX_DISCARD_SEGMENTS, SECTOR_SHIFT, VIRTIO_BLK_ID_BYTES};
@@ -19,7 +17,8 @@ use crate::device::{
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::ratelimit::RateLimitedLog;
-use crate::workers::{spread_over_iothreads, WorkerCount};
+use crate::vq::{QueueSet, QueueStart};
+use crate::workers::spread_over_iothreads;
 use vmm::snapshot::{decode, encode, SnapshotError};
 
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -51,24 +50,11 @@ pub enum BlockDeviceError {
     },
 }
 
-/// Where each queue worker leaves its queue when it stops.
-pub(super) type ReturnedQueues = Arc<Mutex<Vec<(u16, QueueState)>>>;
-
 struct Active {
-    stop: Arc<AtomicBool>,
-    workers: Arc<WorkerCount>,
-    kicks: Vec<EventFd>,
-    returned: ReturnedQueues,
+    set: QueueSet,
     mem: GuestMemoryMmap,
     features: u64,
-    /// Each served queue's kick and interrupt, to restart it after a pause.
-    wiring: Vec<(u16, EventFd, Option<EventFd>)>,
-    /// While paused: each stopped queue where its worker left it.
-    paused: Option<Vec<(u16, QueueState)>>,
 }
-
-/// A queue to serve: index, the queue, its kick and its interrupt.
-type QueueStart = (u16, Queue, EventFd, Option<EventFd>);
 
 /// What a snapshot keeps of a virtio-blk device: its configuration as the
 /// driver saw it. The restored device must present the same (a disk of
@@ -209,7 +195,7 @@ impl BlockDevice {
             };
             let ctx = QueueCtx {
                 index,
-                guard: QueueCtx::worker_guard(&active.workers),
+                guard: active.set.worker(),
                 queue,
                 kick,
                 interrupt,
@@ -219,9 +205,9 @@ impl BlockDevice {
                 id: self.id(),
                 event_idx: active.features & VIRTIO_RING_F_EVENT_IDX != 0,
                 fixed_buffers: self.config.fixed_buffers,
-                stop: active.stop.clone(),
+                stop: active.set.stop.clone(),
                 log: self.log.clone(),
-                returned: active.returned.clone(),
+                returned: active.set.returned(),
                 stats: self.stats.clone(),
             };
             // If the job never runs (iothread gone), dropping it drops the
@@ -231,20 +217,6 @@ impl BlockDevice {
                 ex.spawn(serve_queue(ex2, ctx));
             }));
         }
-    }
-
-    /// Stops every worker of `active` (in-flight requests complete first)
-    /// and takes the queues they hand back, by index.
-    fn stop_workers(&self, active: &Active) -> Vec<(u16, QueueState)> {
-        active.stop.store(true, Ordering::SeqCst);
-        for k in &active.kicks {
-            let _ = k.write(1);
-        }
-        active.workers.wait_idle();
-        let mut queues =
-            std::mem::take(&mut *active.returned.lock().unwrap_or_else(|e| e.into_inner()));
-        queues.sort_by_key(|(index, _)| *index);
-        queues
     }
 
     /// Everything an activation needs before its workers start: the
@@ -258,25 +230,8 @@ impl BlockDevice {
         if self.active.is_some() {
             self.reset();
         }
-        let mut active = Active {
-            stop: Arc::new(AtomicBool::new(false)),
-            workers: Arc::new(WorkerCount::default()),
-            kicks: Vec::with_capacity(queues.len()),
-            returned: ReturnedQueues::default(),
-            mem,
-            features,
-            wiring: Vec::with_capacity(queues.len()),
-            paused: None,
-        };
-        let mut starts = Vec::with_capacity(queues.len());
-        for q in queues {
-            let dup = |e: &EventFd| e.try_clone().map_err(ActivateError::EventFd);
-            active.kicks.push(dup(&q.kick)?);
-            let interrupt = q.interrupt.as_ref().map(dup).transpose()?;
-            active.wiring.push((q.index, dup(&q.kick)?, interrupt));
-            starts.push((q.index, q.queue, q.kick, q.interrupt));
-        }
-        Ok((active, starts))
+        let (set, starts) = QueueSet::new(queues, |_| true)?;
+        Ok((Active { set, mem, features }, starts))
     }
 
     /// Capacity in 512-byte sectors.
@@ -299,10 +254,7 @@ impl BlockDevice {
             return Vec::new();
         };
         // A paused device's workers are stopped already.
-        let queues = match active.paused.take() {
-            Some(queues) => queues,
-            None => self.stop_workers(&active),
-        };
+        let queues = active.set.stop_all(&[]);
         log::debug!("{}: reset, all queue workers stopped", self.name);
         queues
     }
@@ -350,7 +302,7 @@ impl VirtioDevice for BlockDevice {
     fn paused_queues(&self) -> Vec<(u16, QueueState)> {
         self.active
             .as_ref()
-            .and_then(|a| a.paused.clone())
+            .map(|a| a.set.paused_queues())
             .unwrap_or_default()
     }
 
@@ -400,74 +352,37 @@ impl VirtioDevice for BlockDevice {
                         detail: e.to_string(),
                     })?;
             // Paused: the workers start on resume, at these positions.
-            a.paused = Some(starts.iter().map(|(i, q, _, _)| (*i, q.state())).collect());
+            a.set.start_paused(&starts);
             self.active = Some(a);
         }
         Ok(())
     }
 
     fn pause(&mut self) -> Result<(), PauseError> {
-        let Some(active) = &self.active else {
-            return Ok(());
-        };
-        if active.paused.is_some() {
-            return Ok(());
-        }
-        let queues = self.stop_workers(active);
-        log::debug!("{}: paused, in-flight requests completed", self.name);
         if let Some(active) = &mut self.active {
-            active.paused = Some(queues);
+            if active.set.pause(&[]) {
+                log::debug!("{}: paused, in-flight requests completed", self.name);
+            }
         }
         Ok(())
     }
 
     fn resume(&mut self) -> Result<(), PauseError> {
-        let Some(active) = &mut self.active else {
+        let Some(mut active) = self.active.take() else {
             return Ok(());
         };
-        let Some(queues) = active.paused.take() else {
-            return Ok(());
-        };
-        let mut starts = Vec::with_capacity(queues.len());
-        for (index, state) in &queues {
-            let wiring = active.wiring.iter().find(|(i, _, _)| i == index);
-            let Some((_, kick, interrupt)) = wiring else {
-                continue;
-            };
-            let queue = Queue::try_from(*state).map_err(|source| PauseError::Queue {
-                index: *index,
-                source,
-            });
-            let dup = |e: &EventFd| e.try_clone().map_err(PauseError::EventFd);
-            let started = queue.and_then(|q| {
-                Ok((
-                    *index,
-                    q,
-                    dup(kick)?,
-                    interrupt.as_ref().map(dup).transpose()?,
-                ))
-            });
-            match started {
-                Ok(s) => starts.push(s),
-                Err(e) => {
-                    active.paused = Some(queues);
-                    return Err(e);
-                }
+        let resumed = active.set.resume();
+        let result = match resumed {
+            Ok(Some(starts)) => {
+                self.spawn_workers(&active, starts);
+                log::debug!("{}: resumed", self.name);
+                Ok(())
             }
-        }
-        active.stop = Arc::new(AtomicBool::new(false));
-        // Requests the driver posted before the pause but no worker took
-        // yet: a kick makes each new worker look at its avail ring.
-        for (_, kick, _) in &active.wiring {
-            let _ = kick.write(1);
-        }
-        let active = self.active.take();
-        if let Some(active) = active {
-            self.spawn_workers(&active, starts);
-            self.active = Some(active);
-        }
-        log::debug!("{}: resumed", self.name);
-        Ok(())
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        self.active = Some(active);
+        result
     }
 
     fn reset(&mut self) {

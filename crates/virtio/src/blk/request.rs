@@ -117,22 +117,23 @@ impl Stream {
         self.segs.iter().map(|s| u64::from(s.1)).sum()
     }
 
-    /// Splits off the first `n` bytes.
-    fn split_front(&mut self, mut n: u64) -> Vec<(GuestAddress, u32)> {
-        let mut front = Vec::new();
-        while n > 0 && !self.segs.is_empty() {
-            let (addr, len) = self.segs[0];
+    /// Drops the first `n` bytes.
+    fn skip_front(&mut self, mut n: u64) {
+        let mut whole = 0;
+        for seg in self.segs.iter_mut() {
+            if n == 0 {
+                break;
+            }
+            let (addr, len) = *seg;
             if u64::from(len) <= n {
-                front.push((addr, len));
                 n -= u64::from(len);
-                self.segs.remove(0);
+                whole += 1;
             } else {
-                front.push((addr, n as u32));
-                self.segs[0] = (addr.unchecked_add(n), len - n as u32);
+                *seg = (addr.unchecked_add(n), len - n as u32);
                 n = 0;
             }
         }
-        front
+        self.segs.drain(..whole);
     }
 
     /// Splits off the last byte's address.
@@ -167,13 +168,14 @@ impl Stream {
 fn split_chain<M>(
     chain: DescriptorChain<M>,
     mem: &GuestMemoryMmap,
+    pool: &mut SegmentPool,
 ) -> Result<(Stream, Stream), RequestError>
 where
     M: Deref,
     M::Target: GuestMemory,
 {
-    let mut readable = Vec::new();
-    let mut writable = Vec::new();
+    let mut readable = pool.take();
+    let mut writable = pool.take();
     let mut last: Option<Descriptor> = None;
     let mut wrong_direction = false;
     for desc in chain {
@@ -263,6 +265,29 @@ fn check_range(sector: u64, sectors: u64, limits: &RequestLimits) -> Result<(), 
     }
 }
 
+/// Spare segment lists: parsing takes its lists from here and a finished
+/// request gives its data list back, so that a queue's parsing allocates
+/// nothing once warm.
+#[derive(Debug, Default)]
+pub struct SegmentPool(Vec<Vec<(GuestAddress, u32)>>);
+
+/// Lists kept in a pool: two per request in flight of a full queue.
+const POOL_LISTS: usize = 512;
+
+impl SegmentPool {
+    fn take(&mut self) -> Vec<(GuestAddress, u32)> {
+        self.0.pop().unwrap_or_default()
+    }
+
+    /// Returns a list (a finished request's `data`) for reuse.
+    pub fn give(&mut self, mut list: Vec<(GuestAddress, u32)>) {
+        if self.0.len() < POOL_LISTS && list.capacity() > 0 {
+            list.clear();
+            self.0.push(list);
+        }
+    }
+}
+
 /// Parses the request in `chain`. On error, the caller reports
 /// `err.status()` at [`fallback_status_addr`] (if any) and moves on.
 pub fn parse<M>(
@@ -274,16 +299,31 @@ where
     M: Deref + Clone,
     M::Target: GuestMemory,
 {
+    parse_pooled(chain, mem, limits, &mut SegmentPool::default())
+}
+
+/// [`parse`], with the segment lists taken from (and the unused one given
+/// back to) `pool`.
+pub fn parse_pooled<M>(
+    chain: DescriptorChain<M>,
+    mem: &GuestMemoryMmap,
+    limits: &RequestLimits,
+    pool: &mut SegmentPool,
+) -> Result<Request, (RequestError, Option<GuestAddress>)>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
     let fallback = || fallback_status_addr(chain.clone(), mem);
     let (mut readable, mut writable) =
-        split_chain(chain.clone(), mem).map_err(|e| (e, fallback()))?;
+        split_chain(chain.clone(), mem, pool).map_err(|e| (e, fallback()))?;
     let status = writable
         .pop_back_byte()
         .ok_or((RequestError::NoStatus, None))?;
     let fail = |e| (e, Some(status));
     let mut header = [0u8; HEADER_SIZE];
     readable.read(mem, &mut header).map_err(fail)?;
-    readable.split_front(HEADER_SIZE as u64);
+    readable.skip_front(HEADER_SIZE as u64);
     let kind_raw = u32::from_le_bytes(header[0..4].try_into().unwrap());
     let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
     let (kind, data) = match kind_raw {
@@ -296,6 +336,7 @@ where
             } else {
                 RequestKind::GetId
             };
+            pool.give(readable.segs);
             (kind, writable.segs)
         }
         VIRTIO_BLK_T_OUT => {
@@ -305,9 +346,14 @@ where
             if limits.readonly {
                 return Err(fail(RequestError::ReadOnly));
             }
+            pool.give(writable.segs);
             (RequestKind::Write, readable.segs)
         }
-        VIRTIO_BLK_T_FLUSH => (RequestKind::Flush, Vec::new()),
+        VIRTIO_BLK_T_FLUSH => {
+            pool.give(readable.segs);
+            pool.give(writable.segs);
+            (RequestKind::Flush, Vec::new())
+        }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             let supported = if kind_raw == VIRTIO_BLK_T_DISCARD {
                 limits.discard

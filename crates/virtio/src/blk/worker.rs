@@ -1,32 +1,43 @@
 //! One virtio-blk queue served on an io_uring iothread.
 //!
-//! The queue is a future: it keeps one outstanding read on the queue's
-//! ioeventfd; when the driver kicks, it drains the avail ring inside
-//! virtio-queue's disable/enable-notification loop, parses each chain and
-//! starts its I/O on the iothread's ring. Everything started in one turn of
-//! the executor goes to the kernel with one `io_uring_enter`. Completions
-//! write the status, fill the used ring and, once per turn, interrupt the
-//! driver if the used-event rule says so.
+//! The queue is a future on the shared queue layer ([`crate::vq`]): one
+//! outstanding read of the kick eventfd; on a kick, a pass over the avail
+//! ring that parses each chain and starts its I/O. Reads, writes and
+//! flushes take a slot of the queue's request table (sized by the queue,
+//! reused) and go to the ring as direct operations tagged with the slot:
+//! no task, boxed future, iovec array or segment list is allocated per
+//! request once the queue is warm. The disk is named by its slot in the
+//! ring's registered-file table where the kernel has one, and
+//! single-buffer transfers into registered guest RAM use
+//! READ_FIXED/WRITE_FIXED. Everything started in one executor turn goes to
+//! the kernel with one `io_uring_enter`; completions write the status,
+//! fill the used ring and, once per turn, interrupt the driver if the
+//! used-event rule says so. Discard and write-zeroes (several operations
+//! each, rare) run as tasks.
 
-use std::cell::RefCell;
-use std::rc::Rc;
+use std::cell::{Cell, RefCell};
+use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use uring_backend::block::BlockFile;
-use uring_backend::executor::{yield_now, Executor};
+use uring_backend::block::{BlockFile, DirectIo};
+use uring_backend::executor::{Completion, EventFdReader, Executor};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::ReturnedQueues;
 use super::request::{
-    parse, Request, RequestKind, RequestLimits, SECTOR_SHIFT, VIRTIO_BLK_ID_BYTES,
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, WRITE_ZEROES_FLAG_UNMAP,
+    parse_pooled, Request, RequestKind, RequestLimits, SegmentPool, SECTOR_SHIFT,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    WRITE_ZEROES_FLAG_UNMAP,
 };
 use super::stats::BlockStats;
 use crate::ratelimit::RateLimitedLog;
-use crate::workers::{WorkerCount, WorkerGuardToken};
+use crate::vq::{
+    drain, schedule_notify, serve_kicks, settle, Chain, Drained, QueueParts, ReturnedQueues,
+    ServedQueue, SharedQueue,
+};
+use crate::workers::WorkerGuardToken;
 
 /// Everything a queue worker needs; moved to its iothread.
 pub struct QueueCtx {
@@ -49,136 +60,99 @@ pub struct QueueCtx {
     pub stats: Arc<BlockStats>,
 }
 
-impl QueueCtx {
-    /// Counts a worker as started; it counts as finished when the context
-    /// is dropped, whether or not it ever ran.
-    pub fn worker_guard(workers: &Arc<WorkerCount>) -> WorkerGuardToken {
-        WorkerGuardToken::new(workers)
+impl crate::vq::InterruptCounter for BlockStats {
+    fn interrupt_raised(&self) {
+        self.interrupts.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-/// Queue state shared by the queue task and its request tasks.
-struct Shared {
-    queue: Queue,
-    /// Shared by every request of the queue (cloning the memory itself
-    /// would copy its region list each time).
-    mem: Rc<GuestMemoryMmap>,
-    interrupt: Option<EventFd>,
-    inflight: usize,
-    notify_scheduled: bool,
-    /// Guest RAM is registered with this iothread's ring: single-buffer
-    /// transfers use READ_FIXED/WRITE_FIXED (no page pinning per I/O).
+/// A read, write or flush in flight.
+struct Slot {
+    head: u16,
+    /// Some while the slot is taken.
+    req: Option<Request>,
+    /// The transfer's iovecs (what is left of it after a short transfer);
+    /// kept, with its capacity, from one request to the next.
+    iov: Vec<libc::iovec>,
+    /// Bytes moved so far.
+    done: u64,
+}
+
+/// The queue's state, shared by its task and, through the op table, by
+/// every operation it has in flight (which keeps the slots, their iovec
+/// arrays and the guest memory alive until the kernel is done).
+struct BlkQueue {
+    me: Weak<BlkQueue>,
+    ex: Rc<Executor>,
+    vq: SharedQueue,
+    disk: BlockFile,
+    /// The disk's slot in this ring's registered-file table.
+    file_slot: Option<u32>,
+    /// Guest RAM is registered with this iothread's ring as fixed buffers.
     fixed: bool,
-    index: u16,
+    slots: RefCell<Vec<Slot>>,
+    /// The queue's size: no driver has more requests in flight.
+    max_slots: usize,
+    free: RefCell<Vec<u32>>,
+    pool: RefCell<SegmentPool>,
+    /// Requests taken from the avail ring and not yet returned.
+    inflight: Cell<usize>,
+    limits: RequestLimits,
+    id: [u8; VIRTIO_BLK_ID_BYTES],
     log: Arc<RateLimitedLog>,
     stats: Arc<BlockStats>,
 }
 
-impl Shared {
-    /// Returns a finished chain to the driver.
-    fn complete(&mut self, head: u16, len: u32) {
-        if let Err(e) = self.queue.add_used(&*self.mem, head, len) {
-            self.log
-                .warn(format_args!("queue {}: add_used: {e}", self.index));
-        }
-    }
-
-    fn notify_if_needed(&mut self) {
-        self.notify_scheduled = false;
-        let needed = match self.queue.needs_notification(&*self.mem) {
-            Ok(n) => n,
-            Err(e) => {
-                self.log.warn(format_args!(
-                    "queue {}: reading used_event: {e}",
-                    self.index
-                ));
-                true
-            }
-        };
-        if needed {
-            if let Some(irq) = &self.interrupt {
-                match irq.write(1) {
-                    Ok(()) => {
-                        self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => self.log.warn(format_args!(
-                        "queue {}: raising the interrupt: {e}",
-                        self.index
-                    )),
-                }
-            }
-        }
-    }
-}
-
-/// Coalesces interrupts: at most one check per executor turn.
-fn schedule_notify(ex: &Rc<Executor>, shared: &Rc<RefCell<Shared>>) {
-    let mut s = shared.borrow_mut();
-    if s.notify_scheduled {
-        return;
-    }
-    s.notify_scheduled = true;
-    let shared = shared.clone();
-    ex.defer(move || shared.borrow_mut().notify_if_needed());
-}
-
-/// Serves one queue until the device is reset.
+/// Serves one queue until the device is reset or paused.
 pub async fn serve_queue(ex: Rc<Executor>, ctx: QueueCtx) {
     let _guard = ctx.guard;
-    let kick = Arc::new(ctx.kick);
-    let mut queue = ctx.queue;
-    queue.set_event_idx(ctx.event_idx);
-    let shared = Rc::new(RefCell::new(Shared {
-        queue,
-        mem: Rc::new(ctx.mem.clone()),
-        interrupt: ctx.interrupt,
-        inflight: 0,
-        notify_scheduled: false,
-        fixed: false,
+    let size = usize::from(ctx.queue.size()).max(1);
+    let vq = ServedQueue::shared(QueueParts {
         index: ctx.index,
+        queue: ctx.queue,
+        event_idx: ctx.event_idx,
+        mem: ctx.mem.clone(),
+        interrupt: ctx.interrupt,
         log: ctx.log.clone(),
-        stats: ctx.stats.clone(),
-    }));
-    let disk = Rc::new(ctx.disk);
-    let id = ctx.id;
+        counter: ctx.stats.clone(),
+    });
     let registration = if ctx.fixed_buffers {
         register_guest_memory(&ex, &ctx.mem, &ctx.log)
     } else {
         Registration::None
     };
-    shared.borrow_mut().fixed = registration != Registration::None;
-    loop {
-        if let Err(e) = ex.read_eventfd(kick.clone()).await {
-            ctx.log.warn(format_args!(
-                "queue {}: reading the kick eventfd: {e}",
-                ctx.index
-            ));
-            break;
+    let file_slot = match ex.register_file(&ctx.disk) {
+        Ok(slot) => Some(slot),
+        Err(e) => {
+            log::debug!("queue {}: disk not a registered file: {e}", ctx.index);
+            None
         }
-        if ctx.stop.load(Ordering::SeqCst) {
-            break;
-        }
-        // A driver can keep the avail ring non-empty forever (a used ring
-        // laid over the avail index makes every completion look like a new
-        // request): take at most a queue's worth per pass, then let other
-        // tasks run and look at `stop` again.
-        while drain_avail(&ex, &shared, &disk, &ctx.limits, &id) == Drained::MoreLeft {
-            yield_now().await;
-            if ctx.stop.load(Ordering::SeqCst) {
-                break;
-            }
-        }
-        if ctx.stop.load(Ordering::SeqCst) {
-            break;
-        }
+    };
+    let q = Rc::new_cyclic(|me| BlkQueue {
+        me: me.clone(),
+        ex: ex.clone(),
+        vq: vq.clone(),
+        disk: ctx.disk,
+        file_slot,
+        fixed: registration != Registration::None,
+        slots: RefCell::new(Vec::with_capacity(size)),
+        max_slots: size,
+        free: RefCell::new(Vec::with_capacity(size)),
+        pool: RefCell::new(SegmentPool::default()),
+        inflight: Cell::new(0),
+        limits: ctx.limits,
+        id: ctx.id,
+        log: ctx.log.clone(),
+        stats: ctx.stats,
+    });
+    let kick = EventFdReader::new(Arc::new(ctx.kick));
+    serve_kicks(&ex, &kick, &ctx.stop, &vq, || q.drain()).await;
+    // Reset or pause: let in-flight requests finish before the queue goes
+    // back.
+    settle(&ex, || q.inflight.get() == 0).await;
+    if let Some(slot) = file_slot {
+        ex.unregister_file(slot);
     }
-    // Reset: let in-flight requests finish before the queue goes back.
-    while shared.borrow().inflight > 0 {
-        if ex.nop().await.is_err() {
-            break;
-        }
-    }
-    let queue = shared.borrow().queue.state();
     // Guest memory may be unmapped (and its addresses reused) once the
     // queue is back: the registration must not outlive it.
     if registration == Registration::Made {
@@ -187,10 +161,327 @@ pub async fn serve_queue(ex: Rc<Executor>, ctx: QueueCtx) {
                 .warn(format_args!("unregistering guest RAM from the ring: {e}"));
         }
     }
-    ctx.returned
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push((ctx.index, queue));
+    vq.borrow().hand_back(&ctx.returned, 0);
+}
+
+fn io_status(errno: i32) -> u8 {
+    match errno {
+        libc::EOPNOTSUPP => VIRTIO_BLK_S_UNSUPP,
+        _ => VIRTIO_BLK_S_IOERR,
+    }
+}
+
+impl BlkQueue {
+    /// A pass over the avail ring.
+    fn drain(&self) -> Drained {
+        drain(&self.vq, |chain| self.take(chain), || false)
+    }
+
+    /// Starts the request in one chain, or answers it at once.
+    fn take(&self, chain: Chain) {
+        let head = chain.head_index();
+        let mem = self.vq.borrow().mem.clone();
+        let parsed = parse_pooled(chain, &mem, &self.limits, &mut self.pool.borrow_mut());
+        let req = match parsed {
+            Ok(req) => req,
+            Err((err, status)) => {
+                self.log.warn(format_args!("bad request: {err}"));
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                let len = match status {
+                    Some(addr) if mem.write_obj(err.status(), addr).is_ok() => 1,
+                    _ => 0,
+                };
+                self.vq.borrow_mut().complete(head, len);
+                schedule_notify(&self.ex, &self.vq);
+                return;
+            }
+        };
+        self.inflight.set(self.inflight.get() + 1);
+        match req.kind {
+            RequestKind::Read | RequestKind::Write | RequestKind::Flush => self.start(head, req),
+            RequestKind::GetId => {
+                let res = write_id(&mem, &req, &self.id);
+                self.finish_request(head, &req, res);
+                self.pool.borrow_mut().give(req.data);
+            }
+            RequestKind::Discard(_) | RequestKind::WriteZeroes(_) => {
+                let Some(me) = self.me.upgrade() else { return };
+                self.ex.spawn(run_slow(me, head, req));
+            }
+        }
+    }
+
+    /// Puts a read, write or flush in a free slot and starts it.
+    fn start(&self, head: u16, req: Request) {
+        let index = {
+            let mut slots = self.slots.borrow_mut();
+            match self.free.borrow_mut().pop() {
+                Some(i) => i,
+                None if slots.len() < self.max_slots => {
+                    slots.push(Slot {
+                        head,
+                        req: None,
+                        iov: Vec::new(),
+                        done: 0,
+                    });
+                    (slots.len() - 1) as u32
+                }
+                None => {
+                    // Only a driver that made the same head available twice
+                    // gets here.
+                    drop(slots);
+                    let msg = "more requests in flight than the queue holds";
+                    self.finish_request(head, &req, Err((VIRTIO_BLK_S_IOERR, msg.into())));
+                    self.pool.borrow_mut().give(req.data);
+                    return;
+                }
+            }
+        };
+        {
+            let mut slots = self.slots.borrow_mut();
+            let slot = &mut slots[index as usize];
+            slot.head = head;
+            slot.done = 0;
+            slot.iov.clear();
+            let mem = self.vq.borrow().mem.clone();
+            for &(addr, len) in &req.data {
+                // Parsing checked every segment against guest memory.
+                if let Ok(s) = mem.get_slice(addr, len as usize) {
+                    slot.iov.push(libc::iovec {
+                        iov_base: s.ptr_guard_mut().as_ptr().cast(),
+                        iov_len: len as usize,
+                    });
+                }
+            }
+            slot.req = Some(req);
+        }
+        self.submit(index);
+    }
+
+    /// Submits (the rest of) slot `index`'s operation; answers the request
+    /// if it cannot be started.
+    fn submit(&self, index: u32) {
+        let io = {
+            let slots = self.slots.borrow();
+            let slot = &slots[index as usize];
+            let Some(req) = &slot.req else { return };
+            let offset = (req.sector << SECTOR_SHIFT) + slot.done;
+            let write = req.kind == RequestKind::Write;
+            match (&req.kind, slot.iov.as_slice()) {
+                (RequestKind::Flush, _) => DirectIo::Flush,
+                (_, [one]) if self.fixed => {
+                    let ptr = one.iov_base.cast::<u8>();
+                    match self.ex.fixed_index_for(ptr, one.iov_len) {
+                        Some(index) if write => DirectIo::WriteFixed {
+                            offset,
+                            buf: ptr,
+                            len: one.iov_len as u32,
+                            index,
+                        },
+                        Some(index) => DirectIo::ReadFixed {
+                            offset,
+                            buf: ptr,
+                            len: one.iov_len as u32,
+                            index,
+                        },
+                        None => rw(write, offset, &slot.iov),
+                    }
+                }
+                _ => rw(write, offset, &slot.iov),
+            }
+        };
+        let Some(me) = self.me.upgrade() else { return };
+        // SAFETY: the iovec array is this slot's, and the buffers are guest
+        // RAM held by `vq`'s memory handle; the slot is not reused or
+        // changed, and `self` (which owns both) not freed, until the
+        // completion for `index` arrives: the op table holds `me`.
+        let started = unsafe {
+            self.disk
+                .start(&self.ex, self.file_slot, me, u64::from(index), io)
+        };
+        if let Err(e) = started {
+            self.finished(index, -e.raw_os_error().unwrap_or(libc::EIO));
+        }
+    }
+
+    /// A slot's operation completed with `result`.
+    fn finished(&self, index: u32, result: i32) {
+        let outcome = {
+            let mut slots = self.slots.borrow_mut();
+            let Some(slot) = slots.get_mut(index as usize) else {
+                return;
+            };
+            let Some(req) = &slot.req else { return };
+            let what = match req.kind {
+                RequestKind::Write => "write",
+                RequestKind::Flush => "flush",
+                _ => "read",
+            };
+            if result == -libc::EINTR {
+                None
+            } else if result < 0 {
+                let e = std::io::Error::from_raw_os_error(-result);
+                Some(Err((
+                    io_status(-result),
+                    format!("{what} at sector {}: {e}", req.sector),
+                )))
+            } else if req.kind == RequestKind::Flush {
+                Some(Ok(0))
+            } else if result == 0 {
+                Some(Err((
+                    VIRTIO_BLK_S_IOERR,
+                    format!(
+                        "short transfer at sector {}: {} of {}",
+                        req.sector, slot.done, req.data_len
+                    ),
+                )))
+            } else {
+                slot.done += result as u64;
+                if slot.done < req.data_len {
+                    advance(&mut slot.iov, result as usize);
+                    None
+                } else if req.kind == RequestKind::Write {
+                    Some(Ok(0))
+                } else {
+                    Some(Ok(req.data_len as u32))
+                }
+            }
+        };
+        let Some(outcome) = outcome else {
+            // Interrupted, or short: the rest goes again.
+            self.submit(index);
+            return;
+        };
+        let (head, req) = {
+            let mut slots = self.slots.borrow_mut();
+            let slot = &mut slots[index as usize];
+            (slot.head, slot.req.take())
+        };
+        self.free.borrow_mut().push(index);
+        if let Some(req) = req {
+            self.finish_request(head, &req, outcome);
+            self.pool.borrow_mut().give(req.data);
+        }
+    }
+
+    /// Writes the status, counts, returns the chain and schedules the
+    /// interrupt check.
+    fn finish_request(&self, head: u16, req: &Request, outcome: Result<u32, (u8, String)>) {
+        let (status, written) = match outcome {
+            Ok(n) => (VIRTIO_BLK_S_OK, n),
+            Err((status, msg)) => {
+                self.log.warn(format_args!("{msg}"));
+                (status, 0)
+            }
+        };
+        count(&self.stats, req, status == VIRTIO_BLK_S_OK);
+        let mem = self.vq.borrow().mem.clone();
+        let len = match mem.write_obj(status, req.status) {
+            Ok(()) => written + 1,
+            Err(_) => 0,
+        };
+        self.vq.borrow_mut().complete(head, len);
+        self.inflight.set(self.inflight.get() - 1);
+        schedule_notify(&self.ex, &self.vq);
+    }
+}
+
+impl Completion for BlkQueue {
+    fn complete(&self, tag: u64, result: i32) {
+        self.finished(tag as u32, result);
+    }
+}
+
+fn rw(write: bool, offset: u64, iov: &[libc::iovec]) -> DirectIo {
+    let (iov, count) = (iov.as_ptr(), iov.len() as u32);
+    if write {
+        DirectIo::Writev { offset, iov, count }
+    } else {
+        DirectIo::Readv { offset, iov, count }
+    }
+}
+
+/// Drops the first `n` bytes from `iovecs`.
+fn advance(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
+    let mut used = 0;
+    for v in iovecs.iter_mut() {
+        if n < v.iov_len {
+            v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+            v.iov_len -= n;
+            break;
+        }
+        n -= v.iov_len;
+        used += 1;
+    }
+    iovecs.drain(..used);
+}
+
+/// Answers GET_ID from the device's serial.
+fn write_id(
+    mem: &GuestMemoryMmap,
+    req: &Request,
+    id: &[u8; VIRTIO_BLK_ID_BYTES],
+) -> Result<u32, (u8, String)> {
+    let mut written = 0u32;
+    for &(addr, len) in &req.data {
+        let n = (len as usize).min(VIRTIO_BLK_ID_BYTES - written as usize);
+        mem.write_slice(&id[written as usize..written as usize + n], addr)
+            .map_err(|e| (VIRTIO_BLK_S_IOERR, format!("writing the ID: {e}")))?;
+        written += n as u32;
+        if written as usize == VIRTIO_BLK_ID_BYTES {
+            break;
+        }
+    }
+    Ok(written)
+}
+
+/// Carries out a discard or write-zeroes request, one range after another.
+async fn run_slow(q: Rc<BlkQueue>, head: u16, req: Request) {
+    let ex = q.ex.clone();
+    let err = |what: &str, sector: u64, e: std::io::Error| {
+        (
+            io_status(e.raw_os_error().unwrap_or(libc::EIO)),
+            format!("{what} at sector {sector}: {e}"),
+        )
+    };
+    let mut outcome = Ok(0);
+    match &req.kind {
+        RequestKind::Discard(segs) => {
+            for &(sector, sectors, _) in segs {
+                let r = q
+                    .disk
+                    .discard(
+                        &ex,
+                        sector << SECTOR_SHIFT,
+                        u64::from(sectors) << SECTOR_SHIFT,
+                    )
+                    .await;
+                if let Err(e) = r {
+                    outcome = Err(err("discard", sector, e));
+                    break;
+                }
+            }
+        }
+        RequestKind::WriteZeroes(segs) => {
+            for &(sector, sectors, flags) in segs {
+                let r = q
+                    .disk
+                    .write_zeroes(
+                        &ex,
+                        sector << SECTOR_SHIFT,
+                        u64::from(sectors) << SECTOR_SHIFT,
+                        flags & WRITE_ZEROES_FLAG_UNMAP != 0,
+                    )
+                    .await;
+                if let Err(e) = r {
+                    outcome = Err(err("write-zeroes", sector, e));
+                    break;
+                }
+            }
+        }
+        _ => {}
+    }
+    q.finish_request(head, &req, outcome);
 }
 
 /// Older kernels refuse registered buffers over 1 GiB (this host's 6.18
@@ -247,200 +538,6 @@ fn register_guest_memory(
     }
 }
 
-/// Pops every available chain, inside the disable/enable-notification loop.
-/// Whether a pass over the avail ring emptied it.
-#[derive(Debug, PartialEq, Eq)]
-enum Drained {
-    Empty,
-    MoreLeft,
-}
-
-fn drain_avail(
-    ex: &Rc<Executor>,
-    shared: &Rc<RefCell<Shared>>,
-    disk: &Rc<BlockFile>,
-    limits: &RequestLimits,
-    id: &[u8; VIRTIO_BLK_ID_BYTES],
-) -> Drained {
-    let mem_rc = shared.borrow().mem.clone();
-    let mem: &GuestMemoryMmap = &mem_rc;
-    let mut budget = usize::from(shared.borrow().queue.size()).max(1);
-    loop {
-        if let Err(e) = shared.borrow_mut().queue.disable_notification(mem) {
-            shared
-                .borrow()
-                .log
-                .warn(format_args!("disabling notifications: {e}"));
-            return Drained::Empty;
-        }
-        loop {
-            if budget == 0 {
-                return Drained::MoreLeft;
-            }
-            budget -= 1;
-            let popped = {
-                let mut s = shared.borrow_mut();
-                let Some(chain) = s.queue.pop_descriptor_chain(mem) else {
-                    break;
-                };
-                let head = chain.head_index();
-                (head, parse(chain, mem, limits))
-            };
-            match popped {
-                (head, Ok(req)) => {
-                    shared.borrow_mut().inflight += 1;
-                    let task =
-                        run_request(ex.clone(), shared.clone(), disk.clone(), head, req, *id);
-                    ex.spawn(task);
-                }
-                (head, Err((err, status))) => {
-                    shared.borrow().log.warn(format_args!("bad request: {err}"));
-                    let mut s = shared.borrow_mut();
-                    s.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    let len = match status {
-                        Some(addr) if mem.write_obj(err.status(), addr).is_ok() => 1,
-                        _ => 0,
-                    };
-                    s.complete(head, len);
-                    drop(s);
-                    schedule_notify(ex, shared);
-                }
-            }
-        }
-        match shared.borrow_mut().queue.enable_notification(mem) {
-            Ok(true) => continue,
-            Ok(false) => return Drained::Empty,
-            Err(e) => {
-                shared
-                    .borrow()
-                    .log
-                    .warn(format_args!("enabling notifications: {e}"));
-                return Drained::Empty;
-            }
-        }
-    }
-}
-
-/// Host iovecs for guest segments; None if one leaves guest memory.
-fn iovecs(mem: &GuestMemoryMmap, segs: &[(GuestAddress, u32)]) -> Option<Vec<libc::iovec>> {
-    segs.iter()
-        .map(|&(addr, len)| {
-            let slice = mem.get_slice(addr, len as usize).ok()?;
-            Some(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: len as usize,
-            })
-        })
-        .collect()
-}
-
-fn io_status(e: &std::io::Error) -> u8 {
-    match e.raw_os_error() {
-        Some(libc::EOPNOTSUPP) => VIRTIO_BLK_S_UNSUPP,
-        _ => VIRTIO_BLK_S_IOERR,
-    }
-}
-
-/// Carries out one request; returns (status, bytes written to the driver).
-async fn execute(
-    ex: &Rc<Executor>,
-    disk: &BlockFile,
-    (mem, fixed): (&Rc<GuestMemoryMmap>, bool),
-    req: &Request,
-    id: &[u8; VIRTIO_BLK_ID_BYTES],
-) -> Result<u32, (u8, String)> {
-    let offset = req.sector << SECTOR_SHIFT;
-    let err = |what: &str, e: std::io::Error| {
-        (
-            io_status(&e),
-            format!("{what} at sector {}: {e}", req.sector),
-        )
-    };
-    match &req.kind {
-        RequestKind::Read | RequestKind::Write => {
-            let write = req.kind == RequestKind::Write;
-            let keep = Box::new(Rc::clone(mem));
-            // One buffer in registered guest RAM: READ_FIXED/WRITE_FIXED.
-            let fixed_buf = match req.data.as_slice() {
-                [(addr, len)] if fixed => mem.get_slice(*addr, *len as usize).ok().and_then(|s| {
-                    let ptr = s.ptr_guard_mut().as_ptr();
-                    let index = ex.fixed_index_for(ptr, *len as usize)?;
-                    Some((ptr, *len as usize, index))
-                }),
-                _ => None,
-            };
-            let done = match fixed_buf {
-                Some((ptr, len, index)) if write => {
-                    disk.write_fixed(ex, offset, ptr, len, index, keep).await
-                }
-                Some((ptr, len, index)) => disk.read_fixed(ex, offset, ptr, len, index, keep).await,
-                None => {
-                    let iov = iovecs(mem, &req.data)
-                        .ok_or((VIRTIO_BLK_S_IOERR, "data outside guest memory".to_string()))?;
-                    if write {
-                        disk.writev(ex, offset, iov, keep).await
-                    } else {
-                        disk.readv(ex, offset, iov, keep).await
-                    }
-                }
-            }
-            .map_err(|e| err(if write { "write" } else { "read" }, e))?;
-            if done as u64 != req.data_len {
-                return Err((
-                    VIRTIO_BLK_S_IOERR,
-                    format!(
-                        "short transfer at sector {}: {done} of {}",
-                        req.sector, req.data_len
-                    ),
-                ));
-            }
-            Ok(if write { 0 } else { req.data_len as u32 })
-        }
-        RequestKind::Flush => {
-            disk.flush(ex).await.map_err(|e| err("flush", e))?;
-            Ok(0)
-        }
-        RequestKind::GetId => {
-            let mut written = 0u32;
-            for &(addr, len) in &req.data {
-                let n = (len as usize).min(VIRTIO_BLK_ID_BYTES - written as usize);
-                mem.write_slice(&id[written as usize..written as usize + n], addr)
-                    .map_err(|e| (VIRTIO_BLK_S_IOERR, format!("writing the ID: {e}")))?;
-                written += n as u32;
-                if written as usize == VIRTIO_BLK_ID_BYTES {
-                    break;
-                }
-            }
-            Ok(written)
-        }
-        RequestKind::Discard(segs) => {
-            for &(sector, sectors, _) in segs {
-                disk.discard(
-                    ex,
-                    sector << SECTOR_SHIFT,
-                    u64::from(sectors) << SECTOR_SHIFT,
-                )
-                .await
-                .map_err(|e| err("discard", e))?;
-            }
-            Ok(0)
-        }
-        RequestKind::WriteZeroes(segs) => {
-            for &(sector, sectors, flags) in segs {
-                disk.write_zeroes(
-                    ex,
-                    sector << SECTOR_SHIFT,
-                    u64::from(sectors) << SECTOR_SHIFT,
-                    flags & WRITE_ZEROES_FLAG_UNMAP != 0,
-                )
-                .await
-                .map_err(|e| err("write-zeroes", e))?;
-            }
-            Ok(0)
-        }
-    }
-}
-
 /// Counts a finished request.
 fn count(stats: &BlockStats, req: &Request, ok: bool) {
     let add = |c: &std::sync::atomic::AtomicU64, n: u64| {
@@ -475,37 +572,6 @@ fn count(stats: &BlockStats, req: &Request, ok: bool) {
         }
         RequestKind::GetId => {}
     }
-}
-
-async fn run_request(
-    ex: Rc<Executor>,
-    shared: Rc<RefCell<Shared>>,
-    disk: Rc<BlockFile>,
-    head: u16,
-    req: Request,
-    id: [u8; VIRTIO_BLK_ID_BYTES],
-) {
-    let (mem, fixed) = {
-        let s = shared.borrow();
-        (s.mem.clone(), s.fixed)
-    };
-    let (status, written) = match execute(&ex, &disk, (&mem, fixed), &req, &id).await {
-        Ok(n) => (VIRTIO_BLK_S_OK, n),
-        Err((status, msg)) => {
-            shared.borrow().log.warn(format_args!("{msg}"));
-            (status, 0)
-        }
-    };
-    let mut s = shared.borrow_mut();
-    count(&s.stats, &req, status == VIRTIO_BLK_S_OK);
-    let len = match mem.write_obj(status, req.status) {
-        Ok(()) => written + 1,
-        Err(_) => 0,
-    };
-    s.complete(head, len);
-    s.inflight -= 1;
-    drop(s);
-    schedule_notify(&ex, &shared);
 }
 
 #[cfg(test)]
