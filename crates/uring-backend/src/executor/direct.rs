@@ -92,6 +92,16 @@ impl Executor {
         }
     }
 
+    /// A no-op whose completion (result 0) goes to `handler` with `tag`:
+    /// a round trip through the ring.
+    pub fn nop_direct(&self, handler: Rc<dyn Completion>, tag: u64) -> io::Result<()> {
+        if !self.setup.opcodes.nop {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
+        // SAFETY: a no-op refers to no memory and no file.
+        unsafe { self.submit_direct(handler, tag, opcode::Nop::new().build(), false) }
+    }
+
     /// Runs `d` after the ready tasks of this turn, like
     /// [`Executor::defer`], without boxing a closure.
     pub fn defer_rc(&self, d: Rc<dyn Deferred>) {
@@ -202,6 +212,18 @@ impl EventFdReader {
     /// Whether a read is in the kernel.
     pub fn armed(&self) -> bool {
         self.state.armed.get()
+    }
+
+    /// Takes an outstanding read back from the kernel (left there, it
+    /// would swallow the eventfd's next signal, meant for whoever reads it
+    /// next) and waits until it is over.
+    pub async fn cancel(&self, ex: &Executor) {
+        if !self.armed() {
+            return;
+        }
+        let _ = ex.cancel_fd(self.state.fd.clone()).await;
+        // Collects the cancelled (or completed) read.
+        let _ = self.read(ex).await;
     }
 
     /// Waits until the eventfd's counter is non-zero and returns it (the

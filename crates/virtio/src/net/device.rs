@@ -2,8 +2,6 @@
 //! (RX/TX pairs, then the control queue) and starting and stopping the
 //! queue tasks on the iothreads it was given.
 
-use std::cell::RefCell;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -11,19 +9,20 @@ use uring_backend::iothread::IoThread;
 use uring_backend::net::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use uring_backend::net::{Tap, TapError, VNET_HDR_LEN};
 use virtio_queue::{Queue, QueueState};
+
+use crate::vq::{QueueSet, QueueStart, ReturnedQueues, ServedQueue, SharedQueue};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config::NetConfig;
 use super::ctrl::{CtrlFeatures, RxFilter};
-use super::queue::{NetQueue, NetQueueParts};
 use super::{ctrlq, rx, tx};
 use crate::device::{
     read_config_space, ActivateError, PauseError, QueueInit, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::ratelimit::RateLimitedLog;
-use crate::workers::{spread_over_iothreads, WorkerCount, WorkerGuardToken};
+use crate::workers::{spread_over_iothreads, WorkerGuardToken};
 use vmm::snapshot::{decode, encode, SnapshotError};
 
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -135,7 +134,8 @@ pub struct NetShared {
     /// The filter accepts everything (promiscuous): RX skips it.
     pub(super) filter_open: AtomicBool,
     pub(super) active_pairs: AtomicU16,
-    pub(super) stop: AtomicBool,
+    /// The queue set's stop flag.
+    pub(super) stop: Arc<AtomicBool>,
     pub(super) tap_dead: AtomicBool,
     /// One per pair: wakes its RX task (stop, or queue pairs changed).
     pub(super) wakes: Vec<Arc<EventFd>>,
@@ -174,9 +174,6 @@ impl NetShared {
     }
 }
 
-/// Where each queue task leaves its queue when it stops.
-pub(super) type ReturnedQueues = Arc<Mutex<Vec<(u16, QueueState)>>>;
-
 /// A queue as handed over on activation, before its task wraps it.
 pub(super) struct QueueParts {
     pub index: u16,
@@ -189,16 +186,22 @@ pub(super) struct QueueParts {
 
 impl QueueParts {
     /// The queue with its interrupt, as its task uses it.
-    pub(super) fn into_net_queue(self, log: Arc<RateLimitedLog>) -> Rc<RefCell<NetQueue>> {
-        NetQueue::new(NetQueueParts {
+    pub(super) fn into_served(self, log: Arc<RateLimitedLog>) -> SharedQueue {
+        ServedQueue::shared(crate::vq::QueueParts {
+            index: self.index,
             queue: self.queue,
             event_idx: self.event_idx,
             mem: self.mem,
             interrupt: self.interrupt,
-            index: self.index,
             log,
-            stats: self.stats,
+            counter: self.stats,
         })
+    }
+}
+
+impl crate::vq::InterruptCounter for NetStats {
+    fn interrupt_raised(&self) {
+        self.interrupts.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -223,21 +226,15 @@ struct QueuePlan {
     role: Role,
     pair: usize,
     max_frame: u64,
-    kick: EventFd,
-    interrupt: Option<EventFd>,
 }
 
 struct Active {
     shared: Arc<NetShared>,
-    workers: Arc<WorkerCount>,
-    kicks: Vec<EventFd>,
+    set: QueueSet,
     mem: GuestMemoryMmap,
     features: u64,
     ctrl: CtrlFeatures,
     plans: Vec<QueuePlan>,
-    returned: ReturnedQueues,
-    /// While paused: each stopped queue where its task left it.
-    paused: Option<Vec<(u16, QueueState)>>,
 }
 
 /// What a snapshot keeps of a virtio-net device: the MAC the driver
@@ -409,13 +406,33 @@ impl NetDevice {
             .map(|_| EventFd::new(EFD_NONBLOCK).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()
             .map_err(ActivateError::EventFd)?;
+        let mut plans = Vec::with_capacity(queues.len());
+        for q in &queues {
+            let index = usize::from(q.index);
+            let (pair, role) = if index == ctrl_index && has(VIRTIO_NET_F_CTRL_VQ) {
+                (0, Role::Ctrl)
+            } else if index < 2 * if mq { pairs } else { 1 } {
+                (index / 2, if index % 2 == 0 { Role::Rx } else { Role::Tx })
+            } else {
+                self.log
+                    .warn(format_args!("queue {index} has no use; left idle"));
+                continue;
+            };
+            plans.push(QueuePlan {
+                index: q.index,
+                role,
+                pair,
+                max_frame: if role == Role::Tx { tx_max } else { rx_max },
+            });
+        }
+        let (set, starts) = QueueSet::new(queues, |i| plans.iter().any(|p| p.index == i))?;
         let filter = RxFilter::new(self.mac);
         let shared = Arc::new(NetShared {
             tap: self.tap.clone(),
             filter: Mutex::new(filter),
             filter_open: AtomicBool::new(true),
             active_pairs: AtomicU16::new(1),
-            stop: AtomicBool::new(false),
+            stop: set.stop.clone(),
             tap_dead: AtomicBool::new(!tap_ok),
             wakes,
             stats: self.stats.clone(),
@@ -434,41 +451,14 @@ impl NetDevice {
             mq,
             max_pairs: self.config.queue_pairs,
         };
-        let mut active = Active {
+        let active = Active {
             shared,
-            workers: Arc::new(WorkerCount::default()),
-            kicks: Vec::with_capacity(queues.len()),
+            set,
             mem,
             features,
             ctrl,
-            plans: Vec::with_capacity(queues.len()),
-            returned: ReturnedQueues::default(),
-            paused: None,
+            plans,
         };
-        let mut starts = Vec::with_capacity(queues.len());
-        for q in queues {
-            let dup = |e: &EventFd| e.try_clone().map_err(ActivateError::EventFd);
-            active.kicks.push(dup(&q.kick)?);
-            let index = usize::from(q.index);
-            let (pair, role) = if index == ctrl_index && has(VIRTIO_NET_F_CTRL_VQ) {
-                (0, Role::Ctrl)
-            } else if index < 2 * if mq { pairs } else { 1 } {
-                (index / 2, if index % 2 == 0 { Role::Rx } else { Role::Tx })
-            } else {
-                self.log
-                    .warn(format_args!("queue {index} has no use; left idle"));
-                continue;
-            };
-            active.plans.push(QueuePlan {
-                index: q.index,
-                role,
-                pair,
-                max_frame: if role == Role::Tx { tx_max } else { rx_max },
-                kick: dup(&q.kick)?,
-                interrupt: q.interrupt.as_ref().map(dup).transpose()?,
-            });
-            starts.push((q.index, q.queue, q.kick, q.interrupt));
-        }
         Ok((active, starts))
     }
 
@@ -496,7 +486,7 @@ impl NetDevice {
             };
             let (pair, role) = (plan.pair, plan.role);
             let ctx = PairCtx {
-                guard: WorkerGuardToken::new(&active.workers),
+                guard: active.set.worker(),
                 shared: active.shared.clone(),
                 pair,
                 q: QueueParts {
@@ -511,7 +501,7 @@ impl NetDevice {
                 mrg: has(VIRTIO_NET_F_MRG_RXBUF),
                 max_frame: plan.max_frame,
                 ctrl: active.ctrl,
-                returned: active.returned.clone(),
+                returned: active.set.returned(),
             };
             let thread = &self.pair_threads[pair];
             let wake = active.shared.wakes[pair].clone();
@@ -527,27 +517,7 @@ impl NetDevice {
             }));
         }
     }
-
-    /// Stops every task of `active` (frames in flight complete first) and
-    /// takes the queues they hand back, by index.
-    fn stop_tasks(active: &Active) -> Vec<(u16, QueueState)> {
-        active.shared.stop.store(true, Ordering::SeqCst);
-        for k in &active.kicks {
-            let _ = k.write(1);
-        }
-        for w in &active.shared.wakes {
-            let _ = w.write(1);
-        }
-        active.workers.wait_idle();
-        let mut queues =
-            std::mem::take(&mut *active.returned.lock().unwrap_or_else(|e| e.into_inner()));
-        queues.sort_by_key(|(index, _)| *index);
-        queues
-    }
 }
-
-/// A queue to serve: index, the queue, its kick and its interrupt.
-type QueueStart = (u16, Queue, EventFd, Option<EventFd>);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -600,7 +570,7 @@ impl VirtioDevice for NetDevice {
     fn paused_queues(&self) -> Vec<(u16, QueueState)> {
         self.active
             .as_ref()
-            .and_then(|a| a.paused.clone())
+            .map(|a| a.set.paused_queues())
             .unwrap_or_default()
     }
 
@@ -670,79 +640,44 @@ impl VirtioDevice for NetDevice {
         }
         let mut a = a;
         // Paused: the tasks start on resume, at these positions.
-        a.paused = Some(starts.iter().map(|(i, q, _, _)| (*i, q.state())).collect());
+        a.set.start_paused(&starts);
         self.active = Some(a);
         Ok(())
     }
 
     fn reset(&mut self) {
-        let Some(active) = self.active.take() else {
+        let Some(mut active) = self.active.take() else {
             return;
         };
-        if active.paused.is_none() {
-            NetDevice::stop_tasks(&active);
-        }
+        active.set.stop_all(&active.shared.wakes);
         log::debug!("{}: reset, all queue tasks stopped", self.name);
     }
 
     fn pause(&mut self) -> Result<(), PauseError> {
-        let Some(active) = &mut self.active else {
-            return Ok(());
-        };
-        if active.paused.is_none() {
-            active.paused = Some(NetDevice::stop_tasks(active));
-            log::debug!("{}: paused, frames in flight completed", self.name);
+        if let Some(active) = &mut self.active {
+            if active.set.pause(&active.shared.wakes) {
+                log::debug!("{}: paused, frames in flight completed", self.name);
+            }
         }
         Ok(())
     }
 
     fn resume(&mut self) -> Result<(), PauseError> {
-        let Some(active) = &mut self.active else {
+        let Some(mut active) = self.active.take() else {
             return Ok(());
         };
-        let Some(queues) = active.paused.take() else {
-            return Ok(());
-        };
-        let mut starts = Vec::with_capacity(queues.len());
-        for (index, state) in &queues {
-            let Some(plan) = active.plans.iter().find(|p| p.index == *index) else {
-                continue;
-            };
-            let dup = |e: &EventFd| e.try_clone().map_err(PauseError::EventFd);
-            let started = Queue::try_from(*state)
-                .map_err(|source| PauseError::Queue {
-                    index: *index,
-                    source,
-                })
-                .and_then(|q| {
-                    Ok((
-                        *index,
-                        q,
-                        dup(&plan.kick)?,
-                        plan.interrupt.as_ref().map(dup).transpose()?,
-                    ))
-                });
-            match started {
-                Ok(s) => starts.push(s),
-                Err(e) => {
-                    active.paused = Some(queues);
-                    return Err(e);
-                }
-            }
-        }
         // The same shared state (filters, queue pairs in use) carries on.
-        active.shared.stop.store(false, Ordering::SeqCst);
-        // Chains the driver posted before the pause but no task took yet.
-        for p in &active.plans {
-            let _ = p.kick.write(1);
-        }
-        let active = self.active.take();
-        if let Some(active) = active {
-            self.spawn_tasks(&active, starts);
-            self.active = Some(active);
-        }
-        log::debug!("{}: resumed", self.name);
-        Ok(())
+        let result = match active.set.resume() {
+            Ok(Some(starts)) => {
+                self.spawn_tasks(&active, starts);
+                log::debug!("{}: resumed", self.name);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        self.active = Some(active);
+        result
     }
 }
 

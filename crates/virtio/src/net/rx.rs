@@ -9,19 +9,22 @@
 //! buffers it waits for the guest's kick, never spinning. A frame the guest
 //! filters out leaves the buffers in place for the next one.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::pin::pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 
-use uring_backend::executor::Executor;
+use uring_backend::executor::{Completion, EventFdReader, Executor};
 use uring_backend::net::VNET_HDR_LEN;
 use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{NetShared, PairCtx};
-use super::queue::{first, iovecs, schedule_notify, segments, Either, NetQueue};
+use super::queue::{first, iovecs_into, segments_into, Either};
+use crate::vq::{schedule_notify, SharedQueue};
 
 /// Most buffers one `readv` takes (`UIO_MAXIOV`).
 const MAX_IOVECS: usize = 1024;
@@ -33,13 +36,14 @@ struct RxChain {
     len: u32,
 }
 
-/// Reads or writes `buf` at byte `offset` of a list of chains' segments.
-fn segs_at<'a>(
+/// Calls `f` with each piece of guest memory that holds bytes `offset` to
+/// `offset + len` of a list of chains' segments.
+fn for_segs_at<'a>(
     chains: impl Iterator<Item = &'a RxChain>,
     mut offset: u64,
     len: usize,
-) -> Vec<(GuestAddress, usize)> {
-    let mut out = Vec::new();
+    mut f: impl FnMut(GuestAddress, usize),
+) {
     let mut want = len;
     for seg in chains.flat_map(|c| c.segs.iter()) {
         if want == 0 {
@@ -51,16 +55,59 @@ fn segs_at<'a>(
             continue;
         }
         let n = ((seg_len - offset) as usize).min(want);
-        out.push((seg.0.unchecked_add(offset), n));
+        f(seg.0.unchecked_add(offset), n);
         want -= n;
         offset = 0;
     }
+}
+
+/// The pieces [`for_segs_at`] visits, as a list.
+#[cfg(test)]
+fn segs_at<'a>(
+    chains: impl Iterator<Item = &'a RxChain>,
+    offset: u64,
+    len: usize,
+) -> Vec<(GuestAddress, usize)> {
+    let mut out = Vec::new();
+    for_segs_at(chains, offset, len, |a, n| out.push((a, n)));
     out
+}
+
+/// The frame read in flight: shared with the op table, which keeps its
+/// iovec array alive until the kernel is done with it.
+struct FrameRead {
+    iov: RefCell<Vec<libc::iovec>>,
+    /// The guest memory the iovecs point into.
+    _mem: Rc<vm_memory::GuestMemoryMmap>,
+    done: Cell<Option<i32>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Completion for FrameRead {
+    fn complete(&self, _tag: u64, result: i32) {
+        self.done.set(Some(result));
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+}
+
+impl FrameRead {
+    /// Waits for the read's completion.
+    fn finished(&self) -> impl std::future::Future<Output = i32> + '_ {
+        std::future::poll_fn(move |cx| {
+            if let Some(r) = self.done.take() {
+                return Poll::Ready(r);
+            }
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+    }
 }
 
 struct Rx {
     ex: Rc<Executor>,
-    q: Rc<RefCell<NetQueue>>,
+    q: SharedQueue,
     shared: Arc<NetShared>,
     pair: usize,
     chains: VecDeque<RxChain>,
@@ -70,24 +117,29 @@ struct Rx {
     held_are_last: bool,
     mrg: bool,
     max_frame: u64,
+    /// Segment lists of chains given back, for the next ones.
+    spare: Vec<Vec<(GuestAddress, u32)>>,
 }
 
 impl Rx {
     /// Pops every available chain into the local list. Returns false if
     /// the driver sent nothing usable.
     fn refill(&mut self) {
-        let mut q = self.q.borrow_mut();
+        let q = self.q.clone();
+        let mut q = q.borrow_mut();
         let mem = q.mem.clone();
         loop {
             q.disable_notification();
             while let Some(chain) = q.pop() {
                 let head = chain.head_index();
-                match segments(chain, &mem, true) {
-                    Ok(s) if s.segs.len() > MAX_IOVECS => {
+                let mut segs = self.spare.pop().unwrap_or_default();
+                let r = segments_into(chain, &mem, true, &mut segs);
+                match r {
+                    Ok(_) if segs.len() > MAX_IOVECS => {
                         q.log.warn(format_args!(
                             "queue {}: RX chain of {} buffers is more than one read takes",
                             q.index,
-                            s.segs.len()
+                            segs.len()
                         ));
                         self.shared
                             .stats
@@ -96,15 +148,18 @@ impl Rx {
                         q.complete(head, 0);
                         self.held_are_last &= self.chains.is_empty();
                     }
-                    Ok(s) if s.len >= VNET_HDR_LEN as u64 => self.chains.push_back(RxChain {
-                        head,
-                        segs: s.segs,
-                        len: s.len.min(u64::from(u32::MAX)) as u32,
-                    }),
+                    Ok(len) if len >= VNET_HDR_LEN as u64 => {
+                        self.chains.push_back(RxChain {
+                            head,
+                            segs,
+                            len: len.min(u64::from(u32::MAX)) as u32,
+                        });
+                        continue;
+                    }
                     Ok(s) => {
                         q.log.warn(format_args!(
                             "queue {}: RX chain of {} bytes cannot hold a header",
-                            q.index, s.len
+                            q.index, s
                         ));
                         self.shared
                             .stats
@@ -123,6 +178,7 @@ impl Rx {
                         self.held_are_last &= self.chains.is_empty();
                     }
                 }
+                self.spare.push(segs);
             }
             if self.enough() || !q.enable_notification() {
                 break;
@@ -189,41 +245,48 @@ impl Rx {
         if !self.shared.filter_open.load(Ordering::Relaxed) {
             let mut dst = [0u8; 6];
             let mut got = 0;
-            for (addr, len) in segs_at(self.chains.iter(), VNET_HDR_LEN as u64, 6) {
-                if mem.read_slice(&mut dst[got..got + len], addr).is_err() {
-                    break;
+            let mut ok = true;
+            for_segs_at(self.chains.iter(), VNET_HDR_LEN as u64, 6, |addr, len| {
+                if ok && mem.read_slice(&mut dst[got..got + len], addr).is_ok() {
+                    got += len;
+                } else {
+                    ok = false;
                 }
-                got += len;
-            }
+            });
             let filter = self.shared.filter.lock().unwrap_or_else(|e| e.into_inner());
             if got == 6 && !filter.accepts(&dst) {
                 stats.rx_filtered.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
-        // Hand out whole chains until the frame is covered.
+        // Hand out whole chains until the frame is covered; the first
+        // one's header says how many.
+        let (mut left, mut num_buffers) = (n as u64, 0u16);
+        for c in &self.chains {
+            if left == 0 {
+                break;
+            }
+            left -= left.min(u64::from(c.len));
+            num_buffers += 1;
+        }
+        let bytes = num_buffers.to_le_bytes();
+        let mut at = 0;
+        for_segs_at(self.chains.iter().take(1), 10, 2, |addr, len| {
+            let _ = mem.write_slice(&bytes[at..at + len.min(2 - at)], addr);
+            at += len;
+        });
         let mut left = n as u64;
-        let mut taken = Vec::new();
-        while left > 0 {
+        for _ in 0..num_buffers {
             let Some(c) = self.chains.pop_front() else {
                 break;
             };
             let l = left.min(u64::from(c.len));
             left -= l;
-            taken.push((c, l as u32));
+            q.complete(c.head, l as u32);
+            self.spare.push(c.segs);
         }
         if self.chains.is_empty() {
             self.held_are_last = true;
-        }
-        let num_buffers = taken.len() as u16;
-        if let Some((first_chain, _)) = taken.first() {
-            for (addr, len) in segs_at(std::iter::once(first_chain), 10, 2) {
-                let bytes = num_buffers.to_le_bytes();
-                let _ = mem.write_slice(&bytes[..len.min(2)], addr);
-            }
-        }
-        for (c, l) in taken {
-            q.complete(c.head, l);
         }
         stats.rx_packets.fetch_add(1, Ordering::Relaxed);
         stats
@@ -246,18 +309,28 @@ pub(super) async fn serve_rx(ex: Rc<Executor>, ctx: PairCtx, wake: Arc<EventFd>)
             .push((ctx.q.index, ctx.q.queue.state()));
         return;
     };
-    let kick = Arc::new(ctx.kick);
+    let tap_slot = ex.register_file(&*tap).ok();
+    let kick = EventFdReader::new(Arc::new(ctx.kick));
+    let woken = EventFdReader::new(wake);
+    let q = ctx.q.into_served(shared.log.clone());
+    let read = Rc::new(FrameRead {
+        iov: RefCell::new(Vec::new()),
+        _mem: q.borrow().mem.clone(),
+        done: Cell::new(None),
+        waker: RefCell::new(None),
+    });
     let mut rx = Rx {
         ex: ex.clone(),
-        q: ctx.q.into_net_queue(shared.log.clone()),
+        q,
         shared: shared.clone(),
         pair: ctx.pair,
         chains: VecDeque::new(),
         held_are_last: true,
         mrg: ctx.mrg,
         max_frame: ctx.max_frame,
+        spare: Vec::new(),
     };
-    let mut woken = Box::pin(ex.read_eventfd(wake.clone()));
+    let mut segs: Vec<(GuestAddress, u32)> = Vec::new();
     let mut failures = 0u32;
     let stopping = || shared.stop.load(Ordering::SeqCst);
     while !stopping() {
@@ -266,92 +339,108 @@ pub(super) async fn serve_rx(ex: Rc<Executor>, ctx: PairCtx, wake: Arc<EventFd>)
         let dead = shared.tap_dead.load(Ordering::SeqCst);
         if !rx.enough() || !active || dead {
             // Wait for buffers (the driver's kick) or a wake-up; an idle
-            // or dead pair waits for the wake-up alone.
+            // or dead pair waits for the wake-up alone. A read left in the
+            // kernel by the one that lost is collected next time.
             if active && !dead {
-                let mut kicked = Box::pin(ex.read_eventfd(kick.clone()));
-                if let Either::Right(_) = first(&mut kicked, &mut woken).await {
-                    woken = Box::pin(ex.read_eventfd(wake.clone()));
-                    // Take the kick read back from the kernel: left there,
-                    // it would swallow the driver's next kick.
-                    let _ = ex.cancel_fd(kick.clone()).await;
-                    let _ = kicked.await;
-                }
+                let _ = first(pin!(kick.read(&ex)), pin!(woken.read(&ex))).await;
             } else {
-                let _ = (&mut woken).await;
-                woken = Box::pin(ex.read_eventfd(wake.clone()));
+                let _ = woken.read(&ex).await;
             }
             continue;
         }
         let used = rx.read_chains();
-        let segs: Vec<(GuestAddress, u32)> = rx
-            .chains
-            .iter()
-            .take(used)
-            .flat_map(|c| c.segs.iter().copied())
-            .collect();
+        segs.clear();
+        segs.extend(
+            rx.chains
+                .iter()
+                .take(used)
+                .flat_map(|c| c.segs.iter().copied()),
+        );
         let mem = rx.q.borrow().mem.clone();
-        let Some(iov) = iovecs(&mem, &segs) else {
+        if !iovecs_into(&mem, &segs, &mut read.iov.borrow_mut()) {
             shared.stats.rx_bad_chains.fetch_add(1, Ordering::Relaxed);
             let c = rx.chains.pop_front();
             if let Some(c) = c {
                 rx.q.borrow_mut().complete(c.head, 0);
             }
             continue;
-        };
+        }
         let result = if uring_backend::net::injected_eagain(true) {
             // A test build's EAGAIN storm: a round trip through the ring
             // that found no frame.
             let _ = ex.nop().await;
-            Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
+            -libc::EAGAIN
         } else {
-            let mut read = Box::pin(ex.readv_waiting(tap.clone(), iov, Box::new(mem)));
-            loop {
-                match first(&mut read, &mut woken).await {
-                    Either::Left(result) => break result,
-                    Either::Right(_) => {
-                        woken = Box::pin(ex.read_eventfd(wake.clone()));
-                        let active =
-                            rx.pair < usize::from(shared.active_pairs.load(Ordering::SeqCst));
-                        if stopping() || !active {
-                            // The read must be over before the queue goes
-                            // back: it writes into the guest's buffers.
-                            let _ = ex.cancel_fd(tap.clone()).await;
-                            break read.await;
+            let handler: Rc<dyn Completion> = read.clone();
+            // SAFETY: the iovec array is `read`'s, which the op table keeps
+            // (with the guest memory the iovecs point into) until the
+            // completion; the array is not touched before that, because
+            // this task waits for `read.finished()` below, even when it
+            // is asked to stop. The TAP queue file is held by `tap`.
+            let started = unsafe {
+                uring_backend::net::start_frame_io(
+                    &ex,
+                    &tap,
+                    tap_slot,
+                    (handler, 0),
+                    false,
+                    &read.iov.borrow(),
+                )
+            };
+            match started {
+                Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+                Ok(()) => loop {
+                    match first(pin!(read.finished()), pin!(woken.read(&ex))).await {
+                        Either::Left(result) => break result,
+                        Either::Right(_) => {
+                            let active =
+                                rx.pair < usize::from(shared.active_pairs.load(Ordering::SeqCst));
+                            if stopping() || !active {
+                                // The read must be over before the queue
+                                // goes back: it writes into the guest's
+                                // buffers.
+                                let _ = ex.cancel_fd(tap.clone()).await;
+                                break read.finished().await;
+                            }
                         }
                     }
-                }
+                },
             }
         };
-        match result {
-            Ok(n) => {
-                failures = 0;
-                rx.deliver(n, used);
+        if result >= 0 {
+            failures = 0;
+            rx.deliver(result as usize, used);
+            continue;
+        }
+        match -result {
+            // No frame after all (the ring waits for one before it reads,
+            // so each EAGAIN is a round trip, not a spin): counted, and the
+            // read is issued again.
+            libc::EAGAIN => {
+                shared.stats.rx_eagain.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => match e.raw_os_error() {
-                // No frame after all (the ring waits for one before it
-                // reads, so each EAGAIN is a round trip, not a spin):
-                // counted, and the read is issued again.
-                Some(libc::EAGAIN) => {
-                    shared.stats.rx_eagain.fetch_add(1, Ordering::Relaxed);
+            libc::EINTR | libc::ECANCELED => {}
+            errno => {
+                let e = std::io::Error::from_raw_os_error(errno);
+                failures += 1;
+                if !shared.tap.is_alive(rx.pair) || failures >= 3 {
+                    shared.tap_gone(rx.pair, &e);
+                } else {
+                    rx.q.borrow().log.warn(format_args!(
+                        "TAP {} queue {}: read failed: {e}",
+                        shared.tap.name(),
+                        rx.pair
+                    ));
                 }
-                Some(libc::EINTR) | Some(libc::ECANCELED) => {}
-                _ => {
-                    failures += 1;
-                    if !shared.tap.is_alive(rx.pair) || failures >= 3 {
-                        shared.tap_gone(rx.pair, &e);
-                    } else {
-                        rx.q.borrow().log.warn(format_args!(
-                            "TAP {} queue {}: read failed: {e}",
-                            shared.tap.name(),
-                            rx.pair
-                        ));
-                    }
-                }
-            },
+            }
         }
     }
-    let _ = ex.cancel_fd(wake.clone()).await;
-    let _ = woken.await;
+    // Reads left in the kernel would swallow the next task's signals.
+    kick.cancel(&ex).await;
+    woken.cancel(&ex).await;
+    if let Some(slot) = tap_slot {
+        ex.unregister_file(slot);
+    }
     // Buffers taken and not filled go back to the avail ring for the next
     // task; if a chain was returned behind them, they are returned empty.
     let unpop = if rx.held_are_last {

@@ -1,23 +1,24 @@
 //! The transmit side of one queue pair: each frame the guest posts is one
-//! `writev` of its buffers (virtio-net header included) to the TAP queue.
-//! Everything popped in one pass reaches the kernel in one
-//! `io_uring_enter`; a chain goes back to the guest when its write
-//! completed.
+//! `writev` of its buffers (virtio-net header included) to the TAP queue,
+//! a direct ring operation tagged with the frame's slot in the queue's
+//! table (nothing allocated per frame once warm). Everything popped in one
+//! pass reaches the kernel in one `io_uring_enter`; a chain goes back to
+//! the guest when its write completed.
 
-use std::cell::Cell;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fs::File;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use uring_backend::executor::{yield_now, Executor};
+use uring_backend::executor::{Completion, EventFdReader, Executor};
 use uring_backend::net::VNET_HDR_LEN;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{GuestMemory, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use super::device::{NetShared, PairCtx};
-use super::queue::{iovecs, schedule_notify, segments, ChainError, NetQueue};
+use super::queue::{iovecs_into, segments_into, ChainError};
+use crate::vq::{drain, schedule_notify, serve_kicks, settle, Chain, Drained, SharedQueue};
 
 /// Most buffers one `writev` takes (`UIO_MAXIOV`).
 const MAX_IOVECS: usize = 1024;
@@ -55,34 +56,63 @@ where
     M: std::ops::Deref + Clone,
     M::Target: GuestMemory,
 {
-    let segs = segments(chain, mem, false)?;
-    if segs.segs.len() > MAX_IOVECS {
-        return Err(TxDrop::TooManyBuffers(segs.segs.len()));
-    }
-    if segs.len < (VNET_HDR_LEN + 14) as u64 || segs.len > max_len {
-        return Err(TxDrop::Length {
-            len: segs.len,
-            max: max_len,
-        });
-    }
-    let iov = iovecs(mem, &segs.segs).ok_or(TxDrop::Unmapped)?;
-    Ok(TxFrame { iov, len: segs.len })
+    let (mut segs, mut iov) = (Vec::new(), Vec::new());
+    let len = tx_frame_into(chain, mem, max_len, &mut segs, &mut iov)?;
+    Ok(TxFrame { iov, len })
 }
 
+/// [`tx_frame`] into lists the caller keeps (`segs` is scratch).
+fn tx_frame_into<M>(
+    chain: DescriptorChain<M>,
+    mem: &GuestMemoryMmap,
+    max_len: u64,
+    segs: &mut Vec<(GuestAddress, u32)>,
+    iov: &mut Vec<libc::iovec>,
+) -> Result<u64, TxDrop>
+where
+    M: std::ops::Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let len = segments_into(chain, mem, false, segs)?;
+    if segs.len() > MAX_IOVECS {
+        return Err(TxDrop::TooManyBuffers(segs.len()));
+    }
+    if len < (VNET_HDR_LEN + 14) as u64 || len > max_len {
+        return Err(TxDrop::Length { len, max: max_len });
+    }
+    if !iovecs_into(mem, segs, iov) {
+        return Err(TxDrop::Unmapped);
+    }
+    Ok(len)
+}
+
+/// A frame being written.
+struct TxSlot {
+    head: u16,
+    iov: Vec<libc::iovec>,
+    len: u64,
+    /// A test build's injected EAGAIN: the ring ran a no-op instead.
+    injected: bool,
+}
+
+/// The TX side of one pair, shared by its task and, through the op table,
+/// by every write in flight (which keeps the slots' iovec arrays and the
+/// guest memory alive until the kernel is done).
 struct Tx {
+    me: Weak<Tx>,
     ex: Rc<Executor>,
-    q: Rc<RefCell<NetQueue>>,
+    q: SharedQueue,
     shared: Arc<NetShared>,
     tap: Arc<File>,
+    /// The TAP queue's slot in this ring's registered-file table.
+    tap_slot: Option<u32>,
     pair: usize,
     max_len: u64,
-    inflight: Rc<Cell<usize>>,
-}
-
-#[derive(PartialEq, Eq)]
-enum Drained {
-    Empty,
-    MoreLeft,
+    slots: RefCell<Vec<TxSlot>>,
+    max_slots: usize,
+    free: RefCell<Vec<u32>>,
+    segs: RefCell<Vec<(GuestAddress, u32)>>,
+    inflight: Cell<usize>,
 }
 
 impl Tx {
@@ -98,86 +128,132 @@ impl Tx {
 
     /// Starts a write for every available chain (at most a queue's worth).
     fn drain(&self) -> Drained {
-        let mut budget = usize::from(self.q.borrow().queue.size()).max(1);
-        loop {
-            self.q.borrow_mut().disable_notification();
-            loop {
-                if budget == 0 {
-                    return Drained::MoreLeft;
+        drain(&self.q, |chain| self.take(chain), || false)
+    }
+
+    fn take(&self, chain: Chain) {
+        let head = chain.head_index();
+        let mem = self.q.borrow().mem.clone();
+        let index = {
+            let mut slots = self.slots.borrow_mut();
+            match self.free.borrow_mut().pop() {
+                Some(i) => i,
+                None if slots.len() < self.max_slots => {
+                    slots.push(TxSlot {
+                        head,
+                        iov: Vec::new(),
+                        len: 0,
+                        injected: false,
+                    });
+                    (slots.len() - 1) as u32
                 }
-                budget -= 1;
-                let Some(chain) = self.q.borrow_mut().pop() else {
-                    break;
-                };
-                let head = chain.head_index();
-                let mem = self.q.borrow().mem.clone();
-                let frame = match tx_frame(chain, &mem, self.max_len) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        self.drop_frame(head, format_args!("{e}"));
-                        continue;
-                    }
-                };
-                self.inflight.set(self.inflight.get() + 1);
-                let ex = self.ex.clone();
-                let fut = write_frame(self.clone_parts(), head, frame.iov, frame.len);
-                ex.spawn(fut);
+                None => {
+                    drop(slots);
+                    self.drop_frame(
+                        head,
+                        format_args!("more frames in flight than the queue holds"),
+                    );
+                    return;
+                }
             }
-            if !self.q.borrow_mut().enable_notification() {
-                return Drained::Empty;
+        };
+        let checked = {
+            let mut slots = self.slots.borrow_mut();
+            let slot = &mut slots[index as usize];
+            slot.head = head;
+            let r = tx_frame_into(
+                chain,
+                &mem,
+                self.max_len,
+                &mut self.segs.borrow_mut(),
+                &mut slot.iov,
+            );
+            if let Ok(len) = r {
+                slot.len = len;
             }
+            r
+        };
+        if let Err(e) = checked {
+            self.free.borrow_mut().push(index);
+            self.drop_frame(head, format_args!("{e}"));
+            return;
+        }
+        self.inflight.set(self.inflight.get() + 1);
+        let Some(me) = self.me.upgrade() else { return };
+        let injected = uring_backend::net::injected_eagain(false);
+        let started = {
+            let mut slots = self.slots.borrow_mut();
+            let slot = &mut slots[index as usize];
+            slot.injected = injected;
+            if injected {
+                // A test build's EAGAIN storm: a round trip through the
+                // ring that writes nothing.
+                self.ex.nop_direct(me, u64::from(index))
+            } else {
+                // SAFETY: the iovec array is this slot's and the frame is
+                // in guest RAM held by `q`'s memory handle; neither changes
+                // nor goes until the completion for `index`, and the op
+                // table holds `me`, which owns both and the TAP.
+                unsafe {
+                    uring_backend::net::start_frame_io(
+                        &self.ex,
+                        &self.tap,
+                        self.tap_slot,
+                        (me, u64::from(index)),
+                        true,
+                        &slot.iov,
+                    )
+                }
+            }
+        };
+        if let Err(e) = started {
+            self.written(index, -e.raw_os_error().unwrap_or(libc::EIO));
         }
     }
 
-    fn clone_parts(&self) -> Tx {
-        Tx {
-            ex: self.ex.clone(),
-            q: self.q.clone(),
-            shared: self.shared.clone(),
-            tap: self.tap.clone(),
-            pair: self.pair,
-            max_len: self.max_len,
-            inflight: self.inflight.clone(),
-        }
-    }
-}
-
-async fn write_frame(tx: Tx, head: u16, iov: Vec<libc::iovec>, len: u64) {
-    let mem = tx.q.borrow().mem.clone();
-    let stats = &tx.shared.stats;
-    let written = if uring_backend::net::injected_eagain(false) {
-        // A test build's EAGAIN storm (see `injected_eagain`).
-        let _ = tx.ex.nop().await;
-        Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
-    } else {
-        tx.ex.writev(tx.tap.clone(), 0, iov, Box::new(mem)).await
-    };
-    match written {
-        Ok(_) => {
+    /// Slot `index`'s write finished with `result`.
+    fn written(&self, index: u32, result: i32) {
+        let (head, len, injected) = {
+            let slots = self.slots.borrow();
+            let Some(slot) = slots.get(index as usize) else {
+                return;
+            };
+            (slot.head, slot.len, slot.injected)
+        };
+        let result = if injected { -libc::EAGAIN } else { result };
+        let stats = &self.shared.stats;
+        if result >= 0 {
             stats.tx_packets.fetch_add(1, Ordering::Relaxed);
             stats
                 .tx_bytes
                 .fetch_add(len - VNET_HDR_LEN as u64, Ordering::Relaxed);
-        }
-        Err(e) => {
+        } else {
+            let e = std::io::Error::from_raw_os_error(-result);
             stats.tx_errors.fetch_add(1, Ordering::Relaxed);
-            if e.raw_os_error() == Some(libc::EAGAIN) {
+            if result == -libc::EAGAIN {
                 stats.tx_eagain.fetch_add(1, Ordering::Relaxed);
             }
-            if !tx.shared.tap.is_alive(tx.pair) {
-                tx.shared.tap_gone(tx.pair, &e);
+            if !self.shared.tap.is_alive(self.pair) {
+                self.shared.tap_gone(self.pair, &e);
             } else {
-                tx.q.borrow().log.warn(format_args!(
+                self.q.borrow().log.warn(format_args!(
                     "TAP {} queue {}: write failed: {e}",
-                    tx.shared.tap.name(),
-                    tx.pair
+                    self.shared.tap.name(),
+                    self.pair
                 ));
             }
         }
+        self.free.borrow_mut().push(index);
+        self.q.borrow_mut().complete(head, 0);
+        self.inflight.set(self.inflight.get() - 1);
+        schedule_notify(&self.ex, &self.q);
     }
-    tx.q.borrow_mut().complete(head, 0);
-    tx.inflight.set(tx.inflight.get() - 1);
-    schedule_notify(&tx.ex, &tx.q);
+}
+
+impl Completion for Tx {
+    fn complete(&self, tag: u64, result: i32) {
+        self.written(tag as u32, result);
+    }
 }
 
 /// Serves the TX queue of one pair until the device stops.
@@ -193,44 +269,33 @@ pub(super) async fn serve_tx(ex: Rc<Executor>, ctx: PairCtx) {
             .push((index, ctx.q.queue.state()));
         return;
     };
-    let kick = Arc::new(ctx.kick);
-    let tx = Tx {
+    let size = usize::from(ctx.q.queue.size()).max(1);
+    let tap_slot = ex.register_file(&*tap).ok();
+    let q = ctx.q.into_served(shared.log.clone());
+    let tx = Rc::new_cyclic(|me| Tx {
+        me: me.clone(),
         ex: ex.clone(),
-        q: ctx.q.into_net_queue(shared.log.clone()),
+        q: q.clone(),
         shared: shared.clone(),
         tap,
+        tap_slot,
         pair: ctx.pair,
         max_len: ctx.max_frame,
-        inflight: Rc::new(Cell::new(0)),
-    };
-    loop {
-        if let Err(e) = ex.read_eventfd(kick.clone()).await {
-            shared
-                .log
-                .warn(format_args!("queue {}: reading the kick: {e}", index));
-            break;
-        }
-        if shared.stop.load(Ordering::SeqCst) {
-            break;
-        }
-        while tx.drain() == Drained::MoreLeft {
-            yield_now().await;
-            if shared.stop.load(Ordering::SeqCst) {
-                break;
-            }
-        }
-        if shared.stop.load(Ordering::SeqCst) {
-            break;
-        }
-    }
+        slots: RefCell::new(Vec::with_capacity(size)),
+        max_slots: size,
+        free: RefCell::new(Vec::with_capacity(size)),
+        segs: RefCell::new(Vec::new()),
+        inflight: Cell::new(0),
+    });
+    let kick = EventFdReader::new(Arc::new(ctx.kick));
+    serve_kicks(&ex, &kick, &shared.stop, &q, || tx.drain()).await;
     // Frames already handed to the kernel complete before the queue goes
     // back.
-    while tx.inflight.get() > 0 {
-        if ex.nop().await.is_err() {
-            break;
-        }
+    settle(&ex, || tx.inflight.get() == 0).await;
+    if let Some(slot) = tap_slot {
+        ex.unregister_file(slot);
     }
-    tx.q.borrow().hand_back(&returned, 0);
+    q.borrow().hand_back(&returned, 0);
 }
 
 #[cfg(test)]
