@@ -59,11 +59,14 @@ struct Cli {
     #[arg(long, value_name = "US", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     poll_us: u32,
-    /// When to poll: `always` (new requests and completions) or `io` (only
+    /// When to poll: `always` (new requests and completions), `io` (only
     /// while reads and writes are in flight: completions without a
-    /// wake-up, while an idle queue still sleeps).
-    #[arg(long, value_name = "always|io", default_value = "always",
-          value_parser = ["always", "io"])]
+    /// wake-up, while an idle queue still sleeps) or `adaptive` (whenever
+    /// idle, for a window between 0 and `--poll-us` that follows the gaps
+    /// between requests: it grows while polling would catch the next
+    /// request and shrinks to nothing when requests are sparse).
+    #[arg(long, value_name = "always|io|adaptive", default_value = "always",
+          value_parser = ["always", "io", "adaptive"])]
     poll_mode: String,
     /// Seccomp filters per thread kind, as `ringvm run --seccomp`: the
     /// protocol thread (and the per-connection handler it starts), the
@@ -284,10 +287,10 @@ fn run(cli: Cli) -> Result<u8> {
         .collect::<Result<Vec<_>, _>>()
         .context("starting the iothreads")?;
     for t in &iothreads {
-        let when = if cli.poll_mode == "io" {
-            PollWhen::IoInFlight
-        } else {
-            PollWhen::Always
+        let when = match cli.poll_mode.as_str() {
+            "io" => PollWhen::IoInFlight,
+            "adaptive" => PollWhen::Adaptive,
+            _ => PollWhen::Always,
         };
         t.set_poll(
             std::time::Duration::from_micros(u64::from(cli.poll_us)),

@@ -231,10 +231,12 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub iothread_poll_us: u32,
 
-    /// When iothreads poll: `always`, or `io` (only while disk I/O they
-    /// started is in flight; an idle device still sleeps).
-    #[arg(long, value_name = "always|io", default_value = "always",
-          value_parser = ["always", "io"])]
+    /// When iothreads poll: `always`, `io` (only while disk I/O they
+    /// started is in flight; an idle device still sleeps) or `adaptive`
+    /// (a window between 0 and `--iothread-poll-us` that follows the gaps
+    /// between requests, as QEMU's poll-grow/poll-shrink).
+    #[arg(long, value_name = "always|io|adaptive", default_value = "always",
+          value_parser = ["always", "io", "adaptive"])]
     pub iothread_poll_mode: String,
 
     /// When the VM stops, print each iothread's CPU time and io_uring
@@ -473,10 +475,10 @@ impl RunArgs {
             iothreads: self.iothreads,
             iothread_poll: (
                 std::time::Duration::from_micros(u64::from(self.iothread_poll_us)),
-                if self.iothread_poll_mode == "io" {
-                    uring_backend::executor::PollWhen::IoInFlight
-                } else {
-                    uring_backend::executor::PollWhen::Always
+                match self.iothread_poll_mode.as_str() {
+                    "io" => uring_backend::executor::PollWhen::IoInFlight,
+                    "adaptive" => uring_backend::executor::PollWhen::Adaptive,
+                    _ => uring_backend::executor::PollWhen::Always,
                 },
             ),
             iothread_stats: self.iothread_stats,

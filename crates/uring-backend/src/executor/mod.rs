@@ -85,6 +85,7 @@ pub struct ExecutorStats {
     cqes_reaped: AtomicU64,
     poll_hits: AtomicU64,
     poll_misses: AtomicU64,
+    poll_window_ns: AtomicU64,
 }
 
 /// A copy of [`ExecutorStats`] at one moment.
@@ -99,6 +100,8 @@ pub struct StatsSnapshot {
     pub poll_hits: u64,
     /// Idle spells that polled for the whole poll time, then slept.
     pub poll_misses: u64,
+    /// The adaptive poll window now, in nanoseconds.
+    pub poll_window_ns: u64,
 }
 
 /// Single writer: a load and a store, no read-modify-write.
@@ -118,6 +121,7 @@ impl ExecutorStats {
             cqes_reaped: self.cqes_reaped.load(Ordering::Relaxed),
             poll_hits: self.poll_hits.load(Ordering::Relaxed),
             poll_misses: self.poll_misses.load(Ordering::Relaxed),
+            poll_window_ns: self.poll_window_ns.load(Ordering::Relaxed),
         }
     }
 
@@ -136,7 +140,18 @@ pub enum PollWhen {
     /// Only while I/O it started is in flight: completions are picked up
     /// without a wake-up, new requests still wake it. Cheaper when idle.
     IoInFlight,
+    /// Whenever it would sleep, for a window that adapts between zero and
+    /// the poll time (the ceiling) to the gaps between work this executor
+    /// measures: after a sleep the next piece of work ended, the window
+    /// doubles (from [`ADAPTIVE_START`]) if polling that long, within the
+    /// ceiling, would have caught it, and halves (down to zero) if the
+    /// sleep was longer than the ceiling. As QEMU's `poll-grow` and
+    /// `poll-shrink`: a busy device polls, an idle one sleeps at once.
+    Adaptive,
 }
+
+/// The first window an adaptive executor polls for.
+pub const ADAPTIVE_START: Duration = Duration::from_micros(4);
 
 /// Stops an executor from any thread.
 #[derive(Clone)]
@@ -183,6 +198,8 @@ pub struct Executor {
     /// How long an idle executor busy-polls before it sleeps, and when.
     poll: Cell<Duration>,
     poll_when: Cell<PollWhen>,
+    /// The adaptive window (see [`PollWhen::Adaptive`]).
+    window: Cell<Duration>,
 }
 
 impl Executor {
@@ -214,6 +231,7 @@ impl Executor {
             shutting_down: Cell::new(false),
             poll: Cell::new(Duration::ZERO),
             poll_when: Cell::new(PollWhen::Always),
+            window: Cell::new(Duration::ZERO),
         }))
     }
 
@@ -293,14 +311,15 @@ impl Executor {
             if self.stopping() {
                 break;
             }
-            let worth_polling = match self.poll_when.get() {
-                PollWhen::Always => true,
-                PollWhen::IoInFlight => self.busy.get() > 0,
+            let (worth_polling, window) = match self.poll_when.get() {
+                PollWhen::Always => (true, self.poll.get()),
+                PollWhen::IoInFlight => (self.busy.get() > 0, self.poll.get()),
+                PollWhen::Adaptive => (true, self.window.get()),
             };
-            if worth_polling && self.shared.ready().is_empty() && !self.poll.get().is_zero() {
+            if worth_polling && self.shared.ready().is_empty() && !window.is_zero() {
                 // Busy-poll a while before sleeping: a completion or a
                 // wake-up that comes soon costs no sleep and wake-up.
-                let found = self.poll_for_work().map_err(ExecutorError::Enter)?;
+                let found = self.poll_for_work(window).map_err(ExecutorError::Enter)?;
                 if found {
                     bump(&self.stats.poll_hits, 1);
                     self.reap();
@@ -312,9 +331,14 @@ impl Executor {
             // `TaskWaker::wake_by_ref` for the other side).
             self.shared.sleeping.store(true, Ordering::SeqCst);
             let idle = self.shared.ready().is_empty() && !self.stopping();
+            let adapting = idle && self.poll_when.get() == PollWhen::Adaptive;
+            let slept_from = adapting.then(Instant::now);
             let entered = self.enter(usize::from(idle));
             self.shared.sleeping.store(false, Ordering::SeqCst);
             entered.map_err(ExecutorError::Enter)?;
+            if let Some(t0) = slept_from {
+                self.adapt(window, t0.elapsed());
+            }
             self.reap();
         }
         Ok(())
@@ -328,13 +352,27 @@ impl Executor {
     pub fn set_poll(&self, poll: Duration, when: PollWhen) {
         self.poll.set(poll);
         self.poll_when.set(when);
+        self.window.set(Duration::ZERO);
+        self.stats.poll_window_ns.store(0, Ordering::Relaxed);
+    }
+
+    /// The adaptive rule (see [`PollWhen::Adaptive`]): `window` was polled
+    /// in vain, then the executor slept for `slept` until work came.
+    fn adapt(&self, window: Duration, slept: Duration) {
+        let next = next_window(window, slept, self.poll.get());
+        if next != window {
+            self.window.set(next);
+            self.stats
+                .poll_window_ns
+                .store(next.as_nanos() as u64, Ordering::Relaxed);
+        }
     }
 
     /// Submits what is queued, then spins until a completion, task work,
-    /// a ready task or a stop request turns up (true), or `poll` passed.
-    fn poll_for_work(&self) -> io::Result<bool> {
+    /// a ready task or a stop request turns up (true), or `window` passed.
+    fn poll_for_work(&self, window: Duration) -> io::Result<bool> {
         self.enter(0)?;
-        let deadline = Instant::now() + self.poll.get();
+        let deadline = Instant::now() + window;
         loop {
             let taskrun = {
                 let mut ring = self.ring.borrow_mut();
@@ -539,6 +577,23 @@ impl Executor {
 impl Drop for Executor {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// The adaptive poll window after polling `window` in vain and sleeping
+/// `slept` (see [`PollWhen::Adaptive`]).
+fn next_window(window: Duration, slept: Duration, ceiling: Duration) -> Duration {
+    if window + slept <= ceiling {
+        (window * 2).max(ADAPTIVE_START).min(ceiling)
+    } else if slept > ceiling {
+        let half = window / 2;
+        if half < ADAPTIVE_START {
+            Duration::ZERO
+        } else {
+            half
+        }
+    } else {
+        window
     }
 }
 

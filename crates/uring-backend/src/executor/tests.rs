@@ -302,3 +302,65 @@ fn tempfile_with(data: &[u8]) -> std::fs::File {
     f.write_all(data).unwrap();
     f
 }
+
+#[test]
+fn the_adaptive_window_grows_while_polling_would_have_caught_the_work_and_shrinks_when_not() {
+    use std::time::Duration;
+    let us = Duration::from_micros;
+    let ceiling = us(64);
+    // From nothing: the first window, then doubling, up to the ceiling.
+    assert_eq!(
+        super::next_window(us(0), us(10), ceiling),
+        super::ADAPTIVE_START
+    );
+    assert_eq!(super::next_window(us(8), us(20), ceiling), us(16));
+    assert_eq!(super::next_window(us(32), us(30), ceiling), us(64));
+    assert_eq!(super::next_window(us(64), us(0), ceiling), us(64));
+    // Work later than the ceiling: halve, and below the first window stop.
+    assert_eq!(super::next_window(us(64), us(100), ceiling), us(32));
+    assert_eq!(super::next_window(us(4), us(100), ceiling), us(0));
+    assert_eq!(super::next_window(us(0), us(100), ceiling), us(0));
+    // In between (caught by neither the window nor the ceiling): keep.
+    assert_eq!(super::next_window(us(32), us(40), ceiling), us(32));
+}
+
+/// Work that comes back quickly (an eventfd written again and again from
+/// another thread, well inside a generous ceiling) makes the window grow
+/// and polls catch it; work far apart (gaps longer than the ceiling)
+/// leaves the window at zero: an idle device does not spin.
+#[test]
+fn an_adaptive_executor_polls_for_close_work_and_not_for_sparse_work() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let run = |ceiling: Duration, gap: Duration, n: u64| {
+        let ex = Executor::new(8).expect("executor");
+        ex.set_poll(ceiling, super::PollWhen::Adaptive);
+        let fd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let writer = {
+            let fd = fd.clone();
+            std::thread::spawn(move || {
+                for _ in 0..n {
+                    std::thread::sleep(gap);
+                    fd.write(1).unwrap();
+                }
+            })
+        };
+        let reader = Rc::new(super::EventFdReader::new(fd));
+        let (ex2, r2) = (ex.clone(), reader.clone());
+        block_on(&ex, async move {
+            let mut seen = 0;
+            while seen < n {
+                seen += r2.read(&ex2).await.unwrap();
+            }
+        });
+        writer.join().unwrap();
+        ex.stats().snapshot()
+    };
+    let close = run(Duration::from_millis(500), Duration::from_micros(200), 200);
+    assert!(close.poll_hits > 0, "{close:?}");
+    assert!(close.poll_window_ns > 0, "{close:?}");
+    let sparse = run(Duration::from_micros(200), Duration::from_millis(20), 10);
+    assert_eq!(sparse.poll_hits, 0, "{sparse:?}");
+    assert_eq!(sparse.poll_window_ns, 0, "{sparse:?}");
+}
