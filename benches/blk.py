@@ -7,11 +7,20 @@ Reports guest-side ops/s and the iothread's CPU time per request: ringvm's
 from its own thread clock (--iothread-stats), QEMU's by sampling its
 iothread's /proc stat while it runs.
 
-    cargo build --release && benches/blk.py [SECONDS]
+    cargo build --release && benches/blk.py [SECONDS] [ROUNDS]
+
+ROUNDS (default 1) repeats every row, the VMMs innermost so that the
+VMMs of a row run next to each other in time, and prints per-row medians
+and the median of the per-round ratios. RINGVM_EXTRA=NAME=PATH[,...]
+adds other ringvm binaries (an older build, for an A/B) as more VMMs.
+RINGVM_ARGS adds arguments to every ringvm run (e.g. polling options).
 """
-import os, re, subprocess, sys, tempfile, threading, time
+import os, re, statistics, subprocess, sys, tempfile, threading, time
 
 SECS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+EXTRA = [tuple(kv.split("=", 1)) for kv in os.environ.get("RINGVM_EXTRA", "").split(",") if kv]
+RINGVM_ARGS = os.environ.get("RINGVM_ARGS", "").split()
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ringvm = os.path.join(root, "target", "x86_64-unknown-linux-gnu", "release", "ringvm")
 qemu = "/usr/bin/qemu-system-x86_64"
@@ -27,9 +36,9 @@ def result(text):
 def cmdline(mode, qd):
     return f"blk.mode={mode} blk.qd={qd} blk.bs=4096 blk.secs={SECS} blk.len=256M blk.seed=3"
 
-def run_ringvm(mode, qd):
+def run_ringvm(mode, qd, binary=None):
     errf = tempfile.TemporaryFile(mode="w+")
-    p = subprocess.Popen([ringvm, "run", "--kernel", "builtin", "--memory", "256M", "--disk", f"path={disk}",
+    p = subprocess.Popen([binary or ringvm, "run", *RINGVM_ARGS, "--kernel", "builtin", "--memory", "256M", "--disk", f"path={disk}",
                           "--iothread-stats", "--cmdline", cmdline(mode, qd)], stdout=subprocess.PIPE, stderr=errf, text=True)
     out, sampled_us = sampled(p, "iothread0")
     errf.seek(0)
@@ -99,21 +108,32 @@ def main():
     guest = os.path.join(tempfile.mkdtemp(), "guest.elf")
     subprocess.run([ringvm, "builtin-guest", "--output", guest], check=True, stderr=subprocess.DEVNULL)
     print(f"{'vmm':<8} {'mode':<10} {'qd':>3} {'ops/s':>9} {'iothread CPU/req':>17}   ({SECS} s each, 4 KiB, {disk})")
-    rows = []
-    for mode in ("randread", "randwrite"):
-        for qd in (1, 32):
-            for name, fn in (("ringvm", lambda: run_ringvm(mode, qd)), ("qemu", lambda: run_qemu(mode, qd, guest))):
-                if name == "qemu" and not os.path.exists(qemu):
-                    continue
-                ops, cpu_us = fn()
-                per = cpu_us / ops if ops else float("nan")
-                rows.append((name, mode, qd, per))
-                print(f"{name:<8} {mode:<10} {qd:>3} {ops / SECS:9.0f} {per:14.2f} us")
+    vmms = [("ringvm", lambda m, q: run_ringvm(m, q))]
+    vmms += [(n, (lambda path: lambda m, q: run_ringvm(m, q, path))(p)) for n, p in EXTRA]
+    if os.path.exists(qemu):
+        vmms.append(("qemu", lambda m, q: run_qemu(m, q, guest)))
+    rows = {}
+    for r in range(ROUNDS):
+        for mode in ("randread", "randwrite"):
+            for qd in (1, 32):
+                for name, fn in vmms:
+                    ops, cpu_us = fn(mode, qd)
+                    per = cpu_us / ops if ops else float("nan")
+                    rows.setdefault((mode, qd, name), []).append((ops / SECS, per))
+                    print(f"{name:<8} {mode:<10} {qd:>3} {ops / SECS:9.0f} {per:14.2f} us   (round {r + 1})")
     os.unlink(disk)
+    print(f"\nmedians over {ROUNDS} round(s):")
     for mode in ("randread", "randwrite"):
         for qd in (1, 32):
-            r = {n: p for n, m, q, p in rows if m == mode and q == qd}
-            if "qemu" in r and r["qemu"] > 0:
-                print(f"{mode} qd{qd}: ringvm/qemu CPU per request = {r['ringvm'] / r['qemu']:.2f}")
+            q = rows.get((mode, qd, "qemu"))
+            for name, _ in vmms:
+                runs = rows[(mode, qd, name)]
+                ops = statistics.median(o for o, _ in runs)
+                per = statistics.median(c for _, c in runs)
+                line = f"{name:<8} {mode:<10} {qd:>3} {ops:9.0f} {per:14.2f} us"
+                if q and name != "qemu":
+                    ratios = [c / qc for (_, c), (_, qc) in zip(runs, q) if qc > 0]
+                    line += f"   {name}/qemu {statistics.median(ratios):.2f} (rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
+                print(line)
 
 main()

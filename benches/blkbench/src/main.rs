@@ -36,7 +36,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: blkbench --file PATH [--qd 1,32] [--duration SECS] \
          [--backends io_uring,ringvm,qsd] [--ringvm-blk PATH] [--qsd PATH] \
-         [--ringvm-disk-opts direct=on] [--poll-us 50] [--rounds N]   (backends also: ringvm-poll, ringvm-pollio)"
+         [--ringvm-disk-opts direct=on] [--poll-us 50] [--rounds N]   (backends also: ringvm-poll, ringvm-pollio, ringvm-adaptive, ringvm-nopoll)"
     );
     std::process::exit(2)
 }
@@ -125,13 +125,21 @@ fn start_backend(name: &str, args: &Args, dir: &Path) -> Result<Backend> {
                 socket: None,
             })
         }
-        "ringvm" | "ringvm-poll" | "ringvm-pollio" => {
+        "ringvm" | "ringvm-poll" | "ringvm-pollio" | "ringvm-adaptive" | "ringvm-nopoll" => {
             let mut c = Command::new(&args.ringvm_blk);
-            if name != "ringvm" {
+            if name == "ringvm-nopoll" {
+                c.arg("--poll-us").arg("0");
+            } else if name != "ringvm" {
                 c.arg("--poll-us").arg(args.poll_us.to_string());
+            }
+            if name == "ringvm-poll" {
+                c.arg("--poll-mode").arg("always");
             }
             if name == "ringvm-pollio" {
                 c.arg("--poll-mode").arg("io");
+            }
+            if name == "ringvm-adaptive" {
+                c.arg("--poll-mode").arg("adaptive");
             }
             c.arg("--socket").arg(&socket).arg("--disk").arg(format!(
                 "path={file}{}{}",

@@ -54,9 +54,10 @@ struct Cli {
           value_parser = clap::value_parser!(u16).range(1..=64))]
     iothreads: u16,
     /// Microseconds an idle iothread busy-polls for new requests and
-    /// completions before it sleeps (0 = never poll). Polling lowers
-    /// latency at low queue depth and costs CPU while idle.
-    #[arg(long, value_name = "US", default_value_t = 0,
+    /// completions before it sleeps (0 = never poll); with the default
+    /// `--poll-mode adaptive`, the most it polls for. Polling lowers
+    /// latency at low queue depth.
+    #[arg(long, value_name = "US", default_value_t = 50,
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     poll_us: u32,
     /// When to poll: `always` (new requests and completions), `io` (only
@@ -65,7 +66,7 @@ struct Cli {
     /// idle, for a window between 0 and `--poll-us` that follows the gaps
     /// between requests: it grows while polling would catch the next
     /// request and shrinks to nothing when requests are sparse).
-    #[arg(long, value_name = "always|io|adaptive", default_value = "always",
+    #[arg(long, value_name = "always|io|adaptive", default_value = "adaptive",
           value_parser = ["always", "io", "adaptive"])]
     poll_mode: String,
     /// Seccomp filters per thread kind, as `ringvm run --seccomp`: the
