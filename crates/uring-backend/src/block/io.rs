@@ -76,8 +76,8 @@ pub(super) fn injected_eio() -> Option<io::Error> {
     None
 }
 
-/// Drops the first `n` bytes from `iovecs`.
-fn advance(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
+/// Drops the first `n` bytes from `iovecs` (after a short transfer).
+pub fn advance(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
     let mut used = 0;
     for v in iovecs.iter_mut() {
         if n < v.iov_len {

@@ -17,7 +17,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 pub use direct::DirectIo;
-pub use io::ZERO_CHUNK;
+pub use io::{advance, ZERO_CHUNK};
 
 /// `BLKSSZGET`: logical sector size of a block device (`int`).
 const BLKSSZGET: libc::c_ulong = 0x1268;

@@ -20,7 +20,7 @@ use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use uring_backend::block::{BlockFile, DirectIo};
+use uring_backend::block::{advance, BlockFile, DirectIo};
 use uring_backend::executor::{Completion, EventFdReader, Executor};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -399,21 +399,6 @@ fn rw(write: bool, offset: u64, iov: &[libc::iovec]) -> DirectIo {
     } else {
         DirectIo::Readv { offset, iov, count }
     }
-}
-
-/// Drops the first `n` bytes from `iovecs`.
-fn advance(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
-    let mut used = 0;
-    for v in iovecs.iter_mut() {
-        if n < v.iov_len {
-            v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
-            v.iov_len -= n;
-            break;
-        }
-        n -= v.iov_len;
-        used += 1;
-    }
-    iovecs.drain(..used);
 }
 
 /// Answers GET_ID from the device's serial.
