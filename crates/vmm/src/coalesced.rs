@@ -260,6 +260,38 @@ impl Drop for PioZone {
     }
 }
 
+/// Lets KVM buffer the serial port's transmit writes (when it can): each
+/// printed byte then costs no exit of its own.
+pub(crate) fn coalesce_serial(
+    vm: &crate::vm::Vm,
+    vcpus: &mut [crate::vcpu::Vcpu],
+    serial: &Arc<Mutex<crate::devices::serial::SerialConsole>>,
+) {
+    if !vm.kvm().check_extension(kvm_ioctls::Cap::CoalescedPio) {
+        return;
+    }
+    let Some(first) = vcpus.first() else { return };
+    let ring = match CoalescedRing::map(&first.fd) {
+        Ok(ring) => ring,
+        Err(e) => {
+            log::debug!("serial writes not coalesced: {e}");
+            return;
+        }
+    };
+    for vcpu in vcpus.iter_mut() {
+        vcpu.coalesced = Some(ring.clone());
+    }
+    // Only the transmit register: the others exit as before.
+    serial
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .set_coalescing(Box::new(PioZone::new(
+            vm.fd().clone(),
+            crate::devices::serial::COM1_PORT,
+            1,
+        )));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

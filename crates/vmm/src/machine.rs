@@ -15,7 +15,7 @@ use crate::arch::acpi::{self, AcpiConfig, IntxRoute, PciHost};
 use crate::arch::{cpuid, mptable, regs};
 use crate::boot::{self, BootError, Initrd, LoadedKernel, SliceReader};
 use crate::bus::Bus;
-use crate::coalesced::{CoalescedRing, PioZone};
+use crate::coalesced::coalesce_serial;
 use crate::config::{format_size, IrqChip, KernelSource, VmConfig};
 use crate::control::{self, ControlError};
 use crate::devices::acpi_pm::{AcpiPm, SharedAcpiPm, ACPI_PM_LEN, ACPI_PM_PORT, GED_GSI};
@@ -342,30 +342,6 @@ fn add_legacy_devices(
         .and_then(|()| registry.set_snapshot("debug-exit", debug_exit))
         .map_err(MachineError::Registry)?;
     Ok(serial)
-}
-
-/// Lets KVM buffer the serial port's transmit writes (when it can): each
-/// printed byte then costs no exit of its own.
-fn coalesce_serial(vm: &Vm, vcpus: &mut [Vcpu], serial: &Arc<Mutex<SerialConsole>>) {
-    if !vm.kvm().check_extension(kvm_ioctls::Cap::CoalescedPio) {
-        return;
-    }
-    let Some(first) = vcpus.first() else { return };
-    let ring = match CoalescedRing::map(&first.fd) {
-        Ok(ring) => ring,
-        Err(e) => {
-            log::debug!("serial writes not coalesced: {e}");
-            return;
-        }
-    };
-    for vcpu in vcpus.iter_mut() {
-        vcpu.coalesced = Some(ring.clone());
-    }
-    // Only the transmit register: the others exit as before.
-    serial
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .set_coalescing(Box::new(PioZone::new(vm.fd().clone(), COM1_PORT, 1)));
 }
 
 /// The ACPI power-off, reset and power-button registers, with the GED's
