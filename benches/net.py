@@ -135,13 +135,6 @@ def run_qemu(size, guest, vhost):
         subprocess.run(["ip", "netns", "exec", NS, "ip", "link", "del", tap])
 
 
-def run(size, queues):
-    rate, per = run_ringvm(size, queues)
-    mbit = rate * size * 8 * 2 / 1e6
-    print(f"{size:6} B  {queues} pair(s)  {rate:9.0f} echoes/s  {mbit:8.1f} Mbit/s  "
-          f"iothread {per:6.2f} us/packet")
-
-
 def main():
     vmms = [("ringvm", lambda size: run_ringvm(size))]
     if os.path.exists(QEMU):
