@@ -304,9 +304,20 @@ fn snapshot_mid_workload(dir: &Path, disk: &Path, snap: &Path, irqchip: &str, se
     assert!(err.contains("HTTP 409") && err.contains("Running"), "{err}");
     assert!(!snap.exists(), "a refused snapshot wrote nothing");
     let mut tries = 0;
+    // A failed request says what the VMM did (it exited? its log?).
+    let checked = |vmm: &mut Vmm, args: &[&str], tries: u64| {
+        let (code, _, err) = remote(&sock, args);
+        if code != Some(0) {
+            let exited = vmm.child.try_wait().ok().flatten();
+            panic!(
+                "remote {args:?} (try {tries}): {err}\nringvm exited: {exited:?}\nits stderr:\n{}",
+                vmm.err()
+            );
+        }
+    };
     loop {
-        remote_ok(&sock, &["pause"]);
-        remote_ok(&sock, &["snapshot", &url]);
+        checked(&mut vmm, &["pause"], tries);
+        checked(&mut vmm, &["snapshot", &url], tries);
         let pending = pending_vectors(snap);
         eprintln!("snapshot {tries}: vectors pending in the local APICs: {pending:x?}");
         if pending.contains(&0x40) {
@@ -321,7 +332,7 @@ fn snapshot_mid_workload(dir: &Path, disk: &Path, snap: &Path, irqchip: &str, se
             next < WORKLOAD_LEN * 3 / 4,
             "no snapshot in {tries} caught a pending disk interrupt"
         );
-        remote_ok(&sock, &["resume"]);
+        checked(&mut vmm, &["resume"], tries);
         // Let the guest get on with it before the next try.
         wait_written(disk, next, &mut vmm);
     }

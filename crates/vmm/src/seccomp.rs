@@ -143,6 +143,10 @@ const COMMON: &[i64] = &[
     libc::SYS_tgkill,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
+    // The kernel's continuation of a sleep (futex with a timeout,
+    // nanosleep, poll) that a signal interrupted: seen on vm-build during
+    // a pause in tests/snapshot.rs (exit 109 on system call 219).
+    libc::SYS_restart_syscall,
     libc::SYS_sigaltstack,
     libc::SYS_write,
     libc::SYS_writev,
