@@ -291,10 +291,8 @@ impl BlkQueue {
             }
         };
         let Some(me) = self.me.upgrade() else { return };
-        // SAFETY: the iovec array is this slot's, and the buffers are guest
-        // RAM held by `vq`'s memory handle; the slot is not reused or
-        // changed, and `self` (which owns both) not freed, until the
-        // completion for `index` arrives: the op table holds `me`.
+        // SAFETY: the slot's iovecs and the guest RAM they point into (held
+        // by `vq`) stay put until `index` completes: the op table holds `me`.
         let started = unsafe {
             self.disk
                 .start(&self.ex, self.file_slot, me, u64::from(index), io)

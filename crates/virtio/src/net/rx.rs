@@ -372,11 +372,9 @@ pub(super) async fn serve_rx(ex: Rc<Executor>, ctx: PairCtx, wake: Arc<EventFd>)
             -libc::EAGAIN
         } else {
             let handler: Rc<dyn Completion> = read.clone();
-            // SAFETY: the iovec array is `read`'s, which the op table keeps
-            // (with the guest memory the iovecs point into) until the
-            // completion; the array is not touched before that, because
-            // this task waits for `read.finished()` below, even when it
-            // is asked to stop. The TAP queue file is held by `tap`.
+            // The op table keeps `read` (iovecs, guest memory) until the
+            // completion, which this task awaits below even when stopping.
+            // SAFETY: as said just above; `tap` holds the TAP queue open.
             let started = unsafe {
                 uring_backend::net::start_frame_io(
                     &ex,

@@ -190,10 +190,8 @@ impl Tx {
                 // ring that writes nothing.
                 self.ex.nop_direct(me, u64::from(index))
             } else {
-                // SAFETY: the iovec array is this slot's and the frame is
-                // in guest RAM held by `q`'s memory handle; neither changes
-                // nor goes until the completion for `index`, and the op
-                // table holds `me`, which owns both and the TAP.
+                // SAFETY: the slot's iovecs, the guest RAM (held by `q`) and
+                // the TAP stay until `index` completes: the op table holds `me`.
                 unsafe {
                     uring_backend::net::start_frame_io(
                         &self.ex,
