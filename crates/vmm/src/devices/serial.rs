@@ -70,6 +70,16 @@ const IER_OFFSET: u64 = 1;
 const LCR_OFFSET: u64 = 3;
 const LCR_DLAB: u8 = 0x80;
 const IER_VALID_BITS: u8 = 0x0f;
+const THR_OFFSET: u64 = 0;
+
+/// Transmitted bytes after which writes to the port are coalesced. A
+/// guest that prints a few lines never gets a zone: unregistering one at
+/// teardown is an SRCU grace period (3-5 ms on this host), and leaving it
+/// to KVM's VM destruction costs more, while the ~120 exits of a few
+/// lines cost about 1 ms here (docs/benchmarks.md, "Start-up", session 6).
+/// Past this many bytes (a kernel's boot log) every further 16 bytes save
+/// 15 exits.
+pub const COALESCE_AFTER: u32 = 512;
 
 /// COM1 on the PIO bus.
 ///
@@ -79,12 +89,16 @@ const IER_VALID_BITS: u8 = 0x0f;
 /// exit (no interrupt; the line status always reads empty), so the byte
 /// may reach the device at that exit instead of costing one of its own.
 /// A guest that enables any UART interrupt gets one exit per write again.
+/// Coalescing starts once the guest has transmitted [`COALESCE_AFTER`]
+/// bytes.
 pub struct SerialConsole {
     inner: Serial<IrqLine, vm_superio::serial::NoEvents, ConsoleSink>,
     /// The line control and interrupt enable registers, shadowed to decide
     /// whether the transmit register may be coalesced.
     lcr: u8,
     ier: u8,
+    /// Bytes written to the transmit register, up to [`COALESCE_AFTER`].
+    sent: u32,
     zone: Option<Box<dyn CoalescedZone>>,
 }
 
@@ -94,26 +108,43 @@ impl SerialConsole {
             inner: Serial::new(IrqLine(irq), sink),
             lcr: 0,
             ier: 0,
+            sent: 0,
             zone: None,
         }
     }
 
     /// Lets KVM coalesce transmit-register writes whenever the UART's
-    /// state allows it (now, after reset: no interrupts are enabled).
-    pub fn set_coalescing(&mut self, mut zone: Box<dyn CoalescedZone>) {
-        zone.set(self.ier == 0);
+    /// state allows it and the guest has printed enough for it to pay.
+    pub fn set_coalescing(&mut self, zone: Box<dyn CoalescedZone>) {
         self.zone = Some(zone);
+        self.update_zone();
+    }
+
+    /// Whether transmit-register writes may be coalesced now.
+    fn coalescing(&self) -> bool {
+        self.ier == 0 && self.sent >= COALESCE_AFTER
+    }
+
+    fn update_zone(&mut self) {
+        let on = self.coalescing();
+        if let Some(zone) = &mut self.zone {
+            zone.set(on);
+        }
     }
 
     /// Follows the writes that change whether coalescing is allowed.
     fn track(&mut self, offset: u64, value: u8) {
         match offset {
+            THR_OFFSET if self.lcr & LCR_DLAB == 0 && self.sent < COALESCE_AFTER => {
+                self.sent += 1;
+                if self.sent == COALESCE_AFTER {
+                    self.update_zone();
+                }
+            }
             LCR_OFFSET => self.lcr = value,
             IER_OFFSET if self.lcr & LCR_DLAB == 0 => {
                 self.ier = value & IER_VALID_BITS;
-                if let Some(zone) = &mut self.zone {
-                    zone.set(self.ier == 0);
-                }
+                self.update_zone();
             }
             _ => {}
         }
@@ -204,10 +235,7 @@ impl Snapshot for SerialConsole {
                 // The coalescing rule follows the restored registers.
                 self.lcr = s.line_control;
                 self.ier = s.interrupt_enable & IER_VALID_BITS;
-                let ier = self.ier;
-                if let Some(zone) = &mut self.zone {
-                    zone.set(ier == 0);
-                }
+                self.update_zone();
                 Ok(())
             }
             Err(e) => Err(SnapshotError::mismatch("serial0", format!("{e:?}"))),
@@ -308,25 +336,48 @@ mod tests {
         ConsoleSink::File(LineWriter::new(File::create("/dev/null").unwrap()))
     }
 
+    fn print(s: &mut SerialConsole, n: u32) {
+        for _ in 0..n {
+            s.write(COM1_PORT.into(), THR_OFFSET, b"x");
+        }
+    }
+
+    #[test]
+    fn coalesces_once_the_guest_has_printed_enough() {
+        let (mut s, calls) = console();
+        // After reset IER is 0, but nothing was printed yet.
+        assert_eq!(*calls.lock().unwrap(), [false]);
+        print(&mut s, COALESCE_AFTER - 1);
+        // Divisor-latch writes at the transmit offset are not bytes sent.
+        s.write(COM1_PORT.into(), LCR_OFFSET, &[LCR_DLAB | 0x03]);
+        s.write(COM1_PORT.into(), THR_OFFSET, &[0x01]);
+        s.write(COM1_PORT.into(), LCR_OFFSET, &[0x03]);
+        assert_eq!(*calls.lock().unwrap(), [false]);
+        print(&mut s, 1);
+        assert_eq!(*calls.lock().unwrap(), [false, true]);
+        print(&mut s, 100);
+        assert_eq!(*calls.lock().unwrap(), [false, true], "asked once");
+    }
+
     #[test]
     fn coalesces_only_while_no_interrupt_is_enabled() {
         let (mut s, calls) = console();
-        // After reset IER is 0: coalescing starts.
-        assert_eq!(*calls.lock().unwrap(), [true]);
+        print(&mut s, COALESCE_AFTER);
         s.write(COM1_PORT.into(), IER_OFFSET, &[0x02]); // THRE interrupt
         s.write(COM1_PORT.into(), IER_OFFSET, &[0x00]);
         s.write(COM1_PORT.into(), IER_OFFSET, &[0xf0]); // no valid bits: still 0
-        assert_eq!(*calls.lock().unwrap(), [true, false, true, true]);
+        assert_eq!(*calls.lock().unwrap(), [false, true, false, true, true]);
     }
 
     #[test]
     fn divisor_latch_writes_are_not_ier() {
         let (mut s, calls) = console();
+        print(&mut s, COALESCE_AFTER);
         s.write(COM1_PORT.into(), LCR_OFFSET, &[LCR_DLAB | 0x03]);
         s.write(COM1_PORT.into(), IER_OFFSET, &[0x01]); // divisor high byte
-        assert_eq!(*calls.lock().unwrap(), [true]);
+        assert_eq!(*calls.lock().unwrap(), [false, true]);
         s.write(COM1_PORT.into(), LCR_OFFSET, &[0x03]);
         s.write(COM1_PORT.into(), IER_OFFSET, &[0x01]); // receive interrupt
-        assert_eq!(*calls.lock().unwrap(), [true, false]);
+        assert_eq!(*calls.lock().unwrap(), [false, true, false]);
     }
 }
