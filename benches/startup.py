@@ -7,6 +7,10 @@ median and minimum wall time and the median peak RSS (from wait4's rusage, so it
 whole process). Usage:
 
     benches/startup.py [N]            # ringvm, and QEMU microvm if installed
+    RINGVM_BASE=/path/to/other/ringvm benches/startup.py [N]
+                                      # adds rows for another build (A/B)
+    RINGVM_SECCOMP_OFF=1 benches/startup.py [N]
+                                      # adds a --seccomp false row
 
 The guest is ringvm's built-in guest with `exit=0`, 64 MiB of RAM, 1 vCPU,
 serial to /dev/null. The `--api-socket` row serves the HTTP API on a Unix
@@ -80,8 +84,13 @@ def main():
     sock = os.path.join(tempfile.mkdtemp(), "api.sock")
     rows = [("ringvm (default: split)", base, {0}), ("ringvm --irqchip kernel", base + ["--irqchip", "kernel"], {0}),
             ("ringvm --api-socket", base + ["--api-socket", sock], {0})]
+    other = os.environ.get("RINGVM_BASE")
+    if other:
+        rows.insert(1, ("other build (default)", [other] + base[1:], {0}))
+    if os.environ.get("RINGVM_SECCOMP_OFF"):
+        rows.insert(1, ("ringvm --seccomp false", base + ["--seccomp", "false"], {0}))
     qemu = "/usr/bin/qemu-system-x86_64"
-    if os.path.exists(qemu):
+    if os.path.exists(qemu) and not os.environ.get("NO_QEMU"):
         rows.append(("qemu microvm (kvm)", [qemu, "-M", "microvm", "-accel", "kvm", "-m", "64M", "-smp", "1", "-nodefaults",
             "-no-user-config", "-nographic", "-serial", "file:/dev/null", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
             "-kernel", guest, "-append", "exit=0"], {1}))
