@@ -91,6 +91,75 @@ fn guest_writes_a_pattern_and_a_second_vm_verifies_it() {
     assert_ne!(f["errors"], "0", "{f:?}");
 }
 
+/// `engine=`: a disk in memory (tmpfs) is served synchronously by default,
+/// anything else through io_uring, and either can be asked for. What one
+/// engine wrote (and flushed) the other reads back, and the host sees it.
+#[test]
+fn both_engines_serve_the_guest_and_read_each_others_writes() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("blk-engine");
+    let shm_dir = PathBuf::from(format!("/dev/shm/ringvm-blk-engine-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&shm_dir);
+    std::fs::create_dir_all(&shm_dir).unwrap();
+    let in_memory = shm_dir.join("d0.img");
+    std::fs::File::create(&in_memory)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let on_disk = disk(&dir, "d1.img", 8 << 20);
+    // (disk, engine= value or none, the engine the log must name,
+    // the engine that reads it back)
+    let cases = [
+        (&in_memory, None, "engine auto (sync)", "uring"),
+        (&in_memory, Some("uring"), "engine uring (uring)", "sync"),
+        (&on_disk, None, "engine auto (uring)", "sync"),
+        (&on_disk, Some("sync"), "engine sync (sync)", "uring"),
+    ];
+    for (i, (path, engine, logged, reader)) in cases.into_iter().enumerate() {
+        let mut spec = path_disk(path);
+        if let Some(e) = engine {
+            spec.push_str(&format!(",engine={e}"));
+        }
+        let seed = 20 + i;
+        let cmd =
+            format!("blk.mode=write blk.bs=4096 blk.qd=8 blk.len=1M blk.seed={seed} blk.flush=1");
+        let out = run_command(
+            Command::new(common::ringvm_bin())
+                .env("RINGVM_LOG", "debug")
+                .args(["run", "--kernel", "builtin", "--memory", "128M"])
+                .args(["--disk", &spec, "--cmdline", &cmd]),
+            DEADLINE,
+        );
+        assert_eq!(out.code, Some(0), "{spec}: {out:#?}");
+        assert!(
+            out.stderr.contains(logged),
+            "{spec}: wants {logged:?}: {out:#?}"
+        );
+        let f = result_fields(&out.stdout).expect("RINGVM-RESULT");
+        assert_eq!(f["errors"], "0", "{spec}: {f:?}");
+        let verify = format!("blk.mode=verify blk.bs=4096 blk.qd=8 blk.len=1M blk.seed={seed}");
+        let (out, f) = ringvm_guest(
+            &[format!("{},engine={reader}", path_disk(path))],
+            &[],
+            &verify,
+        );
+        assert_eq!(
+            out.code,
+            Some(0),
+            "{spec} read back with {reader}: {out:#?}"
+        );
+        assert_eq!(f["errors"], "0", "{f:?}");
+        let data = std::fs::read(path).unwrap();
+        assert!(
+            data[..1 << 20].iter().any(|&b| b != 0),
+            "{spec}: the host sees the writes"
+        );
+    }
+    std::fs::remove_dir_all(&shm_dir).unwrap();
+}
+
 #[test]
 fn guest_crc_equals_the_host_crc_of_the_file() {
     if !kvm_available() {

@@ -44,7 +44,7 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
     /// The disk, as `ringvm run --disk`:
-    /// path=PATH[,readonly=on][,direct=on][,queues=N][,queue_size=N][,serial=ID][,iothread=I[:J...]][,fixed_buffers=off]
+    /// path=PATH[,readonly=on][,direct=on][,queues=N][,queue_size=N][,serial=ID][,iothread=I[:J...]][,fixed_buffers=off][,engine=auto|uring|sync]
     /// (fixed buffers are on by default here: the front-end's memory is
     /// registered with the iothreads' rings where the kernel allows)
     #[arg(long, value_name = "SPEC")]

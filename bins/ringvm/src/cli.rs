@@ -166,7 +166,7 @@ pub struct RunArgs {
     pub cpuid_hide: Vec<String>,
 
     /// A virtio-blk disk (repeatable):
-    /// `path=PATH[,readonly=on][,direct=on][,queues=N][,queue_size=N][,serial=ID][,iothread=I[:J...]]`.
+    /// `path=PATH[,readonly=on][,direct=on][,queues=N][,queue_size=N][,serial=ID][,iothread=I[:J...]][,engine=auto|uring|sync]`.
     /// `direct=on` opens the file with O_DIRECT; `iothread` lists the
     /// iothreads its queues are spread over (default: all). Or a disk
     /// served by a vhost-user backend:

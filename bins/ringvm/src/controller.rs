@@ -137,6 +137,7 @@ fn config_json(plan: &Plan) -> Value {
                 serial: d.serial.clone(),
                 iothreads: d.iothreads.clone(),
                 fixed_buffers: Some(d.fixed_buffers),
+                engine: Some(d.engine.name().to_string()),
             })
             .collect(),
         net: plan

@@ -6,7 +6,7 @@ use std::rc::Rc;
 use std::sync::mpsc;
 
 use common::{block_on, pattern, TempFile};
-use uring_backend::block::{BlockError, BlockFile, BlockOpenOptions};
+use uring_backend::block::{BlockError, BlockFile, BlockOpenOptions, IoEngine};
 use uring_backend::iothread::IoThread;
 use uring_backend::{Executor, IoBuf};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -14,11 +14,23 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 const RW: BlockOpenOptions = BlockOpenOptions {
     readonly: false,
     direct: false,
+    engine: IoEngine::Uring,
 };
 const RO: BlockOpenOptions = BlockOpenOptions {
     readonly: true,
     direct: false,
+    engine: IoEngine::Uring,
 };
+/// Both engines, for the tests that run on each.
+const ENGINES: [IoEngine; 2] = [IoEngine::Uring, IoEngine::Sync];
+
+fn rw(engine: IoEngine) -> BlockOpenOptions {
+    BlockOpenOptions { engine, ..RW }
+}
+
+fn ro(engine: IoEngine) -> BlockOpenOptions {
+    BlockOpenOptions { engine, ..RO }
+}
 
 fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> Option<i32> {
     r.expect_err("must fail").raw_os_error()
@@ -53,9 +65,10 @@ async fn read_back(
     (n, buf.to_vec())
 }
 
-fn roundtrip_in(dir: &str) {
+fn roundtrip_in(dir: &str, engine: IoEngine) {
     let file = TempFile::new(dir, 1 << 20);
-    let disk = BlockFile::open(file.path(), RW).expect("open");
+    let disk = BlockFile::open(file.path(), rw(engine)).expect("open");
+    assert_eq!(disk.synchronous(), engine == IoEngine::Sync);
     assert_eq!(disk.size(), 1 << 20);
     assert!(!disk.is_block_device());
     assert_eq!(disk.logical_block_size(), 512);
@@ -80,29 +93,75 @@ fn roundtrip_in(dir: &str) {
 
 #[test]
 fn writev_then_readv_round_trips_on_ext4_and_tmpfs() {
-    roundtrip_in("/tmp");
-    roundtrip_in("/dev/shm");
+    for engine in ENGINES {
+        roundtrip_in("/tmp", engine);
+        roundtrip_in("/dev/shm", engine);
+    }
+}
+
+/// `engine=auto` runs a file in memory synchronously (io_uring would hand
+/// each of its operations to a worker thread) and everything else
+/// through the ring; an explicit engine is taken as given.
+#[test]
+fn the_auto_engine_is_synchronous_for_files_in_memory_only() {
+    let auto = |dir: &str, direct: bool| {
+        let file = TempFile::new(dir, 1 << 16);
+        let opts = BlockOpenOptions {
+            readonly: false,
+            direct,
+            engine: IoEngine::Auto,
+        };
+        BlockFile::open(file.path(), opts).map(|d| d.synchronous())
+    };
+    assert!(auto("/dev/shm", false).expect("open"), "tmpfs");
+    let tmp_fs = std::process::Command::new("stat")
+        .args(["-f", "-c", "%T", "/tmp"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    if tmp_fs != "tmpfs" && tmp_fs != "ramfs" {
+        assert!(!auto("/tmp", false).expect("open"), "/tmp is {tmp_fs}");
+        if let Ok(sync) = auto("/tmp", true) {
+            assert!(!sync, "O_DIRECT goes through the ring");
+        }
+    }
+    let file = TempFile::new("/tmp", 1 << 16);
+    for (engine, sync) in [(IoEngine::Sync, true), (IoEngine::Uring, false)] {
+        let disk = BlockFile::open(file.path(), rw(engine)).expect("open");
+        assert_eq!(disk.synchronous(), sync, "{engine:?}");
+    }
+    let shm = TempFile::new("/dev/shm", 1 << 16);
+    let disk = BlockFile::open(shm.path(), rw(IoEngine::Uring)).expect("open");
+    assert!(!disk.synchronous(), "uring is taken as given on tmpfs");
 }
 
 #[test]
 fn reads_past_the_end_are_short_or_empty() {
-    let file = TempFile::new("/dev/shm", 8192);
-    let disk = BlockFile::open(file.path(), RO).expect("open");
-    let ex = Executor::new(8).expect("executor");
-    let ex2 = ex.clone();
-    let (short, empty) = block_on(&ex, async move {
-        (
-            read_back(&ex2, &disk, 6144, 4096).await.0,
-            read_back(&ex2, &disk, 8192, 4096).await.0,
-        )
-    });
-    assert_eq!((short, empty), (2048, 0));
+    for engine in ENGINES {
+        let file = TempFile::new("/dev/shm", 8192);
+        let disk = BlockFile::open(file.path(), ro(engine)).expect("open");
+        let ex = Executor::new(8).expect("executor");
+        let ex2 = ex.clone();
+        let (short, empty) = block_on(&ex, async move {
+            (
+                read_back(&ex2, &disk, 6144, 4096).await.0,
+                read_back(&ex2, &disk, 8192, 4096).await.0,
+            )
+        });
+        assert_eq!((short, empty), (2048, 0), "{engine:?}");
+    }
 }
 
 #[test]
 fn fixed_buffers_read_and_write() {
+    for engine in ENGINES {
+        fixed_buffers_with(engine);
+    }
+}
+
+fn fixed_buffers_with(engine: IoEngine) {
     let file = TempFile::new("/dev/shm", 1 << 20);
-    let disk = BlockFile::open(file.path(), RW).expect("open");
+    let disk = BlockFile::open(file.path(), rw(engine)).expect("open");
     let ex = Executor::new(8).expect("executor");
     let buf = Rc::new(IoBuf::new(64 << 10));
     if let Err(e) = ex.register_buffers(&[(buf.as_ptr(), buf.len())]) {
@@ -188,8 +247,14 @@ fn discard_and_write_zeroes_read_back_as_zero_on_ext4_and_tmpfs() {
 
 #[test]
 fn a_readonly_disk_refuses_writes_with_ebadf() {
+    for engine in ENGINES {
+        readonly_with(engine);
+    }
+}
+
+fn readonly_with(engine: IoEngine) {
     let file = TempFile::new("/dev/shm", 1 << 16);
-    let disk = BlockFile::open(file.path(), RO).expect("open");
+    let disk = BlockFile::open(file.path(), ro(engine)).expect("open");
     assert!(disk.readonly());
     assert!(!disk.supports_discard());
     let ex = Executor::new(8).expect("executor");
@@ -233,6 +298,7 @@ fn opening_reports_what_is_wrong() {
     let direct = BlockOpenOptions {
         readonly: true,
         direct: true,
+        engine: IoEngine::Auto,
     };
     match BlockFile::open(std::path::Path::new("/proc/version"), direct) {
         Err(e @ BlockError::DirectUnsupported { .. }) => {
@@ -247,6 +313,7 @@ fn direct_roundtrip(dir: &str) -> Result<(), BlockError> {
     let opts = BlockOpenOptions {
         readonly: false,
         direct: true,
+        engine: IoEngine::Auto,
     };
     let disk = BlockFile::open(file.path(), opts)?;
     assert!(disk.direct());

@@ -50,6 +50,9 @@ pub struct DiskConfig {
     pub iothreads: Vec<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fixed_buffers: Option<bool>,
+    /// `auto`, `uring` or `sync` (see `--disk engine=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,6 +232,9 @@ impl VmConfig {
             }
             if let Some(f) = d.fixed_buffers {
                 s.push_str(&format!(",fixed_buffers={}", on(f)));
+            }
+            if let Some(e) = &d.engine {
+                s.push_str(&format!(",engine={}", plain("disks.engine", e)?));
             }
             a.extend(["--disk".into(), s]);
         }

@@ -135,3 +135,57 @@ impl BlockFile {
         unsafe { ex.submit_direct(handler, tag, sqe, false) }
     }
 }
+
+impl BlockFile {
+    /// Runs `io` on the calling thread (the `sync` engine) and returns
+    /// what its completion would carry: bytes moved, 0 for a flush, or
+    /// `-errno`.
+    ///
+    /// # Safety
+    ///
+    /// The iovec array and every buffer `io` points at must be valid for
+    /// the call (for writes to, for reads from, as the operation says).
+    pub unsafe fn run_sync(&self, io: DirectIo) -> i32 {
+        if !matches!(io, DirectIo::Flush) && injected_eio().is_some() {
+            return -libc::EIO;
+        }
+        // SAFETY: the caller's contract.
+        unsafe { self.run_sync_unchecked(io) }
+    }
+
+    /// [`BlockFile::run_sync`] without the test builds' fault injection
+    /// (for callers that checked it once for a whole transfer).
+    ///
+    /// # Safety
+    ///
+    /// As [`BlockFile::run_sync`].
+    pub(super) unsafe fn run_sync_unchecked(&self, io: DirectIo) -> i32 {
+        let fd = self.as_raw_fd();
+        // SAFETY: the caller vouches for the memory `io` points at; the
+        // descriptor is this open disk.
+        let rc = unsafe {
+            match io {
+                DirectIo::Readv { offset, iov, count } => {
+                    libc::preadv(fd, iov, count as libc::c_int, offset as libc::off_t)
+                }
+                DirectIo::Writev { offset, iov, count } => {
+                    libc::pwritev(fd, iov, count as libc::c_int, offset as libc::off_t)
+                }
+                DirectIo::ReadFixed {
+                    offset, buf, len, ..
+                } => libc::pread(fd, buf.cast(), len as usize, offset as libc::off_t),
+                DirectIo::WriteFixed {
+                    offset, buf, len, ..
+                } => libc::pwrite(fd, buf.cast(), len as usize, offset as libc::off_t),
+                DirectIo::Flush => libc::fdatasync(fd) as libc::ssize_t,
+            }
+        };
+        if rc < 0 {
+            -io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO)
+        } else {
+            i32::try_from(rc).unwrap_or(i32::MAX)
+        }
+    }
+}

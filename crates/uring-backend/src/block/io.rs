@@ -9,7 +9,7 @@ use std::io;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
-use super::BlockFile;
+use super::{BlockFile, DirectIo};
 use crate::executor::ops::RwBufs;
 use crate::executor::Executor;
 use crate::memory::{IoBuf, IoMemory};
@@ -102,11 +102,43 @@ impl BlockFile {
         if let Some(e) = injected_eio() {
             return Err(e);
         }
+        if self.0.sync && !crate::memory::covers(&*bufs.keepalive, &bufs.iovecs) {
+            // As the ring's path refuses it.
+            return Err(io::Error::from_raw_os_error(libc::EFAULT));
+        }
         let total: usize = bufs.iovecs.iter().map(|v| v.iov_len).sum();
         let mut bufs = bufs;
         let mut done = 0usize;
         while done < total {
             let at = offset + done as u64;
+            if self.0.sync {
+                let (iov, count) = (bufs.iovecs.as_ptr(), bufs.iovecs.len() as u32);
+                let io = if write {
+                    DirectIo::Writev {
+                        offset: at,
+                        iov,
+                        count,
+                    }
+                } else {
+                    DirectIo::Readv {
+                        offset: at,
+                        iov,
+                        count,
+                    }
+                };
+                // SAFETY: `bufs` holds the iovecs and keeps the memory
+                // they point at alive across the call.
+                match unsafe { self.run_sync_unchecked(io) } {
+                    0 => break,
+                    n if n > 0 => {
+                        done += n as usize;
+                        advance(&mut bufs.iovecs, n as usize);
+                    }
+                    e if e == -libc::EINTR => {}
+                    e => return Err(io::Error::from_raw_os_error(-e)),
+                }
+                continue;
+            }
             let (res, back) = if write {
                 ex.writev_bufs(self.0.clone(), at, bufs).await
             } else {
@@ -166,12 +198,40 @@ impl BlockFile {
         if let Some(e) = injected_eio() {
             return Err(e);
         }
+        if self.0.sync && len > 0 && !keepalive.contains(buf as usize, len) {
+            return Err(io::Error::from_raw_os_error(libc::EFAULT));
+        }
         let mut done = 0usize;
         while done < len {
             let ptr = buf.wrapping_add(done);
             let n = (len - done) as u32;
-            let keep: Box<dyn IoMemory> = Box::new(keepalive.clone());
             let at = offset + done as u64;
+            if self.0.sync {
+                let io = if write {
+                    DirectIo::WriteFixed {
+                        offset: at,
+                        buf: ptr,
+                        len: n,
+                        index: buf_index,
+                    }
+                } else {
+                    DirectIo::ReadFixed {
+                        offset: at,
+                        buf: ptr,
+                        len: n,
+                        index: buf_index,
+                    }
+                };
+                // SAFETY: `keepalive` keeps the buffer alive across the call.
+                match unsafe { self.run_sync_unchecked(io) } {
+                    0 => break,
+                    r if r > 0 => done += r as usize,
+                    e if e == -libc::EINTR => {}
+                    e => return Err(io::Error::from_raw_os_error(-e)),
+                }
+                continue;
+            }
+            let keep: Box<dyn IoMemory> = Box::new(keepalive.clone());
             let res = if write {
                 ex.write_fixed(self.0.clone(), at, ptr, n, buf_index, keep)
                     .await
@@ -233,6 +293,13 @@ impl BlockFile {
 
     /// Makes every completed write durable (`fdatasync`).
     pub async fn flush(&self, ex: &Rc<Executor>) -> io::Result<()> {
+        if self.0.sync {
+            // SAFETY: a flush points at no memory.
+            return match unsafe { self.run_sync_unchecked(DirectIo::Flush) } {
+                e if e < 0 => Err(io::Error::from_raw_os_error(-e)),
+                _ => Ok(()),
+            };
+        }
         ex.fsync(self.0.clone(), true).await
     }
 

@@ -34,6 +34,49 @@ pub struct BlockOpenOptions {
     /// Bypass the page cache (`O_DIRECT`). Buffers, offsets and lengths
     /// must then follow [`BlockFile::direct_alignment`].
     pub direct: bool,
+    /// Which path reads, writes and flushes take.
+    pub engine: IoEngine,
+}
+
+/// Which path a disk's reads, writes and flushes take (`--disk
+/// engine=`), as Firecracker's `io_engine` chooses between `Sync` and
+/// `Async`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoEngine {
+    /// `sync` for a regular file in memory (tmpfs, ramfs) opened without
+    /// O_DIRECT, `uring` otherwise. io_uring cannot do such a file's I/O
+    /// without blocking, so it hands every operation to one of its worker
+    /// threads: a thread switch and a wake-up around a copy of memory.
+    #[default]
+    Auto,
+    /// Through the iothread's io_uring.
+    Uring,
+    /// `preadv`/`pwritev`/`fdatasync` on the iothread itself: no ring, no
+    /// worker thread, but a slow disk stalls every queue of that iothread.
+    Sync,
+}
+
+impl IoEngine {
+    pub fn name(self) -> &'static str {
+        match self {
+            IoEngine::Auto => "auto",
+            IoEngine::Uring => "uring",
+            IoEngine::Sync => "sync",
+        }
+    }
+}
+
+/// `statfs` magic numbers of the filesystems whose files are memory.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+
+/// Whether `file` lives on tmpfs or ramfs.
+fn in_memory(file: &File) -> bool {
+    // SAFETY: statfs is plain data, filled by the kernel.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid fd and a buffer of the right size.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    rc == 0 && matches!(st.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
 }
 
 /// Errors from opening a disk.
@@ -87,6 +130,9 @@ pub(crate) struct Inner {
     logical_block_size: u32,
     alignment: DirectAlignment,
     discard: bool,
+    /// Reads, writes and flushes run on the calling thread
+    /// ([`IoEngine::Sync`], or `Auto` chose it).
+    sync: bool,
     /// Cleared once `FALLOC_FL_ZERO_RANGE` turns out to be unsupported.
     zero_range: AtomicBool,
 }
@@ -241,11 +287,18 @@ impl BlockFile {
             } else {
                 file_can_punch(&file, size)
             };
+        let sync = match opts.engine {
+            IoEngine::Sync => true,
+            IoEngine::Uring => false,
+            IoEngine::Auto => !opts.direct && !block_device && in_memory(&file),
+        };
         log::debug!(
             "{}: {size} bytes, block device {block_device}, sector {logical_block_size}, \
-             discard {discard}, direct {} {alignment:?}",
+             discard {discard}, direct {} {alignment:?}, engine {} ({})",
             path.display(),
-            opts.direct
+            opts.direct,
+            opts.engine.name(),
+            if sync { "sync" } else { "uring" }
         );
         Ok(BlockFile(Arc::new(Inner {
             file,
@@ -257,6 +310,7 @@ impl BlockFile {
             logical_block_size,
             alignment,
             discard,
+            sync,
             zero_range: AtomicBool::new(true),
         })))
     }
@@ -276,6 +330,12 @@ impl BlockFile {
 
     pub fn direct(&self) -> bool {
         self.0.direct
+    }
+
+    /// Whether reads, writes and flushes run on the calling thread
+    /// ([`BlockFile::run_sync`]) rather than through io_uring.
+    pub fn synchronous(&self) -> bool {
+        self.0.sync
     }
 
     pub fn is_block_device(&self) -> bool {

@@ -1,8 +1,11 @@
 //! The `--disk` option, shared by `ringvm run` and the `ringvm-blk` daemon:
 //! `path=PATH[,readonly=on|off][,direct=on|off][,fixed_buffers=on|off]
-//! [,queues=N][,queue_size=N][,serial=ID][,iothread=I[:J...]]`.
+//! [,queues=N][,queue_size=N][,serial=ID][,iothread=I[:J...]]
+//! [,engine=auto|uring|sync]`.
 
 use std::path::PathBuf;
+
+pub use uring_backend::block::IoEngine;
 
 /// Most queues a disk may have.
 pub const MAX_QUEUES: u16 = 64;
@@ -25,6 +28,8 @@ pub struct DiskConfig {
     /// Register guest RAM with each serving iothread's io_uring as fixed
     /// buffers (pins, and so allocates, all of guest RAM).
     pub fixed_buffers: bool,
+    /// Reads and writes through io_uring or on the iothread itself.
+    pub engine: IoEngine,
 }
 
 /// Errors in a `--disk` value.
@@ -32,7 +37,7 @@ pub struct DiskConfig {
 pub enum DiskConfigError {
     #[error("--disk needs path=PATH")]
     NoPath,
-    #[error("unknown --disk key {0:?} (expected path, readonly, direct, fixed_buffers, queues, queue_size, serial, iothread)")]
+    #[error("unknown --disk key {0:?} (expected path, readonly, direct, fixed_buffers, queues, queue_size, serial, iothread, engine)")]
     UnknownKey(String),
     #[error("--disk {key}={value:?}: {why}")]
     BadValue {
@@ -79,6 +84,7 @@ impl DiskConfig {
             serial: None,
             iothreads: Vec::new(),
             fixed_buffers: fixed_default,
+            engine: IoEngine::Auto,
         };
         let mut seen: Vec<&str> = Vec::new();
         let mut have_path = false;
@@ -101,6 +107,20 @@ impl DiskConfig {
                 "readonly" => cfg.readonly = on_off("readonly", v)?,
                 "direct" => cfg.direct = on_off("direct", v)?,
                 "fixed_buffers" => cfg.fixed_buffers = on_off("fixed_buffers", v)?,
+                "engine" => {
+                    cfg.engine = match v {
+                        "auto" => IoEngine::Auto,
+                        "uring" => IoEngine::Uring,
+                        "sync" => IoEngine::Sync,
+                        _ => {
+                            return Err(DiskConfigError::BadValue {
+                                key: "engine",
+                                value: v.into(),
+                                why: "expected auto, uring or sync",
+                            })
+                        }
+                    }
+                }
                 "queues" => {
                     cfg.queues = v
                         .parse()
@@ -170,6 +190,15 @@ mod tests {
         assert_eq!(c.iothreads, vec![0, 1]);
         let d = DiskConfig::parse("path=x").unwrap();
         assert_eq!((d.queues, d.queue_size, d.readonly), (1, 256, false));
+        assert_eq!(d.engine, IoEngine::Auto);
+        for (v, e) in [
+            ("auto", IoEngine::Auto),
+            ("uring", IoEngine::Uring),
+            ("sync", IoEngine::Sync),
+        ] {
+            let c = DiskConfig::parse(&format!("path=x,engine={v}")).unwrap();
+            assert_eq!(c.engine, e);
+        }
     }
 
     #[test]
@@ -194,6 +223,7 @@ mod tests {
             "readonly=on",
             "path=",
             "path=x,queues=0",
+            "path=x,engine=threads",
             "path=x,queues=65",
             "path=x,queue_size=100",
             "path=x,readonly=maybe",

@@ -98,6 +98,7 @@ impl BlockDevice {
             BlockOpenOptions {
                 readonly: config.readonly,
                 direct: config.direct,
+                engine: config.engine,
             },
         )
         .map_err(|source| BlockDeviceError::Open {

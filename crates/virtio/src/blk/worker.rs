@@ -290,6 +290,14 @@ impl BlkQueue {
                 _ => rw(write, offset, &slot.iov),
             }
         };
+        if self.disk.synchronous() {
+            // The `sync` engine (a disk in memory, see IoEngine): done now.
+            // SAFETY: the slot's iovecs and the guest RAM they point into
+            // (held by `vq`) are valid for the call.
+            let result = unsafe { self.disk.run_sync(io) };
+            self.finished(index, result);
+            return;
+        }
         let Some(me) = self.me.upgrade() else { return };
         // SAFETY: the slot's iovecs and the guest RAM they point into (held
         // by `vq`) stay put until `index` completes: the op table holds `me`.

@@ -398,6 +398,9 @@ const VM_BUILD: &[i64] = &[
     libc::SYS_fstat,
     libc::SYS_read,
     libc::SYS_pread64,
+    // A disk's filesystem (engine=auto: tmpfs and ramfs files are served
+    // synchronously).
+    libc::SYS_fstatfs,
 ];
 
 fn list(kind: ThreadKind) -> &'static [i64] {
