@@ -271,9 +271,18 @@ fn api_request(sock: &std::path::Path, method: &str, endpoint: &str, body: &str)
     )
 }
 
-fn wait_for_socket(path: &std::path::Path) {
+/// Waits for ringvm's API socket; fails at once, with ringvm's stderr, if
+/// ringvm ends first (a forbidden system call, say).
+fn wait_for_socket(path: &std::path::Path, child: &mut std::process::Child) {
     let start = Instant::now();
     while std::os::unix::net::UnixStream::connect(path).is_err() {
+        if let Some(status) = child.try_wait().expect("polling ringvm") {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("ringvm ended ({status}) before its API socket {path:?} came up:\n{err}");
+        }
         assert!(start.elapsed() < DEADLINE, "no API socket at {path:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -355,7 +364,8 @@ fn every_thread_under_the_api_is_filtered_including_the_api_threads() {
     .stderr(Stdio::piped())
     .spawn()
     .expect("starting ringvm");
-    wait_for_socket(&sock);
+    let mut child = child;
+    wait_for_socket(&sock, &mut child);
     assert_eq!(api_request(&sock, "GET", "vm.info", "").0, 200);
     // main, vm-build, api, api-conn, vCPU, iothread.
     let threads = threads_with_a_connection(child.id(), &sock, 6);
@@ -377,7 +387,8 @@ fn every_thread_under_the_api_is_filtered_including_the_api_threads() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting ringvm serve");
-    wait_for_socket(&sock);
+    let mut child = child;
+    wait_for_socket(&sock, &mut child);
     let config = format!(
         r#"{{"payload":{{"kernel":"builtin","cmdline":"blk.mode=randwrite blk.secs=4 blk.qd=4"}},"memory":{{"size":67108864}},"disks":[{{"path":"{}"}}],"net":[{{"ip":"10.9.2.1","mask":"255.255.255.0"}}]}}"#,
         disk.display()
