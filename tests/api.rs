@@ -254,6 +254,7 @@ fn serve_create_boot_pause_resume_and_shutdown_vmm() {
     assert_eq!(info["state"], "Created");
     assert_eq!(info["config"]["cpus"]["boot_vcpus"], 2);
     assert_eq!(info["config"]["disks"][0]["path"], d.display().to_string());
+    assert_eq!(info["config"]["disks"][0]["engine"], "auto");
     let pci: BTreeMap<String, String> = info["devices"]
         .as_array()
         .unwrap()

@@ -367,7 +367,8 @@ mod tests {
     fn disks_and_nets_map_to_cli_options() {
         let c: VmConfig = serde_json::from_str(
             r#"{"payload":{"kernel":"builtin","cmdline":"blk.mode=write"},
-                "disks":[{"path":"/d.img","num_queues":2,"iothreads":[0,1]}],
+                "disks":[{"path":"/d.img","num_queues":2,"iothreads":[0,1]},
+                         {"path":"/e.img","engine":"sync"}],
                 "net":[{"ip":"10.0.0.1","mask":"255.255.255.0","num_queue_pairs":2}]}"#,
         )
         .unwrap();
@@ -377,6 +378,9 @@ mod tests {
                 "--disk",
                 "path=/d.img,readonly=off,direct=off,queues=2,iothread=0:1"
             ]));
+        assert!(a
+            .windows(2)
+            .any(|w| w == ["--disk", "path=/e.img,readonly=off,direct=off,engine=sync"]));
         assert!(a
             .windows(2)
             .any(|w| w == ["--net", "ip=10.0.0.1,mask=255.255.255.0,queues=2"]));
