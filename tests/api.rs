@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::http::{read_response, request};
 use common::{kvm_available, result_fields, ringvm_bin, run_ringvm, TempDir};
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -97,35 +98,6 @@ fn wait_for_socket(path: &Path) {
         assert!(start.elapsed() < DEADLINE, "no API socket at {path:?}");
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// One raw request; (status, body).
-fn request(sock: &Path, method: &str, endpoint: &str, body: &[u8]) -> (u16, String) {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let head = format!(
-        "{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    read_response(&mut s)
-}
-
-fn read_response(s: &mut UnixStream) -> (u16, String) {
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP response: {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 /// `ringvm remote`: (exit code, stdout, stderr).

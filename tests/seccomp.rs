@@ -245,30 +245,8 @@ fn a_forbidden_call_names_the_thread_and_the_call() {
     assert_eq!(out.code, Some(2), "{out:#?}");
 }
 
-/// One request on the API socket (connection closed after it); the
-/// status code and body.
 fn api_request(sock: &std::path::Path, method: &str, endpoint: &str, body: &str) -> (u16, String) {
-    use std::io::Write;
-    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connecting to the API");
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    let head = format!(
-        "{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    let mut raw = String::new();
-    let _ = s.read_to_string(&mut raw);
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP response: {raw:?}"));
-    (
-        status,
-        raw.split_once("\r\n\r\n")
-            .map(|(_, b)| b.into())
-            .unwrap_or_default(),
-    )
+    common::http::request(sock, method, endpoint, body.as_bytes())
 }
 
 /// Waits for ringvm's API socket; fails at once, with ringvm's stderr, if

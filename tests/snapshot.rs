@@ -109,28 +109,7 @@ fn remote(sock: &Path, args: &[&str]) -> (Option<i32>, String, String) {
 
 /// One raw `PUT` with a JSON body; (status, body).
 fn request(sock: &Path, endpoint: &str, body: &[u8]) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let head = format!(
-        "PUT /api/v1/{endpoint} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP response: {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    common::http::request(sock, "PUT", endpoint, body)
 }
 
 /// Waits until `vm.info` says `state` (the API may answer before the VM

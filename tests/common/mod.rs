@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod background;
+pub mod http;
 pub mod netns;
 
 use std::io::Read;
