@@ -118,7 +118,9 @@ fn both_engines_serve_the_guest_and_read_each_others_writes() {
         (&on_disk, Some("sync"), "engine sync (sync)", "uring"),
     ];
     for (i, (path, engine, logged, reader)) in cases.into_iter().enumerate() {
-        let mut spec = path_disk(path);
+        // fixed_buffers=on: the ring path registers guest RAM, the sync
+        // path (which never hands the ring a transfer) must not pin it.
+        let mut spec = format!("{},fixed_buffers=on", path_disk(path));
         if let Some(e) = engine {
             spec.push_str(&format!(",engine={e}"));
         }
@@ -136,6 +138,18 @@ fn both_engines_serve_the_guest_and_read_each_others_writes() {
         assert!(
             out.stderr.contains(logged),
             "{spec}: wants {logged:?}: {out:#?}"
+        );
+        let ring = logged.ends_with("(uring)");
+        assert_eq!(
+            out.stderr.contains("guest RAM registered as fixed buffers"),
+            ring,
+            "{spec}: {out:#?}"
+        );
+        assert_eq!(
+            out.stderr
+                .contains("sync engine: guest RAM not registered with the ring"),
+            !ring,
+            "{spec}: {out:#?}"
         );
         let f = result_fields(&out.stdout).expect("RINGVM-RESULT");
         assert_eq!(f["errors"], "0", "{spec}: {f:?}");

@@ -46,6 +46,38 @@ pub enum DirectIo {
     Flush,
 }
 
+impl DirectIo {
+    /// A vectored read (or, with `write`, write) of `iov` at `offset`.
+    pub fn rw(write: bool, offset: u64, iov: &[libc::iovec]) -> DirectIo {
+        let (iov, count) = (iov.as_ptr(), iov.len() as u32);
+        if write {
+            DirectIo::Writev { offset, iov, count }
+        } else {
+            DirectIo::Readv { offset, iov, count }
+        }
+    }
+
+    /// A read (or write) of `len` bytes at `buf`, which lies inside
+    /// registered buffer `index`.
+    pub fn fixed(write: bool, offset: u64, buf: *mut u8, len: u32, index: u16) -> DirectIo {
+        if write {
+            DirectIo::WriteFixed {
+                offset,
+                buf: buf.cast_const(),
+                len,
+                index,
+            }
+        } else {
+            DirectIo::ReadFixed {
+                offset,
+                buf,
+                len,
+                index,
+            }
+        }
+    }
+}
+
 macro_rules! build_for {
     ($t:expr, $io:expr) => {
         match $io {

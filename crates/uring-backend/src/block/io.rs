@@ -112,30 +112,15 @@ impl BlockFile {
         while done < total {
             let at = offset + done as u64;
             if self.0.sync {
-                let (iov, count) = (bufs.iovecs.as_ptr(), bufs.iovecs.len() as u32);
-                let io = if write {
-                    DirectIo::Writev {
-                        offset: at,
-                        iov,
-                        count,
-                    }
-                } else {
-                    DirectIo::Readv {
-                        offset: at,
-                        iov,
-                        count,
-                    }
-                };
                 // SAFETY: `bufs` holds the iovecs and keeps the memory
                 // they point at alive across the call.
-                match unsafe { self.run_sync_unchecked(io) } {
-                    0 => break,
-                    n if n > 0 => {
-                        done += n as usize;
-                        advance(&mut bufs.iovecs, n as usize);
+                match unsafe { self.sync_step(DirectIo::rw(write, at, &bufs.iovecs)) }? {
+                    Some(0) => break,
+                    Some(n) => {
+                        done += n;
+                        advance(&mut bufs.iovecs, n);
                     }
-                    e if e == -libc::EINTR => {}
-                    e => return Err(io::Error::from_raw_os_error(-e)),
+                    None => {}
                 }
                 continue;
             }
@@ -156,6 +141,21 @@ impl BlockFile {
             }
         }
         Ok(done)
+    }
+
+    /// One synchronous step of a transfer loop (the `sync` engine): the
+    /// bytes moved (0 at the end of the file), or `None` to retry after
+    /// `EINTR`.
+    ///
+    /// # Safety
+    /// As [`BlockFile::run_sync`].
+    unsafe fn sync_step(&self, io: DirectIo) -> io::Result<Option<usize>> {
+        // SAFETY: the caller's promise.
+        match unsafe { self.run_sync_unchecked(io) } {
+            n if n >= 0 => Ok(Some(n as usize)),
+            e if e == -libc::EINTR => Ok(None),
+            e => Err(io::Error::from_raw_os_error(-e)),
+        }
     }
 
     /// Reads into `iovecs` from `offset`; see [`Executor::readv`] for the
@@ -207,27 +207,12 @@ impl BlockFile {
             let n = (len - done) as u32;
             let at = offset + done as u64;
             if self.0.sync {
-                let io = if write {
-                    DirectIo::WriteFixed {
-                        offset: at,
-                        buf: ptr,
-                        len: n,
-                        index: buf_index,
-                    }
-                } else {
-                    DirectIo::ReadFixed {
-                        offset: at,
-                        buf: ptr,
-                        len: n,
-                        index: buf_index,
-                    }
-                };
+                let io = DirectIo::fixed(write, at, ptr, n, buf_index);
                 // SAFETY: `keepalive` keeps the buffer alive across the call.
-                match unsafe { self.run_sync_unchecked(io) } {
-                    0 => break,
-                    r if r > 0 => done += r as usize,
-                    e if e == -libc::EINTR => {}
-                    e => return Err(io::Error::from_raw_os_error(-e)),
+                match unsafe { self.sync_step(io) }? {
+                    Some(0) => break,
+                    Some(r) => done += r,
+                    None => {}
                 }
                 continue;
             }

@@ -116,17 +116,33 @@ pub async fn serve_queue(ex: Rc<Executor>, ctx: QueueCtx) {
         log: ctx.log.clone(),
         counter: ctx.stats.clone(),
     });
-    let registration = if ctx.fixed_buffers {
+    // The `sync` engine never hands the ring a transfer: registering guest
+    // RAM (which pins all of it) or the disk would buy nothing.
+    let ring_io = !ctx.disk.synchronous();
+    let registration = if ctx.fixed_buffers && ring_io {
         register_guest_memory(&ex, &ctx.mem, &ctx.log)
     } else {
+        if ctx.fixed_buffers {
+            log::debug!(
+                "queue {}: sync engine: guest RAM not registered with the ring",
+                ctx.index
+            );
+        }
         Registration::None
     };
-    let file_slot = match ex.register_file(&ctx.disk) {
-        Ok(slot) => Some(slot),
-        Err(e) => {
-            log::debug!("queue {}: disk not a registered file: {e}", ctx.index);
-            None
+    if registration != Registration::None {
+        log::debug!("queue {}: guest RAM registered as fixed buffers", ctx.index);
+    }
+    let file_slot = if ring_io {
+        match ex.register_file(&ctx.disk) {
+            Ok(slot) => Some(slot),
+            Err(e) => {
+                log::debug!("queue {}: disk not a registered file: {e}", ctx.index);
+                None
+            }
         }
+    } else {
+        None
     };
     let q = Rc::new_cyclic(|me| BlkQueue {
         me: me.clone(),
@@ -272,22 +288,13 @@ impl BlkQueue {
                 (_, [one]) if self.fixed => {
                     let ptr = one.iov_base.cast::<u8>();
                     match self.ex.fixed_index_for(ptr, one.iov_len) {
-                        Some(index) if write => DirectIo::WriteFixed {
-                            offset,
-                            buf: ptr,
-                            len: one.iov_len as u32,
-                            index,
-                        },
-                        Some(index) => DirectIo::ReadFixed {
-                            offset,
-                            buf: ptr,
-                            len: one.iov_len as u32,
-                            index,
-                        },
-                        None => rw(write, offset, &slot.iov),
+                        Some(index) => {
+                            DirectIo::fixed(write, offset, ptr, one.iov_len as u32, index)
+                        }
+                        None => DirectIo::rw(write, offset, &slot.iov),
                     }
                 }
-                _ => rw(write, offset, &slot.iov),
+                _ => DirectIo::rw(write, offset, &slot.iov),
             }
         };
         if self.disk.synchronous() {
@@ -395,15 +402,6 @@ impl BlkQueue {
 impl Completion for BlkQueue {
     fn complete(&self, tag: u64, result: i32) {
         self.finished(tag as u32, result);
-    }
-}
-
-fn rw(write: bool, offset: u64, iov: &[libc::iovec]) -> DirectIo {
-    let (iov, count) = (iov.as_ptr(), iov.len() as u32);
-    if write {
-        DirectIo::Writev { offset, iov, count }
-    } else {
-        DirectIo::Readv { offset, iov, count }
     }
 }
 
