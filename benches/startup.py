@@ -96,6 +96,15 @@ def main():
             "-kernel", guest, "-append", "exit=0"], {1}))
     floor = subprocess.run(["/usr/bin/time", "-f", "%M", "/bin/true"], stderr=subprocess.PIPE, text=True).stderr
     print(f"(GNU time's own floor: /bin/true peaks at {int(floor.strip()) / 1024:.2f} MiB)")
+    # The ordering file names mangled symbols, whose hashes change with
+    # the code: a file that has gone stale shows up here (and in the RSS).
+    order = os.path.join(root, "bins", "ringvm", "startup.order")
+    nm = subprocess.run(["nm", "--defined-only", ringvm], stdout=subprocess.PIPE, text=True)
+    if nm.returncode == 0 and os.path.exists(order):
+        syms = {l.split()[-1] for l in nm.stdout.splitlines() if l.strip()}
+        names = {l.strip() for l in open(order) if l.strip()}
+        print(f"(startup.order: {len(names & syms)} of its {len(names)} names are symbols of the binary;"
+              " benches/order-symbols.sh regenerates it)")
     print(f"{'vmm':<24} {'median ms':>10} {'min ms':>8} {'peak RSS MiB':>13} {'to guest exit ms':>17}  (N={N})")
     results = measure_all(rows)
     for name, _, _ in rows:
