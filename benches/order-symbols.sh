@@ -23,7 +23,10 @@ truncate -s 16M "$work/disk.img"
 # Seccomp is off: valgrind's own system calls are not on the lists. A
 # profile that hangs is cut off after 5 minutes: in session 7 the disk VM
 # never finished under valgrind 3.19 (with either disk engine; it ignored
-# SIGTERM), so that session's file is the boot and --help profiles
+# SIGTERM). Its iothread sat in io_uring_enter (wchan io_cqring_wait) and
+# the main thread in a pipe read, no vCPU thread yet: valgrind runs one
+# thread at a time and seems not to release its lock around
+# io_uring_enter. That session's file is the boot and --help profiles
 # followed by the names of the previous file that they lack.
 profile() {
     local name=$1; shift
