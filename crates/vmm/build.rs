@@ -40,12 +40,9 @@ fn main() {
         row.push_str("],\n");
         table.push_str(&row);
     }
-    let enosys = rules::clone3_enosys().expect("compiling the clone3 filter");
-    emit(&mut out, "CLONE3", &enosys);
     write!(
         out,
-        "pub(super) static PROGRAMS: [[&[seccompiler::sock_filter]; 2]; {}] = [\n{table}];\n\
-         pub(super) static CLONE3_ENOSYS: &[seccompiler::sock_filter] = CLONE3;\n",
+        "pub(super) static PROGRAMS: [[&[seccompiler::sock_filter]; 2]; {}] = [\n{table}];\n",
         rules::ThreadKind::ALL.len()
     )
     .unwrap();

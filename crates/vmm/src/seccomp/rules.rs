@@ -478,9 +478,11 @@ fn clone_rules() -> Result<Vec<SeccompRule>, BackendError> {
     )?])?])
 }
 
-/// The second filter of kinds that may start threads: `clone3` fails with
-/// ENOSYS (its flags are in memory, out of a filter's reach), so that the
-/// C library falls back to `clone`, whose flags the first filter checks.
+/// What kinds that start threads do with `clone3`, as a filter of its own:
+/// it fails with ENOSYS (its flags are in memory, out of a filter's
+/// reach), so that the C library falls back to `clone`, whose flags the
+/// kind's filter checks. [`compile`] folds this into the kind's program;
+/// the tests check the fold against the two filters stacked.
 #[cfg_attr(not(test), allow(dead_code))] // build.rs and the tests
 pub(crate) fn clone3_enosys() -> Result<BpfProgram, BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
@@ -544,7 +546,7 @@ pub(crate) fn build(
     mismatch: SeccompAction,
     forbid: Option<i64>,
 ) -> Result<BpfProgram, BackendError> {
-    compile(rules(kind, forbid)?, mismatch)
+    compile(rules(kind, forbid)?, mismatch, starts_threads(kind))
 }
 
 // Classic BPF, as seccomp filters are written (linux/filter.h, bpf_common.h).
@@ -555,6 +557,8 @@ const JMP_JGT_K: u16 = 0x25;
 const JMP_JGE_K: u16 = 0x35;
 const RET_K: u16 = 0x06;
 const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+const SECCOMP_RET_ACTION_FULL: u32 = 0xffff_0000;
 const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
 /// `offsetof(struct seccomp_data, nr)` and `arch`.
 const DATA_NR: u32 = 0;
@@ -575,10 +579,36 @@ fn insn(code: u16, jt: u8, jf: u8, k: u32) -> sock_filter {
 /// numbers, which allows them at once; every other call falls through to
 /// seccompiler's program for the calls with argument conditions (its own
 /// architecture check included), whose default is `mismatch`.
+///
+/// With `clone3_enosys` (kinds that start threads), `clone3` is answered
+/// before the search as the [`clone3_enosys`] filter stacked on this one
+/// would answer it: it fails with ENOSYS (its flags are in memory, out of
+/// a filter's reach, so the C library falls back to `clone`, whose flags
+/// the rules check), or gets `mismatch` where that takes precedence. One
+/// program per thread: each install costs the kernel a walk.
 pub(crate) fn compile(
-    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    mut rules: BTreeMap<i64, Vec<SeccompRule>>,
     mismatch: SeccompAction,
+    clone3_enosys: bool,
 ) -> Result<BpfProgram, BackendError> {
+    let clone3 = clone3_enosys.then(|| {
+        let enosys = SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+        match rules.remove(&libc::SYS_clone3) {
+            Some(_) => enosys,
+            // Stacked filters: the kernel takes the action that comes
+            // first in its precedence (the lowest as a signed number).
+            None => {
+                let other = u32::from(mismatch.clone());
+                if ((other & SECCOMP_RET_ACTION_FULL) as i32)
+                    < ((enosys & SECCOMP_RET_ACTION_FULL) as i32)
+                {
+                    other
+                } else {
+                    enosys
+                }
+            }
+        }
+    });
     let (plain, conditional): (BTreeMap<_, _>, BTreeMap<_, _>) =
         rules.into_iter().partition(|(_, r)| r.is_empty());
     let rest: BpfProgram = SeccompFilter::new(
@@ -589,7 +619,7 @@ pub(crate) fn compile(
     )?
     .try_into()?;
     let runs = runs(plain.keys().map(|&nr| nr as u32));
-    if runs.is_empty() {
+    if runs.is_empty() && clone3.is_none() {
         return Ok(rest);
     }
     // The architecture first (call numbers mean nothing on another one:
@@ -601,7 +631,16 @@ pub(crate) fn compile(
         insn(LD_W_ABS, 0, 0, DATA_NR),
     ];
     let mut to_rest = vec![2];
-    search(&mut out, &mut to_rest, &runs);
+    if let Some(answer) = clone3 {
+        out.push(insn(JMP_JEQ_K, 0, 1, libc::SYS_clone3 as u32));
+        out.push(insn(RET_K, 0, 0, answer));
+    }
+    if !runs.is_empty() {
+        search(&mut out, &mut to_rest, &runs);
+    } else {
+        to_rest.push(out.len());
+        out.push(insn(JMP_JA, 0, 0, 0));
+    }
     let rest_at = out.len();
     for at in to_rest {
         out[at].k = (rest_at - at - 1) as u32;
