@@ -5,7 +5,7 @@ aio=io_uring, one iothread), both on this host's KVM.
 
 Reports guest-side ops/s and the iothread's CPU time per request: ringvm's
 from its own thread clock (--iothread-stats), QEMU's by sampling its
-iothread's /proc stat while it runs.
+iothread's /proc schedstat while it runs.
 
     cargo build --release && benches/blk.py [SECONDS] [ROUNDS]
 
@@ -25,7 +25,6 @@ root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ringvm = os.path.join(root, "target", "x86_64-unknown-linux-gnu", "release", "ringvm")
 qemu = "/usr/bin/qemu-system-x86_64"
 disk = "/dev/shm/ringvm-bench.img"
-TICK = os.sysconf("SC_CLK_TCK")
 
 def result(text):
     line = next((l for l in text.splitlines() if l.startswith("RINGVM-RESULT")), None)
@@ -62,14 +61,15 @@ def thread_cpu_us(pid, name):
     total, found = 0, False
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                st = f.read()
-        except OSError:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                comm = f.read().strip()
+            # Nanoseconds on the CPU (stat's utime and stime count 10 ms ticks).
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
             continue
-        comm = st[st.index("(") + 1:st.rindex(")")]
         if comm == name or comm.startswith("iou-wrk"):
-            fields = st[st.rindex(")") + 2:].split()
-            total += (int(fields[11]) + int(fields[12])) * 1_000_000 // TICK
+            total += ns // 1000
             found |= comm == name
     return total if found else None
 

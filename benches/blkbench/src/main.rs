@@ -36,7 +36,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: blkbench --file PATH [--qd 1,32] [--duration SECS] \
          [--backends io_uring,ringvm,qsd] [--ringvm-blk PATH] [--qsd PATH] \
-         [--ringvm-disk-opts direct=on] [--poll-us 50] [--rounds N]   (backends also: ringvm-poll, ringvm-pollio, ringvm-adaptive, ringvm-nopoll)"
+         [--ringvm-disk-opts direct=on] [--poll-us 50] [--rounds N]   (backends also: ringvm-poll, ringvm-pollio, ringvm-adaptive, ringvm-nopoll; RINGVM_BLK_ARGS adds arguments to ringvm-blk, e.g. --iothread-stats)"
     );
     std::process::exit(2)
 }
@@ -140,6 +140,10 @@ fn start_backend(name: &str, args: &Args, dir: &Path) -> Result<Backend> {
             }
             if name == "ringvm-adaptive" {
                 c.arg("--poll-mode").arg("adaptive");
+            }
+            // Extra daemon arguments (e.g. `--iothread-stats`).
+            if let Ok(extra) = std::env::var("RINGVM_BLK_ARGS") {
+                c.args(extra.split_whitespace());
             }
             c.arg("--socket").arg(&socket).arg("--disk").arg(format!(
                 "path={file}{}{}",

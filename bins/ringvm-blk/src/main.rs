@@ -69,6 +69,10 @@ struct Cli {
     #[arg(long, value_name = "always|io|adaptive", default_value = "adaptive",
           value_parser = ["always", "io", "adaptive"])]
     poll_mode: String,
+    /// On exit, print each iothread's CPU time and executor counters (as
+    /// `ringvm run --iothread-stats`).
+    #[arg(long)]
+    iothread_stats: bool,
     /// Seccomp filters per thread kind, as `ringvm run --seccomp`: the
     /// protocol thread (and the per-connection handler it starts), the
     /// iothreads and the signal thread. `true` ends the daemon (exit code
@@ -351,6 +355,23 @@ fn run(cli: Cli) -> Result<u8> {
     if let Some(f) = sync_file {
         f.sync_all()
             .with_context(|| format!("flushing {}", disk.path().display()))?;
+    }
+    if cli.iothread_stats {
+        for t in &iothreads {
+            let s = t.stats();
+            eprintln!(
+                "ringvm-blk: {}: cpu_us={} turns={} io_uring_enter={} sqes={} cqes={} poll_hits={} poll_misses={} poll_window_ns={}",
+                t.name(),
+                t.cpu_time().as_micros(),
+                s.turns,
+                s.enters,
+                s.sqes_submitted,
+                s.cqes_reaped,
+                s.poll_hits,
+                s.poll_misses,
+                s.poll_window_ns
+            );
+        }
     }
     drop(iothreads);
     eprintln!("ringvm-blk: stopped");

@@ -148,7 +148,7 @@ impl Daemon {
         let child = Command::new(daemon_bin())
             .arg("--socket")
             .arg(&socket)
-            .args(["--disk", disk])
+            .args(["--disk", disk, "--iothread-stats"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -262,6 +262,20 @@ fn write_verify_terminate(queues: u16) {
     let out = d.terminate();
     assert_eq!(out.code, Some(0), "{out:#?}");
     assert!(out.stderr.contains("ringvm-blk: stopped"), "{out:#?}");
+    // `--iothread-stats`: one line per iothread, and the guests' requests
+    // went through the ring (1 MiB written, then read back: well over 256
+    // operations).
+    let sqes: Vec<u64> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("ringvm-blk: iothread"))
+        .map(|l| {
+            let v = l.split("sqes=").nth(1).and_then(|r| r.split(' ').next());
+            v.and_then(|v| v.parse().ok()).expect(l)
+        })
+        .collect();
+    assert_eq!(sqes.len(), 1, "{out:#?}");
+    assert!(sqes[0] > 256, "{out:#?}");
     // The file holds the data: ringvm's own virtio-blk reads it back.
     if kvm_available() {
         let out = run(
