@@ -358,19 +358,7 @@ fn run(cli: Cli) -> Result<u8> {
     }
     if cli.iothread_stats {
         for t in &iothreads {
-            let s = t.stats();
-            eprintln!(
-                "ringvm-blk: {}: cpu_us={} turns={} io_uring_enter={} sqes={} cqes={} poll_hits={} poll_misses={} poll_window_ns={}",
-                t.name(),
-                t.cpu_time().as_micros(),
-                s.turns,
-                s.enters,
-                s.sqes_submitted,
-                s.cqes_reaped,
-                s.poll_hits,
-                s.poll_misses,
-                s.poll_window_ns
-            );
+            eprintln!("ringvm-blk: {}", t.stats_line());
         }
     }
     drop(iothreads);

@@ -201,19 +201,7 @@ pub fn build(plan: &Plan) -> Result<Built, Failure> {
 /// Prints what `--iothread-stats` asks for.
 pub fn print_stats(res: &Resources) {
     for t in &res.iothreads {
-        let s = t.stats();
-        eprintln!(
-            "ringvm: {}: cpu_us={} turns={} io_uring_enter={} sqes={} cqes={} poll_hits={} poll_misses={} poll_window_ns={}",
-            t.name(),
-            t.cpu_time().as_micros(),
-            s.turns,
-            s.enters,
-            s.sqes_submitted,
-            s.cqes_reaped,
-            s.poll_hits,
-            s.poll_misses,
-            s.poll_window_ns
-        );
+        eprintln!("ringvm: {}", t.stats_line());
     }
     for (name, stats) in &res.nets {
         eprintln!("ringvm: {name}: {}", stats.summary());

@@ -286,6 +286,24 @@ impl IoThread {
         self.stats.snapshot()
     }
 
+    /// `NAME: cpu_us=.. turns=.. ...`: the thread's CPU time and counters,
+    /// as `--iothread-stats` prints them (benches parse this line).
+    pub fn stats_line(&self) -> String {
+        let s = self.stats();
+        format!(
+            "{}: cpu_us={} turns={} io_uring_enter={} sqes={} cqes={} poll_hits={} poll_misses={} poll_window_ns={}",
+            self.name(),
+            self.cpu_time().as_micros(),
+            s.turns,
+            s.enters,
+            s.sqes_submitted,
+            s.cqes_reaped,
+            s.poll_hits,
+            s.poll_misses,
+            s.poll_window_ns
+        )
+    }
+
     /// Stops the executor (tasks are dropped and in-flight I/O drained) and
     /// joins the thread.
     pub fn stop(mut self) -> Result<(), IoThreadError> {
