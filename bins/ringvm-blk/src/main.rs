@@ -54,10 +54,12 @@ struct Cli {
           value_parser = clap::value_parser!(u16).range(1..=64))]
     iothreads: u16,
     /// Microseconds an idle iothread busy-polls for new requests and
-    /// completions before it sleeps (0 = never poll); with the default
-    /// `--poll-mode adaptive`, the most it polls for. Polling lowers
-    /// latency at low queue depth.
-    #[arg(long, value_name = "US", default_value_t = 50,
+    /// completions before it sleeps (0, the default, never polls); with
+    /// `--poll-mode adaptive`, the most it polls for. Polling can lower
+    /// latency at low queue depth where a spare core is awake, and costs
+    /// CPU (docs/benchmarks.md, issue 14, session 9: on a 2-vCPU VM host
+    /// it lowered neither latency nor IOPS).
+    #[arg(long, value_name = "US", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     poll_us: u32,
     /// When to poll: `always` (new requests and completions), `io` (only
