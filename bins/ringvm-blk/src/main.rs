@@ -54,23 +54,25 @@ struct Cli {
           value_parser = clap::value_parser!(u16).range(1..=64))]
     iothreads: u16,
     /// Microseconds an idle iothread busy-polls for new requests and
-    /// completions before it sleeps (0, the default, never polls); with
-    /// `--poll-mode adaptive`, the most it polls for. Polling can lower
+    /// completions before it sleeps (0 never polls; the default is 0, or
+    /// 50 when `--poll-mode` is given); in `adaptive` mode, the most it
+    /// polls for. Polling can lower
     /// latency at low queue depth where a spare core is awake, and costs
     /// CPU (docs/benchmarks.md, issue 14, session 9: on a 2-vCPU VM host
     /// it lowered neither latency nor IOPS).
-    #[arg(long, value_name = "US", default_value_t = 0,
+    #[arg(long, value_name = "US",
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
-    poll_us: u32,
+    poll_us: Option<u32>,
     /// When to poll: `always` (new requests and completions), `io` (only
     /// while reads and writes are in flight: completions without a
     /// wake-up, while an idle queue still sleeps) or `adaptive` (whenever
     /// idle, for a window between 0 and `--poll-us` that follows the gaps
     /// between requests: it grows while polling would catch the next
-    /// request and shrinks to nothing when requests are sparse).
-    #[arg(long, value_name = "always|io|adaptive", default_value = "adaptive",
+    /// request and shrinks to nothing when requests are sparse; the
+    /// default).
+    #[arg(long, value_name = "always|io|adaptive",
           value_parser = ["always", "io", "adaptive"])]
-    poll_mode: String,
+    poll_mode: Option<String>,
     /// On exit, print each iothread's CPU time and executor counters (as
     /// `ringvm run --iothread-stats`).
     #[arg(long)]
@@ -257,6 +259,23 @@ fn serve(listener: &mut Listener, device: &Arc<Mutex<BlockDevice>>, stop: &Stop)
     Ok(())
 }
 
+/// The poll ceiling in microseconds when only `--poll-mode` is given.
+const POLL_US_WITH_MODE: u32 = 50;
+
+/// The iothreads' poll time and mode from `--poll-us` and `--poll-mode`:
+/// no polling unless either is given; a mode alone polls up to
+/// [`POLL_US_WITH_MODE`], a time alone polls adaptively.
+fn poll_setting(poll_us: Option<u32>, mode: Option<&str>) -> (std::time::Duration, PollWhen) {
+    let default_us = if mode.is_some() { POLL_US_WITH_MODE } else { 0 };
+    let us = poll_us.unwrap_or(default_us);
+    let when = match mode {
+        Some("always") => PollWhen::Always,
+        Some("io") => PollWhen::IoInFlight,
+        _ => PollWhen::Adaptive,
+    };
+    (std::time::Duration::from_micros(u64::from(us)), when)
+}
+
 fn run(cli: Cli) -> Result<u8> {
     // The front-end's shared memory is registered with each iothread's
     // ring (fixed buffers) unless `fixed_buffers=off`.
@@ -293,16 +312,9 @@ fn run(cli: Cli) -> Result<u8> {
         })
         .collect::<Result<Vec<_>, _>>()
         .context("starting the iothreads")?;
+    let (poll, when) = poll_setting(cli.poll_us, cli.poll_mode.as_deref());
     for t in &iothreads {
-        let when = match cli.poll_mode.as_str() {
-            "io" => PollWhen::IoInFlight,
-            "adaptive" => PollWhen::Adaptive,
-            _ => PollWhen::Always,
-        };
-        t.set_poll(
-            std::time::Duration::from_micros(u64::from(cli.poll_us)),
-            when,
-        );
+        t.set_poll(poll, when);
     }
     let device = match BlockDevice::new("vhost-user-blk", &config, &iothreads) {
         Ok(d) => d,
@@ -395,4 +407,34 @@ fn main() -> ExitCode {
     };
     let _ = std::io::stdout().flush();
     ExitCode::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn polling_is_off_unless_asked_for_and_a_mode_alone_gets_a_ceiling() {
+        assert_eq!(
+            poll_setting(None, None),
+            (Duration::ZERO, PollWhen::Adaptive)
+        );
+        assert_eq!(
+            poll_setting(Some(20), None),
+            (Duration::from_micros(20), PollWhen::Adaptive)
+        );
+        assert_eq!(
+            poll_setting(None, Some("always")),
+            (Duration::from_micros(50), PollWhen::Always)
+        );
+        assert_eq!(
+            poll_setting(None, Some("io")),
+            (Duration::from_micros(50), PollWhen::IoInFlight)
+        );
+        assert_eq!(
+            poll_setting(Some(0), Some("adaptive")),
+            (Duration::ZERO, PollWhen::Adaptive)
+        );
+    }
 }
