@@ -130,3 +130,53 @@ fn iothreads_are_shareable_between_threads() {
     got.sort();
     assert_eq!(got, vec![0, 1, 2, 3]);
 }
+
+/// With polling on, an iothread whose queue has gone quiet sleeps: over
+/// 2 s with no work its CPU time stays near zero, in every polling mode,
+/// after work close together has grown the adaptive window.
+#[test]
+fn an_idle_iothread_with_polling_on_uses_almost_no_cpu() {
+    use uring_backend::executor::{EventFdReader, PollWhen};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    const KICKS: u64 = 100;
+    for when in [PollWhen::Adaptive, PollWhen::Always, PollWhen::IoInFlight] {
+        let t = IoThread::spawn("iot-idle", 8).expect("spawn");
+        assert!(t.set_poll(Duration::from_millis(2), when));
+        let kick = Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"));
+        let (tx, rx) = mpsc::channel();
+        let k = kick.clone();
+        assert!(t.run_on(Box::new(move |ex| {
+            let ex2 = ex.clone();
+            ex.spawn(async move {
+                // A queue's worker: one outstanding read of its kick.
+                let reader = EventFdReader::new(k);
+                let mut seen = 0;
+                while let Ok(n) = reader.read(&ex2).await {
+                    seen += n;
+                    if seen == KICKS {
+                        tx.send(()).expect("send");
+                    }
+                }
+            });
+        })));
+        for _ in 0..KICKS {
+            std::thread::sleep(Duration::from_micros(200));
+            kick.write(1).expect("kick");
+        }
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the worker saw every kick");
+        let busy = t.stats();
+        let before = t.cpu_time();
+        std::thread::sleep(Duration::from_secs(2));
+        let idle = t.cpu_time() - before;
+        assert!(
+            idle < Duration::from_millis(100),
+            "{when:?}: {idle:?} of CPU in 2 s idle ({busy:?})"
+        );
+        if when == PollWhen::Adaptive {
+            assert!(busy.poll_hits > 0, "{busy:?}");
+            assert!(busy.poll_window_ns > 0, "{busy:?}");
+        }
+        t.stop().expect("stop");
+    }
+}

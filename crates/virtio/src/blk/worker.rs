@@ -588,3 +588,7 @@ mod chunk_tests {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "worker_tests.rs"]
+mod slab_tests;

@@ -17,6 +17,8 @@
 //! Nothing here allocates per request or per kick.
 
 pub mod lifecycle;
+#[cfg(test)]
+mod tests;
 
 use std::cell::RefCell;
 use std::ops::Deref;
