@@ -1,10 +1,13 @@
-//! The virtio-blk request path allocates nothing per request: a counting
-//! global allocator counts the allocations made on the device's iothread
-//! while a driver (through the virtio-pci transport, on a real KVM VM and
-//! a real file through io_uring) runs hundreds of reads, writes and
-//! flushes, after a warm-up that lets the queue's tables and lists grow.
+//! The virtio-blk request path allocates nothing per request, and the
+//! virtio-net path nothing per frame: a counting global allocator counts
+//! the allocations made on the device's iothread while a driver (through
+//! the virtio-pci transport, on a real KVM VM, with a real file or a real
+//! TAP through io_uring) runs hundreds of reads, writes and flushes, or
+//! sends and receives hundreds of frames, after a warm-up that lets the
+//! queue's tables and lists grow.
 
 mod driver;
+mod tap;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -17,11 +20,13 @@ use uring_backend::iothread::IoThread;
 use virtio::blk::{BlockDevice, DiskConfig};
 
 thread_local! {
-    /// Set on the thread whose allocations count.
-    static COUNTED: Cell<bool> = const { Cell::new(false) };
+    /// On a thread whose allocations count: the counter they go to (each
+    /// test has its own, as the tests run at once).
+    static COUNTED: Cell<Option<&'static AtomicU64>> = const { Cell::new(None) };
 }
 
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static BLK_ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static NET_ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 
 struct Counting;
 
@@ -30,8 +35,8 @@ struct Counting;
 // does not allocate).
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTED.with(Cell::get) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        if let Some(counter) = COUNTED.with(Cell::get) {
+            counter.fetch_add(1, Ordering::Relaxed);
         }
         // SAFETY: the caller's contract is the system allocator's.
         unsafe { System.alloc(layout) }
@@ -41,8 +46,8 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTED.with(Cell::get) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        if let Some(counter) = COUNTED.with(Cell::get) {
+            counter.fetch_add(1, Ordering::Relaxed);
         }
         // SAFETY: as above.
         unsafe { System.realloc(ptr, layout, new_size) }
@@ -52,11 +57,11 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// Makes the iothread's allocations count from now on.
-fn count_on(thread: &IoThread) {
+/// Makes the iothread's allocations count in `counter` from now on.
+fn count_on(thread: &IoThread, counter: &'static AtomicU64) {
     let (tx, rx) = mpsc::channel();
     thread.run_on(Box::new(move |_ex| {
-        COUNTED.with(|c| c.set(true));
+        COUNTED.with(|c| c.set(Some(counter)));
         let _ = tx.send(());
     }));
     rx.recv().unwrap();
@@ -94,15 +99,15 @@ fn virtio_blk_reads_writes_and_flushes_allocate_nothing_per_request() {
     );
     drv.init_all().unwrap();
     let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 13 + 1) as u8).collect();
-    count_on(&thread);
+    count_on(&thread, &BLK_ALLOCATIONS);
     // Warm-up: the request table, the segment pool and the executor's
     // scratch lists reach their working size.
     requests(&mut drv, 50, &pattern);
-    let warm = ALLOCATIONS.load(Ordering::Relaxed);
+    let warm = BLK_ALLOCATIONS.load(Ordering::Relaxed);
     assert!(warm > 0, "the counter sees the iothread's allocations");
     let rounds = 200;
     requests(&mut drv, rounds, &pattern);
-    let per_run = ALLOCATIONS.load(Ordering::Relaxed) - warm;
+    let per_run = BLK_ALLOCATIONS.load(Ordering::Relaxed) - warm;
     let served = rounds * 2 + rounds / 8;
     eprintln!("{per_run} allocations on the iothread for {served} requests after warm-up ({warm} during it)");
     assert!(
@@ -111,4 +116,48 @@ fn virtio_blk_reads_writes_and_flushes_allocate_nothing_per_request() {
     );
     drop(drv);
     std::fs::remove_file(&path).unwrap();
+}
+
+fn frames(drv: &mut Driver, wire: &tap::Wire, rounds: u64) {
+    let peer = [0x52, 0x54, 0, 0, 0, 9];
+    for i in 0..rounds {
+        let payload: Vec<u8> = (0..100 + i % 1000).map(|b| (b ^ i) as u8).collect();
+        let out = tap::frame([0xff; 6], tap::GUEST_MAC, &payload);
+        assert_eq!(tap::guest_send(drv, 1, &out), 0);
+        assert_eq!(wire.recv_ours(25).as_deref(), Some(&out[..]));
+        let inbound = tap::frame(tap::GUEST_MAC, peer, &payload);
+        wire.send(&inbound);
+        let (_, got) = tap::guest_recv(drv, 0).expect("the guest got the frame");
+        assert_eq!(got, inbound);
+    }
+}
+
+#[test]
+fn virtio_net_frames_allocate_nothing_per_frame() {
+    if !tap::usable() {
+        return;
+    }
+    let thread = Arc::new(IoThread::spawn("alloc-net", 64).unwrap());
+    let (dev, ifname, _) = tap::device(
+        "ip=10.9.7.1,mask=255.255.255.0,mac=52:54:00:aa:bb:01",
+        std::slice::from_ref(&thread),
+    );
+    let vm = TestVm::new();
+    let mut drv = Driver::new(&vm, Box::new(dev));
+    let all = drv.device_features();
+    drv.init(all & !tap::F_MRG).unwrap();
+    let wire = tap::Wire::open(&ifname);
+    tap::post_rx(&mut drv, 0, 8, 0x1_0000);
+    count_on(&thread, &NET_ALLOCATIONS);
+    frames(&mut drv, &wire, 50);
+    let warm = NET_ALLOCATIONS.load(Ordering::Relaxed);
+    let rounds = 200;
+    frames(&mut drv, &wire, rounds);
+    let per_run = NET_ALLOCATIONS.load(Ordering::Relaxed) - warm;
+    let served = rounds * 2;
+    eprintln!("{per_run} allocations on the iothread for {served} frames after warm-up ({warm} during it)");
+    assert!(
+        per_run * 50 < served,
+        "{per_run} allocations for {served} frames: the frame path allocates"
+    );
 }
