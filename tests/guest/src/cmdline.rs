@@ -32,13 +32,47 @@ impl<'a> Cmdline<'a> {
         self.tokens().filter_map(|t| t.split_once('='))
     }
 
-    /// The value of the last `key=value` token for `key`.
+    /// What the guest's entry point looks up, in one pass over the
+    /// tokens (the last occurrence of a key wins, as with [`Cmdline::get`]).
+    pub fn boot(&self) -> Boot<'a> {
+        let mut b = Boot::default();
+        for (k, v) in self.options() {
+            match k {
+                "cpuid" => b.cpuid = Some(v),
+                "acpi" => b.acpi = Some(v),
+                "exit" => b.exit = Some(v),
+                _ => match k.split_once('.') {
+                    Some(("blk", _)) => b.blk = true,
+                    Some(("net", _)) => b.net = true,
+                    Some(("pt", _)) => b.pt = true,
+                    _ => {}
+                },
+            }
+        }
+        b
+    }
+
+    /// The value of the last `key=value` token for `key` (the guest reads
+    /// its options through [`Cmdline::boot`] and the forms' parsers).
+    #[cfg(test)]
     pub fn get(&self, key: &str) -> Option<&'a str> {
         self.options()
             .filter(|(k, _)| *k == key)
             .last()
             .map(|(_, v)| v)
     }
+}
+
+/// The options the entry point acts on, and which of the guest's forms
+/// the command line asks for (any `blk.*`, `net.*` or `pt.*` option).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Boot<'a> {
+    pub cpuid: Option<&'a str>,
+    pub acpi: Option<&'a str>,
+    pub exit: Option<&'a str>,
+    pub blk: bool,
+    pub net: bool,
+    pub pt: bool,
 }
 
 /// Parses an unsigned number: decimal or `0x`/`0X` hexadecimal, optionally
@@ -105,6 +139,38 @@ mod tests {
         assert_eq!(c.get("quiet"), None);
         assert_eq!(c.get("missing"), None);
         assert_eq!(c.tokens().count(), 7);
+    }
+
+    #[test]
+    fn one_pass_finds_what_the_entry_point_needs() {
+        let c = Cmdline::new(b"console=ttyS0 exit=5 cpuid=0x1 exit=7 acpi=reset blk.qd=2 quiet");
+        assert_eq!(
+            c.boot(),
+            Boot {
+                cpuid: Some("0x1"),
+                acpi: Some("reset"),
+                exit: Some("7"),
+                blk: true,
+                net: false,
+                pt: false,
+            }
+        );
+        for (line, blk, net, pt) in [
+            (
+                &b"exit=3 blk=1 xblk.mode=read net=1 xnet.ip=1 pt=1 xpt.dma=0"[..],
+                false,
+                false,
+                false,
+            ),
+            (b"exit=3 blk.qd=2", true, false, false),
+            (b"exit=3 net.mode=respond", false, true, false),
+            (b"pt.dma=0 net.ip=1", false, true, true),
+        ] {
+            let b = Cmdline::new(line).boot();
+            assert_eq!((b.blk, b.net, b.pt), (blk, net, pt), "{line:?}");
+            assert_eq!(b.exit, Cmdline::new(line).get("exit"));
+        }
+        assert_eq!(Cmdline::new(b"").boot(), Boot::default());
     }
 
     #[test]

@@ -106,13 +106,14 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     });
 
     let args = Cmdline::new(raw_cmdline);
-    if let Some(list) = args.get("cpuid") {
+    let boot = args.boot();
+    if let Some(list) = boot.cpuid {
         print_cpuid(&mut out, list);
     }
-    if let Some(action) = args.get("acpi") {
+    if let Some(action) = boot.acpi {
         acpi_action(&mut out, action, info.rsdp_paddr);
     }
-    let explicit_status = match args.get("exit") {
+    let explicit_status = match boot.exit {
         None => None,
         Some(value) => match cmdline::parse_u64(value).and_then(|n| u8::try_from(n).ok()) {
             Some(status) => Some(status),
@@ -127,15 +128,15 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
 
     // Second form: a virtio-blk workload. Without `blk.*` options nothing
     // touches PCI or interrupts.
-    if blk::options::wanted(&args) {
+    if boot.blk {
         blk::run(&mut out, &args, explicit_status);
     }
     // Third form: a virtio-net driver and a minimal IPv4 peer.
-    if net::options::wanted(&args) {
+    if boot.net {
         net::run(&mut out, &args, explicit_status);
     }
     // Fourth form: checks of a passed-through PCI function (`pt.*`).
-    if pt::options::wanted(&args) {
+    if boot.pt {
         pt::run(&mut out, &args, explicit_status);
     }
     let status = explicit_status.unwrap_or(0);

@@ -85,16 +85,25 @@ impl Serial {
         }
     }
 
-    /// Sends raw bytes.
-    pub fn write_bytes(&mut self, bytes: &[u8]) {
-        for &b in bytes {
+    /// Sends raw bytes: up to a FIFO's worth after each status poll, in a
+    /// loop with nothing else in it (under an instruction emulator every
+    /// instruction per byte counts).
+    pub fn write_bytes(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
             if self.room == 0 {
                 self.wait_status(LSR_THRE);
                 self.room = self.depth;
             }
-            // SAFETY: writing the transmit holding register queues one byte.
-            unsafe { outb(self.base + THR, b) };
-            self.room -= 1;
+            let n = bytes.len().min(usize::from(self.room));
+            let (now, rest) = bytes.split_at(n);
+            let thr = self.base + THR;
+            for &b in now {
+                // SAFETY: writing the transmit holding register queues one
+                // byte.
+                unsafe { outb(thr, b) };
+            }
+            self.room -= n as u8;
+            bytes = rest;
         }
     }
 

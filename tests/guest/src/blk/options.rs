@@ -117,10 +117,6 @@ pub enum OptError<'a> {
 }
 
 /// True when the command line has any `blk.*` option.
-pub fn wanted(args: &Cmdline<'_>) -> bool {
-    args.options().any(|(k, _)| k.starts_with("blk."))
-}
-
 fn num(v: &str, min: u64, max: u64) -> Option<u64> {
     parse_u64(v).filter(|n| (min..=max).contains(n))
 }
@@ -237,8 +233,6 @@ mod tests {
 
     #[test]
     fn defaults_and_detection() {
-        assert!(!wanted(&Cmdline::new(b"exit=3 blk=1 xblk.mode=read")));
-        assert!(wanted(&Cmdline::new(b"exit=3 blk.qd=2")));
         assert_eq!(opts("exit=2").unwrap(), Options::default());
     }
 

@@ -110,10 +110,6 @@ pub enum OptError<'a> {
 }
 
 /// True when the command line has any `net.*` option.
-pub fn wanted(args: &Cmdline<'_>) -> bool {
-    args.options().any(|(k, _)| k.starts_with("net."))
-}
-
 fn num(v: &str, min: u64, max: u64) -> Option<u64> {
     parse_u64(v).filter(|n| (min..=max).contains(n))
 }
@@ -247,8 +243,6 @@ mod tests {
 
     #[test]
     fn detection_and_defaults() {
-        assert!(!wanted(&Cmdline::new(b"exit=3 net=1 blk.qd=2 xnet.ip=1")));
-        assert!(wanted(&Cmdline::new(b"exit=3 net.mode=respond")));
         let o = opts("net.ip=10.0.0.2/24").unwrap();
         assert_eq!((o.ip, o.prefix, o.mask()), ([10, 0, 0, 2], 24, 0xffff_ff00));
         assert_eq!((o.mode, o.peer, o.count()), (Mode::Respond, None, None));

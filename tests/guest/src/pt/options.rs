@@ -53,10 +53,6 @@ pub enum OptError<'a> {
 }
 
 /// True when the command line has any `pt.*` option.
-pub fn wanted(args: &Cmdline<'_>) -> bool {
-    args.options().any(|(k, _)| k.starts_with("pt."))
-}
-
 fn num(v: &str, min: u64, max: u64) -> Option<u64> {
     parse_u64(v).filter(|n| (min..=max).contains(n))
 }
@@ -101,8 +97,6 @@ mod tests {
 
     #[test]
     fn detection_and_defaults() {
-        assert!(!wanted(&Cmdline::new(b"exit=3 pt=1 blk.qd=2 xpt.dma=0")));
-        assert!(wanted(&Cmdline::new(b"exit=3 pt.dma=0")));
         let o = opts("pt.timeout=5").unwrap();
         assert_eq!(o, Options::default());
         assert_eq!((o.vendor, o.device), (0x1234, 0x7256));
