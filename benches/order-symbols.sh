@@ -42,7 +42,17 @@ profile help run --help
 
 # Every function named in a profile (callers and callees), first
 # appearance first; callgrind's anonymous addresses are dropped.
+# A profile that was cut off leaves no file (or a partial one): the
+# previous file's names that are still symbols of the binary follow the
+# new ones, so the paths a lost profile covered keep their place.
 for name in boot disk help; do
-    grep -oE '^c?fn=\([0-9]+\) .*' "$work/$name.cg" | sed -E 's/^c?fn=\([0-9]+\) //'
-done | grep -v '^0x' | awk '!seen[$0]++' > bins/ringvm/startup.order
+    if [ ! -s "$work/$name.cg" ]; then
+        echo "no $name profile: the previous file's names fill in" >&2
+        continue
+    fi
+    grep -oE '^c?fn=\([0-9]+\) .*' "$work/$name.cg" | sed -E 's/^c?fn=\([0-9]+\) //' || true
+done | grep -v '^0x' > "$work/new.order" || true
+nm "$bin" | awk '{print $NF}' | sort -u > "$work/symbols"
+grep -Fxf "$work/symbols" bins/ringvm/startup.order > "$work/kept.order" || true
+cat "$work/new.order" "$work/kept.order" | awk '!seen[$0]++' > bins/ringvm/startup.order
 echo "bins/ringvm/startup.order: $(wc -l < bins/ringvm/startup.order) functions" >&2
