@@ -145,6 +145,60 @@ fn zero_or_too_many_vcpus() {
 }
 
 #[test]
+fn bad_thread_affinities() {
+    assert_bad_input(
+        &[
+            "run",
+            "--kernel",
+            "builtin",
+            "--cpus",
+            "2",
+            "--vcpu-affinity",
+            "2@0",
+        ],
+        "--vcpu-affinity: vCPU 2 is given an affinity, but there are 2 vCPUs (0 to 1)",
+    );
+    assert_bad_input(
+        &[
+            "run",
+            "--kernel",
+            "builtin",
+            "--vcpu-affinity",
+            "0@1",
+            "--vcpu-affinity",
+            "0@0",
+        ],
+        "vCPU 0 is given an affinity twice",
+    );
+    assert_bad_input(
+        &["run", "--kernel", "builtin", "--vcpu-affinity", "0@1-x"],
+        "expected INDEX@CPUS",
+    );
+    assert_bad_input(
+        &[
+            "run",
+            "--kernel",
+            "builtin",
+            "--iothread-affinity",
+            "0@4096",
+        ],
+        "--iothread-affinity: host CPU 4096 in \"0@4096\" is out of range",
+    );
+    assert_bad_input(
+        &[
+            "run",
+            "--kernel",
+            "builtin",
+            "--iothreads",
+            "2",
+            "--iothread-affinity",
+            "2@0",
+        ],
+        "iothread 2 is given an affinity, but there are 2 iothreads",
+    );
+}
+
+#[test]
 fn bad_serial_and_cpuid_options() {
     assert_bad_input(
         &["run", "--kernel", "builtin", "--serial", "tty"],

@@ -73,6 +73,14 @@ struct Cli {
     #[arg(long, value_name = "always|io|adaptive",
           value_parser = ["always", "io", "adaptive"])]
     poll_mode: Option<String>,
+    /// Pin iothreads to host CPUs: `IOTHREAD@CPUS`, CPUS a list of host
+    /// CPUs and ranges separated by `:` (`0@2`, `1@0-3:6`); comma-separated
+    /// or repeated, as `ringvm run --iothread-affinity`. Placing an
+    /// iothread on the CPU of the front-end's queue (its vCPU or client)
+    /// saves a cross-CPU wake-up per request (docs/benchmarks.md, issue
+    /// 14).
+    #[arg(long, value_name = "IOTHREAD@CPUS")]
+    iothread_affinity: Vec<String>,
     /// On exit, print each iothread's CPU time and executor counters (as
     /// `ringvm run --iothread-stats`).
     #[arg(long)]
@@ -298,9 +306,25 @@ fn run(cli: Cli) -> Result<u8> {
         );
     }
     let mode: SeccompMode = cli.seccomp.parse().context("--seccomp")?;
+    let affinity = match vmm::affinity::by_index(
+        &cli.iothread_affinity,
+        usize::from(cli.iothreads),
+        "iothread",
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            error_line(&anyhow::Error::new(e).context("--iothread-affinity"));
+            return Ok(BAD_INPUT);
+        }
+    };
     let iothreads = (0..cli.iothreads)
         .map(|i| {
+            let pin = affinity[usize::from(i)].clone();
             let sandbox: uring_backend::iothread::Sandbox = Box::new(move || {
+                if let Some(set) = pin {
+                    set.apply_to_current_thread(&format!("iothread {i}"))
+                        .map_err(|e| vmm::affinity::describe(&e))?;
+                }
                 vmm::seccomp::apply(ThreadKind::IoThread, mode).map_err(|e| format!("{e:#}"))
             });
             IoThread::spawn_sandboxed(

@@ -144,11 +144,16 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &TempDir, name: &str, disk: &str) -> Daemon {
+        Self::start_with(dir, name, disk, &[])
+    }
+
+    fn start_with(dir: &TempDir, name: &str, disk: &str, extra: &[&str]) -> Daemon {
         let socket = dir.0.join(format!("{name}.sock"));
         let child = Command::new(daemon_bin())
             .arg("--socket")
             .arg(&socket)
             .args(["--disk", disk, "--iothread-stats"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -362,6 +367,77 @@ fn bad_input_is_one_line_and_exit_2() {
         (Some(2), 1),
         "{out:#?}"
     );
+    let disk = dir.disk("d.img", 1 << 20);
+    for (pin, says) in [
+        (
+            "2@0",
+            "iothread 2 is given an affinity, but there are 2 iothreads",
+        ),
+        ("0@0-", "expected INDEX@CPUS"),
+    ] {
+        let out = run(
+            Command::new(daemon_bin())
+                .arg("--socket")
+                .arg(&socket)
+                .args(["--disk", &format!("path={}", disk.display())])
+                .args(["--iothreads", "2", "--iothread-affinity", pin]),
+            "ringvm-blk",
+        );
+        assert_eq!(
+            (out.code, out.stderr.lines().count()),
+            (Some(2), 1),
+            "{out:#?}"
+        );
+        assert!(out.stderr.contains(says), "{pin}: {out:#?}");
+    }
+}
+
+/// `--iothread-affinity`: the iothread named runs only on the host CPU
+/// given, the other keeps the process's CPUs.
+#[test]
+fn an_iothread_is_pinned_where_asked() {
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    let all = own
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    // The last CPU of the list ("0-1", "0,2-3", "5").
+    let cpu = all.rsplit([',', '-']).next().unwrap().to_string();
+    let dir = TempDir::new("affinity");
+    let disk = dir.disk("d.img", 1 << 20);
+    let spec = format!("path={},queues=2", disk.display());
+    let pin = format!("1@{cpu}");
+    let daemon = Daemon::start_with(
+        &dir,
+        "pin",
+        &spec,
+        &["--iothreads", "2", "--iothread-affinity", &pin],
+    );
+    let pid = daemon.child.as_ref().unwrap().id();
+    let placed = |name: &str| -> String {
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            let field = |k: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .map(|v| v.trim().to_string())
+            };
+            if field("Name:").as_deref() == Some(name) {
+                return field("Cpus_allowed_list:").unwrap_or_default();
+            }
+        }
+        panic!("no thread {name}")
+    };
+    assert_eq!(placed("iothread1"), cpu);
+    assert_eq!(placed("iothread0"), all);
+    let out = daemon.terminate();
+    assert_eq!(out.code, Some(0), "{out:?}");
 }
 
 /// A vhost-user message header: request, flags (version 1), payload size.

@@ -31,6 +31,8 @@ pub struct Plan {
     pub iothread_poll: (std::time::Duration, uring_backend::executor::PollWhen),
     /// Print each iothread's CPU time and ring counters when the VM stops.
     pub iothread_stats: bool,
+    /// Host CPUs each iothread pins itself to, by index.
+    pub iothread_affinity: Vec<Option<vmm::affinity::CpuSet>>,
     /// `--cpuid-hide` as given (for the configuration's JSON).
     pub cpuid_hide: Vec<String>,
     /// Build the VM from this snapshot (its state and memory).
@@ -131,7 +133,12 @@ pub fn build(plan: &Plan) -> Result<Built, Failure> {
         let mode = plan.vm.seccomp;
         (0..plan.iothreads)
             .map(|i| {
+                let affinity = plan.iothread_affinity.get(i).cloned().flatten();
                 let sandbox: uring_backend::iothread::Sandbox = Box::new(move || {
+                    if let Some(set) = affinity {
+                        set.apply_to_current_thread(&format!("iothread {i}"))
+                            .map_err(|e| vmm::affinity::describe(&e))?;
+                    }
                     vmm::seccomp::apply(vmm::seccomp::ThreadKind::IoThread, mode)
                         .map_err(|e| format!("{e:#}"))?;
                     vmm::seccomp::test_call(vmm::seccomp::ThreadKind::IoThread);

@@ -59,6 +59,7 @@ fn machine(shared: bool) -> Machine {
         irqchip: Default::default(),
         acpi: true,
         seccomp: vmm::seccomp::SeccompMode::Off,
+        vcpu_affinity: Vec::new(),
     })
     .expect("building the machine")
 }

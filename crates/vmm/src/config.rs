@@ -38,6 +38,9 @@ pub struct VmConfig {
     /// Seccomp filters for the vCPU threads and the control thread (and,
     /// through the composition root, the iothreads).
     pub seccomp: crate::seccomp::SeccompMode,
+    /// Host CPUs each vCPU thread is pinned to, by vCPU index (missing or
+    /// `None`: the process's affinity).
+    pub vcpu_affinity: Vec<Option<crate::affinity::CpuSet>>,
 }
 
 /// Where the interrupt controllers live.

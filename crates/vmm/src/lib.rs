@@ -2,6 +2,7 @@
 //! PIO/MMIO buses with a device registry, x86 boot (Linux 64-bit and PVH),
 //! legacy devices and the reason the guest stopped.
 
+pub mod affinity;
 pub mod arch;
 pub mod boot;
 pub mod bus;

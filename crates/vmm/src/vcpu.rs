@@ -121,6 +121,8 @@ pub struct Vcpu {
     pub coalesced: Option<Arc<CoalescedRing>>,
     /// What KVM offers for saving this vCPU's state (snapshots).
     pub state_caps: Arc<crate::snapshot::cpu::CpuStateCaps>,
+    /// Host CPUs the thread pins itself to before its first `KVM_RUN`.
+    pub affinity: Option<crate::affinity::CpuSet>,
 }
 
 /// A running vCPU thread.
@@ -186,6 +188,14 @@ impl Vcpu {
 
     fn run_loop(mut self) {
         KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
+        if let Some(set) = &self.affinity {
+            if let Err(e) = set.apply_to_current_thread(&format!("vCPU {}", self.index)) {
+                self.stop.request(StopReason::HostError {
+                    message: crate::affinity::describe(&e),
+                });
+                return;
+            }
+        }
         if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu, self.seccomp) {
             self.stop.request(StopReason::HostError {
                 message: format!("vCPU {}: {e}", self.index),

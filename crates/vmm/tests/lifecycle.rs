@@ -103,6 +103,7 @@ fn config() -> VmConfig {
         irqchip: Default::default(),
         acpi: true,
         seccomp: vmm::seccomp::SeccompMode::Off,
+        vcpu_affinity: Vec::new(),
     }
 }
 

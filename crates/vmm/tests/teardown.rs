@@ -87,6 +87,7 @@ fn pci_devices_are_dropped_when_the_vm_stops() {
         irqchip: Default::default(),
         acpi: true,
         seccomp: vmm::seccomp::SeccompMode::Off,
+        vcpu_affinity: Vec::new(),
     })
     .expect("building the machine");
     let dropped = Arc::new(AtomicBool::new(false));

@@ -295,6 +295,7 @@ pub(super) fn create_vcpus(
             interrupts: shared.interrupts.clone(),
             coalesced: None,
             state_caps: shared.caps.clone(),
+            affinity: config.vcpu_affinity.get(index).cloned().flatten(),
         });
     }
     Ok(vcpus)
