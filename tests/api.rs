@@ -190,8 +190,20 @@ fn serve_create_boot_pause_resume_and_shutdown_vmm() {
     let sock = dir.path().join("api.sock");
     let events = dir.path().join("events.log");
     let serial = dir.path().join("serial.txt");
+    // vCPU 1 on this process's last CPU (Cloud Hypervisor's form).
+    let cpu: usize = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .rsplit([',', '-'])
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     let config = serde_json::json!({
-        "cpus": {"boot_vcpus": 2},
+        "cpus": {"boot_vcpus": 2, "affinity": [{"vcpu": 1, "host_cpus": [cpu]}]},
         "memory": {"size": 128u64 << 20},
         "payload": {"kernel": "builtin",
                     "cmdline": "blk.mode=write blk.bs=4096 blk.qd=4 blk.len=12M blk.seed=9"},
@@ -225,6 +237,10 @@ fn serve_create_boot_pause_resume_and_shutdown_vmm() {
     let info = remote_json(&sock, "info");
     assert_eq!(info["state"], "Created");
     assert_eq!(info["config"]["cpus"]["boot_vcpus"], 2);
+    assert_eq!(
+        info["config"]["cpus"]["affinity"],
+        serde_json::json!([{"vcpu": 1, "host_cpus": [cpu]}])
+    );
     assert_eq!(info["config"]["disks"][0]["path"], d.display().to_string());
     assert_eq!(info["config"]["disks"][0]["engine"], "auto");
     let pci: BTreeMap<String, String> = info["devices"]
@@ -239,6 +255,25 @@ fn serve_create_boot_pause_resume_and_shutdown_vmm() {
 
     remote_ok(&sock, &["boot"]);
     assert_eq!(remote_json(&sock, "info")["state"], "Running");
+    // The vCPU thread pinned itself as it started.
+    let placed: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{}/task", vmm.child.id()))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            let field = |k: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .map(|v| v.trim().to_string())
+            };
+            Some((field("Name:")?, field("Cpus_allowed_list:")?))
+        })
+        .collect();
+    assert!(
+        placed.contains(&("vcpu1".to_string(), cpu.to_string())),
+        "{placed:?}"
+    );
     // Booting twice is a state error.
     assert_eq!(request(&sock, "PUT", "vm.boot", b"").0, 409);
 

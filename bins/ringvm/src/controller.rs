@@ -115,7 +115,20 @@ fn devices_json(res: &Resources) -> Option<Value> {
 fn config_json(plan: &Plan) -> Value {
     let v = &plan.vm;
     let config = ApiConfig {
-        cpus: types::CpusConfig { boot_vcpus: v.cpus },
+        cpus: types::CpusConfig {
+            boot_vcpus: v.cpus,
+            affinity: v
+                .vcpu_affinity
+                .iter()
+                .enumerate()
+                .filter_map(|(vcpu, set)| {
+                    Some(types::CpuAffinity {
+                        vcpu,
+                        host_cpus: set.as_ref()?.cpus().to_vec(),
+                    })
+                })
+                .collect(),
+        },
         memory: types::MemoryConfig { size: v.memory },
         payload: types::PayloadConfig {
             kernel: match &v.kernel {

@@ -232,12 +232,7 @@ mod tests {
                     .map(|v| v.trim().to_string())
             })
             .unwrap();
-        let first: usize = allowed
-            .split([',', '-'])
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let first: usize = allowed.split([',', '-']).next().unwrap().parse().unwrap();
         std::thread::spawn(move || {
             let set = CpuSet::parse(&first.to_string(), "test").unwrap();
             set.apply_to_current_thread("test thread").unwrap();

@@ -37,6 +37,15 @@ thread_local! {
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
 }
 
+/// Clears this thread's [`KVM_RUN`] when dropped.
+struct KvmRunGuard;
+
+impl Drop for KvmRunGuard {
+    fn drop(&mut self) {
+        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
 fn kick_signal() -> i32 {
     SIGRTMIN()
 }
@@ -187,7 +196,6 @@ impl Vcpu {
     }
 
     fn run_loop(mut self) {
-        KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
         if let Some(set) = &self.affinity {
             if let Err(e) = set.apply_to_current_thread(&format!("vCPU {}", self.index)) {
                 self.stop.request(StopReason::HostError {
@@ -203,6 +211,12 @@ impl Vcpu {
             return;
         }
         crate::seccomp::test_call(crate::seccomp::ThreadKind::Vcpu);
+        // From here the kick handler may set `immediate_exit`; the guard
+        // clears the pointer on every way out, before `self` (and with it
+        // the kvm_run mapping) is dropped. A kick before this point is
+        // repeated by the stopping side until the thread ends.
+        KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
+        let _clear = KvmRunGuard;
         while !self.stop.is_stopping() {
             if self.gate.is_closed() {
                 self.settle();
@@ -219,7 +233,6 @@ impl Vcpu {
         // Writes the guest made before another vCPU or the host stopped
         // the VM still reach their device.
         self.drain_coalesced();
-        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
         log::debug!("vCPU {} stopped at rip={:#x}", self.index, self.rip());
         if let Some(ring) = &self.coalesced {
             log::debug!("coalesced writes drained so far: {}", ring.drained());

@@ -11,6 +11,17 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct CpusConfig {
     pub boot_vcpus: usize,
+    /// Host CPUs of each vCPU thread named (`--vcpu-affinity`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub affinity: Vec<CpuAffinity>,
+}
+
+/// One vCPU's host CPUs, as Cloud Hypervisor's `cpus.affinity` entries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuAffinity {
+    pub vcpu: usize,
+    pub host_cpus: Vec<usize>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,7 +153,10 @@ fn default_acpi() -> bool {
 }
 
 fn default_cpus() -> CpusConfig {
-    CpusConfig { boot_vcpus: 1 }
+    CpusConfig {
+        boot_vcpus: 1,
+        affinity: Vec::new(),
+    }
 }
 fn default_memory() -> MemoryConfig {
     MemoryConfig { size: 512 << 20 }
@@ -205,6 +219,13 @@ impl VmConfig {
             "--acpi".into(),
             on(self.acpi).into(),
         ];
+        for aff in &self.cpus.affinity {
+            a.push(format!(
+                "--vcpu-affinity={}@{}",
+                aff.vcpu,
+                threads(&aff.host_cpus)
+            ));
+        }
         if let Some(i) = &self.payload.initramfs {
             a.extend(["--initrd".into(), i.clone()]);
         }
@@ -385,5 +406,22 @@ mod tests {
             .windows(2)
             .any(|w| w == ["--net", "ip=10.0.0.1,mask=255.255.255.0,queues=2"]));
         assert!(a.contains(&"--cmdline=blk.mode=write".to_string()));
+    }
+
+    #[test]
+    fn cpu_affinity_takes_cloud_hypervisor_s_form() {
+        let c: VmConfig = serde_json::from_str(
+            r#"{"payload":{"kernel":"builtin"},
+                "cpus":{"boot_vcpus":2,"affinity":[{"vcpu":0,"host_cpus":[0,2]},
+                                                   {"vcpu":1,"host_cpus":[1]}]}}"#,
+        )
+        .unwrap();
+        let a = c.to_run_args().unwrap();
+        assert!(a.contains(&"--vcpu-affinity=0@0:2".to_string()), "{a:?}");
+        assert!(a.contains(&"--vcpu-affinity=1@1".to_string()), "{a:?}");
+        let e = serde_json::from_str::<VmConfig>(
+            r#"{"payload":{"kernel":"x"},"cpus":{"boot_vcpus":1,"affinity":[{"vcpu":0}]}}"#,
+        );
+        assert!(e.unwrap_err().to_string().contains("host_cpus"));
     }
 }

@@ -367,6 +367,9 @@ const VM_BUILD: &[i64] = &[
     // Iothreads set their rings up before their own filter.
     libc::SYS_io_uring_setup,
     libc::SYS_io_uring_register,
+    // vCPU threads and iothreads pin themselves (`--vcpu-affinity`,
+    // `--iothread-affinity`) before their own filter.
+    libc::SYS_sched_setaffinity,
     // The vCPU kick handler and the SIGSYS reporter.
     libc::SYS_rt_sigaction,
     // Finding a VFIO device's group and driver in sysfs.
