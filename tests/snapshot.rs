@@ -906,3 +906,94 @@ fn udp_echoes_continue_after_restore_onto_a_different_tap() {
     let f = serial_result(&serial2).expect("a result line after 60 echoes");
     assert_eq!((f["udp"].as_str(), f["bad"].as_str()), ("60", "0"), "{f:?}");
 }
+
+/// The vCPUs' host placement (`--vcpu-affinity`) is part of the VM's
+/// configuration: the snapshot's `config.json` carries it and a restore
+/// pins the vCPU threads the same way, unless the restoring command names
+/// its own.
+#[test]
+fn a_restored_vm_keeps_its_vcpu_placement() {
+    if !kvm_available() {
+        return;
+    }
+    let cpu: usize = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .rsplit([',', '-'])
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let dir = TempDir::new("snap-affinity");
+    let d = dir.path();
+    let pin = format!("1@{cpu}");
+    let (sock, vmm, _) = small_snapshot(d, &["--cpus", "2", "--vcpu-affinity", &pin]);
+    let snap = d.join("snap");
+    remote_ok(&sock, &["snapshot", &format!("file://{}", snap.display())]);
+    vmm.kill();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["cpus"]["affinity"],
+        serde_json::json!([{"vcpu": 1, "host_cpus": [cpu]}]),
+        "{config}"
+    );
+    // Restored paused: the vCPU threads are up and parked.
+    let placement = |extra: &[&str], tag: &str| -> String {
+        let sock = d.join(format!("{tag}.sock"));
+        let spec = format!("source={}", snap.display());
+        let serial = format!("file={}", d.join(format!("{tag}.serial")).display());
+        let mut args = vec![
+            "run",
+            "--restore",
+            &spec,
+            "--serial",
+            &serial,
+            "--api-socket",
+        ];
+        args.push(sock.to_str().unwrap());
+        args.extend_from_slice(extra);
+        let mut vmm = Vmm::spawn(&args, d, tag);
+        wait_for_socket(&sock, &mut vmm);
+        wait_state(&sock, "Paused");
+        let pid = vmm.child.id();
+        let start = Instant::now();
+        loop {
+            let found = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .flatten()
+                .find_map(|t| {
+                    let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+                    let field = |k: &str| {
+                        status
+                            .lines()
+                            .find_map(|l| l.strip_prefix(k))
+                            .map(|v| v.trim().to_string())
+                    };
+                    (field("Name:")? == "vcpu1").then(|| field("Cpus_allowed_list:"))?
+                });
+            if let Some(list) = found {
+                vmm.kill();
+                return list;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "no vcpu1 thread:\n{}",
+                vmm.err()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert_eq!(placement(&[], "kept"), cpu.to_string());
+    // The restoring command's own placement wins.
+    let other = format!("1@0-{cpu}");
+    let want = if cpu == 0 {
+        "0".to_string()
+    } else {
+        format!("0-{cpu}")
+    };
+    assert_eq!(placement(&["--vcpu-affinity", &other], "moved"), want);
+}
