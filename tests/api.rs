@@ -191,17 +191,7 @@ fn serve_create_boot_pause_resume_and_shutdown_vmm() {
     let events = dir.path().join("events.log");
     let serial = dir.path().join("serial.txt");
     // vCPU 1 on this process's last CPU (Cloud Hypervisor's form).
-    let cpu: usize = std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap()
-        .trim()
-        .rsplit([',', '-'])
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (_, cpu) = common::own_cpus();
     let config = serde_json::json!({
         "cpus": {"boot_vcpus": 2, "affinity": [{"vcpu": 1, "host_cpus": [cpu]}]},
         "memory": {"size": 128u64 << 20},
@@ -256,20 +246,7 @@ fn serve_create_boot_pause_resume_and_shutdown_vmm() {
     remote_ok(&sock, &["boot"]);
     assert_eq!(remote_json(&sock, "info")["state"], "Running");
     // The vCPU thread pinned itself as it started.
-    let placed: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{}/task", vmm.child.id()))
-        .unwrap()
-        .flatten()
-        .filter_map(|t| {
-            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
-            let field = |k: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(k))
-                    .map(|v| v.trim().to_string())
-            };
-            Some((field("Name:")?, field("Cpus_allowed_list:")?))
-        })
-        .collect();
+    let placed = common::thread_cpus(vmm.child.id());
     assert!(
         placed.contains(&("vcpu1".to_string(), cpu.to_string())),
         "{placed:?}"

@@ -519,24 +519,6 @@ fn blk_linger_keeps_the_guest_up_and_idle_after_its_result() {
     assert!(stdout.contains("errors=0"), "{stdout}");
 }
 
-/// The CPUs this process may run on, as `/proc` lists them, and the set.
-fn allowed_cpus(status: &str) -> (String, Vec<usize>) {
-    let list = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .expect("Cpus_allowed_list")
-        .trim()
-        .to_string();
-    let mut cpus = Vec::new();
-    for part in list.split(',') {
-        match part.split_once('-') {
-            Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse().unwrap()),
-            None => cpus.push(part.parse().unwrap()),
-        }
-    }
-    (list, cpus)
-}
-
 /// `--vcpu-affinity` and `--iothread-affinity`: the named threads run
 /// only on the host CPU given (as `/proc/PID/task/TID/status` shows
 /// while the guest runs), the others keep the process's CPUs, and the
@@ -546,8 +528,7 @@ fn vcpus_and_iothreads_are_pinned_where_asked() {
     if !kvm_available() {
         return;
     }
-    let (all, cpus) = allowed_cpus(&std::fs::read_to_string("/proc/self/status").unwrap());
-    let cpu = *cpus.last().unwrap();
+    let (all, cpu) = common::own_cpus();
     let dir = TempDir::new("blk-affinity");
     let img = disk(&dir, "d.img", 1 << 20);
     let disk_arg = format!("path={}", img.display());
@@ -575,18 +556,7 @@ fn vcpus_and_iothreads_are_pinned_where_asked() {
         dir.path(),
     );
     vm.wait_for("RINGVM-RESULT");
-    let pid = vm.child.id();
-    let mut placed = std::collections::BTreeMap::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let task = task.unwrap().path();
-        let (Ok(comm), Ok(status)) = (
-            std::fs::read_to_string(task.join("comm")),
-            std::fs::read_to_string(task.join("status")),
-        ) else {
-            continue;
-        };
-        placed.insert(comm.trim().to_string(), allowed_cpus(&status).0);
-    }
+    let placed: BTreeMap<String, String> = common::thread_cpus(vm.child.id()).into_iter().collect();
     let (code, stdout, stderr) = vm.finish();
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     assert!(stdout.contains("errors=0"), "{stdout}");

@@ -916,17 +916,7 @@ fn a_restored_vm_keeps_its_vcpu_placement() {
     if !kvm_available() {
         return;
     }
-    let cpu: usize = std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap()
-        .trim()
-        .rsplit([',', '-'])
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (_, cpu) = common::own_cpus();
     let dir = TempDir::new("snap-affinity");
     let d = dir.path();
     let pin = format!("1@{cpu}");
@@ -962,19 +952,9 @@ fn a_restored_vm_keeps_its_vcpu_placement() {
         let pid = vmm.child.id();
         let start = Instant::now();
         loop {
-            let found = std::fs::read_dir(format!("/proc/{pid}/task"))
-                .unwrap()
-                .flatten()
-                .find_map(|t| {
-                    let status = std::fs::read_to_string(t.path().join("status")).ok()?;
-                    let field = |k: &str| {
-                        status
-                            .lines()
-                            .find_map(|l| l.strip_prefix(k))
-                            .map(|v| v.trim().to_string())
-                    };
-                    (field("Name:")? == "vcpu1").then(|| field("Cpus_allowed_list:"))?
-                });
+            let found = common::thread_cpus(pid)
+                .into_iter()
+                .find_map(|(name, cpus)| (name == "vcpu1").then_some(cpus));
             if let Some(list) = found {
                 vmm.kill();
                 return list;

@@ -206,6 +206,37 @@ pub fn result_fields(stdout: &str) -> Option<std::collections::BTreeMap<String, 
 }
 
 /// QEMU, if installed; under CI=true its absence fails the test.
+/// `Cpus_allowed_list` of a `/proc/.../status` text, as listed
+/// (`0-3,6`).
+pub fn cpus_allowed(status: &str) -> Option<String> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_string())
+}
+
+/// The CPUs this process may run on, as listed, and the last of them.
+pub fn own_cpus() -> (String, usize) {
+    let list = cpus_allowed(&std::fs::read_to_string("/proc/self/status").unwrap()).unwrap();
+    let last = list.rsplit([',', '-']).next().unwrap().parse().unwrap();
+    (list, last)
+}
+
+/// Each thread of process `pid`: its name and the CPUs it may run on.
+pub fn thread_cpus(pid: u32) -> Vec<(String, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|t| {
+                    let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+                    let name = status.lines().find_map(|l| l.strip_prefix("Name:"))?;
+                    Some((name.trim().to_string(), cpus_allowed(&status)?))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub fn qemu() -> Option<PathBuf> {
     let p = PathBuf::from("/usr/bin/qemu-system-x86_64");
     if p.exists() {

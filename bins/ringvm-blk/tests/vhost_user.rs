@@ -417,22 +417,10 @@ fn an_iothread_is_pinned_where_asked() {
     );
     let pid = daemon.child.as_ref().unwrap().id();
     let placed = |name: &str| -> String {
-        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .flatten()
-        {
-            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            let field = |k: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(k))
-                    .map(|v| v.trim().to_string())
-            };
-            if field("Name:").as_deref() == Some(name) {
-                return field("Cpus_allowed_list:").unwrap_or_default();
-            }
-        }
-        panic!("no thread {name}")
+        thread_field(pid, "Cpus_allowed_list:")
+            .into_iter()
+            .find_map(|(n, v)| (n == name).then_some(v))
+            .unwrap_or_else(|| panic!("no thread {name}"))
     };
     assert_eq!(placed("iothread1"), cpu);
     assert_eq!(placed("iothread0"), all);
@@ -485,8 +473,9 @@ fn malformed_messages_end_the_connection_not_the_daemon() {
     assert_eq!(d.terminate().code, Some(0));
 }
 
-/// `Seccomp:` of every thread of `pid` (name, mode).
-fn thread_seccomp(pid: u32) -> Vec<(String, String)> {
+/// A `/proc/PID/task/TID/status` field (`"Seccomp:"`) of every thread of
+/// `pid`: (name, value).
+fn thread_field(pid: u32, key: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
@@ -500,9 +489,14 @@ fn thread_seccomp(pid: u32) -> Vec<(String, String)> {
                 .map(|v| v.trim().to_string())
                 .unwrap_or_default()
         };
-        out.push((field("Name:"), field("Seccomp:")));
+        out.push((field("Name:"), field(key)));
     }
     out
+}
+
+/// `Seccomp:` of every thread of `pid` (name, mode).
+fn thread_seccomp(pid: u32) -> Vec<(String, String)> {
+    thread_field(pid, "Seccomp:")
 }
 
 /// Every thread of the daemon runs under a seccomp filter once it serves,

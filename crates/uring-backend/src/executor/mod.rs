@@ -73,6 +73,8 @@ pub enum ExecutorError {
     UnregisterBuffers(#[source] io::Error),
     #[error("registering a file with the ring")]
     RegisterFile(#[source] io::Error),
+    #[error("the executor stopped before the task finished")]
+    Unfinished,
 }
 
 /// Counters for benchmarks; written by the executor's thread only, read
@@ -302,6 +304,23 @@ impl Executor {
         self.shared.stop.store(false, Ordering::SeqCst);
         self.running.set(false);
         result
+    }
+
+    /// Runs `fut` as a task, and the executor until it finishes; its
+    /// output. Tasks still pending stay for the next run.
+    pub fn block_on<T: 'static>(
+        self: &Rc<Self>,
+        fut: impl Future<Output = T> + 'static,
+    ) -> Result<T, ExecutorError> {
+        let out = Rc::new(RefCell::new(None));
+        let (o, ex) = (out.clone(), self.clone());
+        self.spawn(async move {
+            *o.borrow_mut() = Some(fut.await);
+            ex.stop();
+        });
+        self.run()?;
+        let v = out.borrow_mut().take();
+        v.ok_or(ExecutorError::Unfinished)
     }
 
     fn stopping(&self) -> bool {

@@ -9,15 +9,7 @@ use io_uring::{opcode, types};
 use super::Executor;
 
 fn block_on<T: 'static>(ex: &Rc<Executor>, fut: impl Future<Output = T> + 'static) -> T {
-    let out = Rc::new(RefCell::new(None));
-    let (o, ex2) = (out.clone(), ex.clone());
-    ex.spawn(async move {
-        *o.borrow_mut() = Some(fut.await);
-        ex2.stop();
-    });
-    ex.run().expect("run");
-    let v = out.borrow_mut().take();
-    v.expect("the task finished")
+    ex.block_on(fut).expect("the task finished")
 }
 
 #[test]

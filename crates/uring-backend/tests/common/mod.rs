@@ -1,7 +1,6 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -13,15 +12,7 @@ pub mod loopdev;
 
 /// Runs `fut` as a task and the executor until it finishes.
 pub fn block_on<T: 'static>(ex: &Rc<Executor>, fut: impl Future<Output = T> + 'static) -> T {
-    let out = Rc::new(RefCell::new(None));
-    let (o, ex2) = (out.clone(), ex.clone());
-    ex.spawn(async move {
-        *o.borrow_mut() = Some(fut.await);
-        ex2.stop();
-    });
-    ex.run().expect("run");
-    let v = out.borrow_mut().take();
-    v.expect("the task finished")
+    ex.block_on(fut).expect("the task finished")
 }
 
 /// A file removed when dropped.

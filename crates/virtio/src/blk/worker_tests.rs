@@ -24,15 +24,7 @@ const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 
 fn block_on<T: 'static>(ex: &Rc<Executor>, fut: impl Future<Output = T> + 'static) -> T {
-    let out = Rc::new(RefCell::new(None));
-    let (o, ex2) = (out.clone(), ex.clone());
-    ex.spawn(async move {
-        *o.borrow_mut() = Some(fut.await);
-        ex2.stop();
-    });
-    ex.run().expect("run");
-    let v = out.borrow_mut().take();
-    v.expect("the task finished")
+    ex.block_on(fut).expect("the task finished")
 }
 
 /// Chain `k` (descriptors 2k, 2k+1): a one-sector read of sector k into

@@ -105,15 +105,7 @@ fn set_used_event(
 }
 
 fn block_on<T: 'static>(ex: &Rc<Executor>, fut: impl Future<Output = T> + 'static) -> T {
-    let out = Rc::new(RefCell::new(None));
-    let (o, ex2) = (out.clone(), ex.clone());
-    ex.spawn(async move {
-        *o.borrow_mut() = Some(fut.await);
-        ex2.stop();
-    });
-    ex.run().expect("run");
-    let v = out.borrow_mut().take();
-    v.expect("the task finished")
+    ex.block_on(fut).expect("the task finished")
 }
 
 #[test]
