@@ -1,5 +1,6 @@
 //! The command line's value parsers: `--disk` and `--net` specs, MAC
-//! addresses, sizes, `--cpuid-hide` features and `--seccomp` modes.
+//! addresses, sizes, `--cpuid-hide` features, `--seccomp` modes and the
+//! `--vcpu-affinity` / `--iothread-affinity` lists.
 //! Whatever the text, each returns a value or an error, never a panic.
 #![no_main]
 
@@ -20,4 +21,7 @@ fuzz_target!(|input: &[u8]| {
     let _ = vmm::parse_size(s);
     let _ = s.parse::<FeatureBit>();
     let _ = s.parse::<SeccompMode>();
+    for count in [0, 1, 4] {
+        let _ = vmm::affinity::by_index(&[s.to_string()], count, "vCPU");
+    }
 });
