@@ -225,32 +225,55 @@ fn image_runs_fio_and_prints_its_result_under_qemu_tcg() {
     let tmp = common::TempDir::new("debian-image-qemu");
     let data = tmp.file("data.img", &vec![0u8; 64 << 20]);
     let path = |f: &str| dir.join(f).to_str().unwrap().to_string();
-    let out = common::run_command(
-        Command::new(qemu).args([
-            "-accel",
-            "tcg",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-no-reboot",
-            "-serial",
-            "stdio",
-            "-m",
-            "512M",
-            "-kernel",
-            &path("vmlinuz"),
-            "-initrd",
-            &path("initrd.img"),
-            "-append",
-            "console=ttyS0 root=/dev/vda ro init=/sbin/ringvm-fio-init panic=-1 \
-             ringvm.fio.rw=randrw ringvm.fio.bs=4k ringvm.fio.iodepth=8 ringvm.fio.runtime=2",
-            "-drive",
-            &format!("file={},if=virtio,format=raw,readonly=on", path("root.img")),
-            "-drive",
-            &format!("file={},if=virtio,format=raw", data.display()),
-        ]),
-        Duration::from_secs(900),
-    );
+    // QEMU's TCG guest has, in about one CI run in three (sessions 9 and
+    // 10), gone idle for good right after fio started on /dev/vdb (kernel
+    // and init fine, QEMU's main loop waking on timers only); 30 runs by
+    // hand, 12 of them four at a time, never did. That is the peer's
+    // emulator, not the image: one stuck run is retried, with its output
+    // printed, and a second one fails the test.
+    let run = || {
+        common::run_command_within(
+            Command::new(&qemu).args([
+                "-accel",
+                "tcg",
+                "-nodefaults",
+                "-no-user-config",
+                "-nographic",
+                "-no-reboot",
+                "-serial",
+                "stdio",
+                "-m",
+                "512M",
+                "-kernel",
+                &path("vmlinuz"),
+                "-initrd",
+                &path("initrd.img"),
+                "-append",
+                "console=ttyS0 root=/dev/vda ro init=/sbin/ringvm-fio-init panic=-1 \
+                 ringvm.fio.rw=randrw ringvm.fio.bs=4k ringvm.fio.iodepth=8 ringvm.fio.runtime=2",
+                "-drive",
+                &format!("file={},if=virtio,format=raw,readonly=on", path("root.img")),
+                "-drive",
+                &format!("file={},if=virtio,format=raw", data.display()),
+            ]),
+            Duration::from_secs(300),
+        )
+    };
+    let out = match run() {
+        Ok(out) => out,
+        Err(stuck) => {
+            eprintln!(
+                "QEMU TCG run stuck after {:?}; once more. Its output:\n{}",
+                stuck.elapsed, stuck.stdout
+            );
+            run().unwrap_or_else(|again| {
+                panic!(
+                    "QEMU TCG run stuck twice:\n{}\n{}",
+                    again.stdout, again.stderr
+                )
+            })
+        }
+    };
     let fields = common::result_fields(&out.stdout)
         .unwrap_or_else(|| panic!("no RINGVM-RESULT line: {out:#?}"));
     let get = |k: &str| {

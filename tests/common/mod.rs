@@ -47,6 +47,18 @@ pub fn run_ringvm(args: &[&str], deadline: Duration) -> Outcome {
 }
 
 pub fn run_command(cmd: &mut Command, deadline: Duration) -> Outcome {
+    match run_command_within(cmd, deadline) {
+        Ok(out) => out,
+        Err(out) => panic!(
+            "ringvm still running after {deadline:?}\nstdout:\n{}\nstderr:\n{}",
+            out.stdout, out.stderr
+        ),
+    }
+}
+
+/// As [`run_command`], but a run still going at `deadline` is killed and
+/// returned as `Err` with what it printed.
+pub fn run_command_within(cmd: &mut Command, deadline: Duration) -> Result<Outcome, Outcome> {
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -73,18 +85,21 @@ pub fn run_command(cmd: &mut Command, deadline: Duration) -> Outcome {
         if start.elapsed() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            let stdout = String::from_utf8_lossy(&t_out.join().unwrap()).into_owned();
-            let stderr = String::from_utf8_lossy(&t_err.join().unwrap()).into_owned();
-            panic!("ringvm still running after {deadline:?}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+            return Err(Outcome {
+                code: None,
+                stdout: String::from_utf8_lossy(&t_out.join().unwrap()).into_owned(),
+                stderr: String::from_utf8_lossy(&t_err.join().unwrap()).into_owned(),
+                elapsed: start.elapsed(),
+            });
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    Outcome {
+    Ok(Outcome {
         code: status.code(),
         stdout: String::from_utf8_lossy(&t_out.join().unwrap()).into_owned(),
         stderr: String::from_utf8_lossy(&t_err.join().unwrap()).into_owned(),
         elapsed: start.elapsed(),
-    }
+    })
 }
 
 /// Runs `cmd` until its stdout has a line containing `until` (then sends
