@@ -843,3 +843,123 @@ fn the_power_button_reaches_an_acpi_guest_which_powers_off() {
         assert!(vmm.err().contains("guest shut down"), "{}", vmm.err());
     }
 }
+
+/// Reads one answer from a kept-alive connection: (status, body).
+fn read_one_response(s: &mut UnixStream) -> (u16, String) {
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "connection closed early");
+        raw.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&raw).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// `vm.shutdown` ends `ringvm run` (exit code 108), but only once the
+/// client has its answer, however late the connection's thread gets to
+/// send it: here that thread runs under SCHED_IDLE while every CPU is
+/// busy, so that the main thread would otherwise exit first (it did in
+/// about half the rounds before the fix: 8 rounds).
+#[test]
+fn vm_shutdown_is_answered_before_ringvm_run_exits() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("api-late-answer");
+    let d = disk(&dir, "d0.img", 4 << 20);
+    for round in 0..8 {
+        late_vm_shutdown_answer(&dir, &d, round);
+    }
+}
+
+fn late_vm_shutdown_answer(dir: &TempDir, disk: &Path, round: u32) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Barrier};
+    let sock = dir.path().join(format!("api{round}.sock"));
+    let mut vmm = Vmm::spawn(
+        Command::new(ringvm_bin()).args([
+            "run",
+            "--kernel",
+            "builtin",
+            "--memory",
+            "32M",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--disk",
+            &format!("path={}", disk.display()),
+            "--cmdline",
+            "blk.mode=write blk.qd=1 blk.len=64K blk.hang=1",
+        ]),
+        dir.path(),
+        &format!("late{round}"),
+    );
+    wait_for_socket(&sock);
+    vmm.wait_line("blk: ");
+    // One kept-alive connection: its thread exists from the first answer.
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_one_response(&mut s).0, 200);
+    let pid = vmm.child.id();
+    let mut starved = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap();
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "api-conn" {
+            continue;
+        }
+        let tid: i32 = t.file_name().to_str().unwrap().parse().unwrap();
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `param` is a valid sched_param; lowering a thread of our
+        // own child to SCHED_IDLE needs no privilege.
+        let rc = unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        starved += 1;
+    }
+    assert_eq!(starved, 1, "{:?}", thread_names(pid));
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(Barrier::new(cpus + 1));
+    let spinners: Vec<_> = (0..cpus)
+        .map(|_| {
+            let (stop, started) = (stop.clone(), started.clone());
+            std::thread::spawn(move || {
+                started.wait();
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    started.wait();
+    std::thread::sleep(Duration::from_millis(20));
+    s.write_all(b"PUT /api/v1/vm.shutdown HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = s.read_to_end(&mut answer);
+    stop.store(true, Ordering::Relaxed);
+    for t in spinners {
+        t.join().unwrap();
+    }
+    read.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 204"),
+        "round {round}: answer {answer:?}; {}",
+        vmm.err()
+    );
+    assert_eq!(vmm.wait(), Some(108), "{}", vmm.err());
+}

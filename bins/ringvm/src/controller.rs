@@ -47,6 +47,9 @@ struct Inner {
     /// `vmm.shutdown` was asked; `exit` is set once it was answered.
     exit_pending: bool,
     exit: Option<i32>,
+    /// `vm.shutdown` was asked and not yet answered: under `ringvm run`
+    /// the process ends with the VM, but only after the answer is sent.
+    stop_answer_pending: bool,
 }
 
 /// The VMM, shared by the API thread and the main thread.
@@ -519,10 +522,21 @@ impl Controller {
             return None;
         }
         if self.serve {
-            None
-        } else {
-            Some(code)
+            return None;
         }
+        if inner.stop_answer_pending {
+            // The process ends with the VM, but not before the client
+            // that asked for the stop has its answer (the API thread
+            // clears the flag once it is sent).
+            drop(inner);
+            for _ in 0..2000 {
+                if !self.lock().stop_answer_pending {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        Some(code)
     }
 }
 
@@ -672,11 +686,21 @@ impl Backend for Controller {
     }
 
     fn shutdown(&self) -> Result<(), ApiError> {
-        let c = Self::control(&self.lock()).ok_or_else(Self::no_vm)?;
-        c.shutdown(StopReason::Requested {
-            request: "vm.shutdown",
-        })
-        .map_err(lifecycle)
+        let c = {
+            let mut inner = self.lock();
+            let c = Self::control(&inner).ok_or_else(Self::no_vm)?;
+            inner.stop_answer_pending = true;
+            c
+        };
+        let done = c
+            .shutdown(StopReason::Requested {
+                request: "vm.shutdown",
+            })
+            .map_err(lifecycle);
+        if done.is_err() {
+            self.lock().stop_answer_pending = false;
+        }
+        done
     }
 
     fn reboot(&self) -> Result<(), ApiError> {
@@ -771,6 +795,9 @@ impl Backend for Controller {
     }
 
     fn responded(&self, ep: Endpoint) {
+        if ep == Endpoint::VmShutdown {
+            self.lock().stop_answer_pending = false;
+        }
         if ep == Endpoint::VmmShutdown {
             let mut inner = self.lock();
             if inner.exit_pending {

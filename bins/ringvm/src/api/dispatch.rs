@@ -125,8 +125,9 @@ pub trait Backend: Sync {
     fn restore(&self, _config: RestoreConfig) -> Result<(), ApiError> {
         Err(ApiError::new(501, "this VMM does not restore snapshots"))
     }
-    /// Called once the answer to a successful `ep` was sent (the VMM
-    /// exits only after `vmm.shutdown` was answered).
+    /// Called once the answer to a successful `ep` was sent, or failed to
+    /// be sent (the VMM exits only after `vmm.shutdown`, or under `ringvm
+    /// run` `vm.shutdown`, was answered).
     fn responded(&self, _ep: Endpoint) {}
 }
 

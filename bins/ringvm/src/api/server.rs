@@ -221,7 +221,9 @@ fn serve_connection(mut stream: UnixStream, shared: &Arc<Shared>) {
         let (resp, ep) = handle_on_worker(req.clone(), shared)
             .unwrap_or_else(|| handle_request(&req, &*shared.backend, &shared.changes));
         let sent = stream.write_all(&resp.to_bytes(req.close)).is_ok();
-        if let (true, Some(ep)) = (sent && resp.status < 300, ep) {
+        // Also when the client has gone: the VMM must not wait for an
+        // answer that can no longer be sent.
+        if let (true, Some(ep)) = (resp.status < 300, ep) {
             shared.backend.responded(ep);
         }
         if !sent || req.close {
