@@ -44,6 +44,21 @@ impl Vmm {
         }
     }
 
+    /// `ringvm run --kernel builtin --api-socket SOCK ARGS...`, waiting
+    /// for the socket.
+    fn builtin(dir: &Path, tag: &str, sock: &Path, args: &[&str]) -> Vmm {
+        let vmm = Vmm::spawn(
+            Command::new(ringvm_bin())
+                .args(["run", "--kernel", "builtin", "--api-socket"])
+                .arg(sock)
+                .args(args),
+            dir,
+            tag,
+        );
+        wait_for_socket(sock);
+        vmm
+    }
+
     fn out(&self) -> String {
         std::fs::read_to_string(&self.stdout).unwrap_or_default()
     }
@@ -397,26 +412,21 @@ fn error_statuses_slow_clients_and_vm_shutdown() {
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     assert!(sock.exists());
 
-    let mut vmm = Vmm::spawn(
-        Command::new(ringvm_bin()).args([
-            "run",
-            "--kernel",
-            "builtin",
+    let mut vmm = Vmm::builtin(
+        dir.path(),
+        "run",
+        &sock,
+        &[
             "--memory",
             "128M",
-            "--api-socket",
-            sock.to_str().unwrap(),
             "--event-monitor",
             "fd=2",
             "--disk",
             &format!("path={}", d.display()),
             "--cmdline",
             "blk.mode=randwrite blk.qd=2 blk.len=1M blk.secs=600 blk.seed=3",
-        ]),
-        dir.path(),
-        "run",
+        ],
     );
-    wait_for_socket(&sock);
     vmm.wait_line("blk: ");
     assert!(thread_names(vmm.child.id()).iter().any(|n| n == "api"));
     // The same VM without --api-socket has no API thread.
@@ -725,11 +735,11 @@ fn repeated_pause_and_resume_lose_nothing_with_the_split_irqchip() {
     let dir = TempDir::new("api-cycles");
     let d = disk(&dir, "d0.img", 16 << 20);
     let sock = dir.path().join("api.sock");
-    let mut vmm = Vmm::spawn(
-        Command::new(ringvm_bin()).args([
-            "run",
-            "--kernel",
-            "builtin",
+    let mut vmm = Vmm::builtin(
+        dir.path(),
+        "cycles",
+        &sock,
+        &[
             "--irqchip",
             "split",
             "--cpus",
@@ -738,17 +748,12 @@ fn repeated_pause_and_resume_lose_nothing_with_the_split_irqchip() {
             "128M",
             "--iothreads",
             "2",
-            "--api-socket",
-            sock.to_str().unwrap(),
             "--disk",
             &format!("path={},queues=2", d.display()),
             "--cmdline",
             "blk.mode=write blk.len=12M blk.qd=8 blk.queues=2 blk.seed=21",
-        ]),
-        dir.path(),
-        "cycles",
+        ],
     );
-    wait_for_socket(&sock);
     vmm.wait_line("blk: ");
     let mut paused = 0;
     for _ in 0..10 {
@@ -808,24 +813,19 @@ fn the_power_button_reaches_an_acpi_guest_which_powers_off() {
     for irqchip in ["split", "kernel"] {
         let dir = TempDir::new(&format!("api-button-{irqchip}"));
         let sock = dir.path().join("api.sock");
-        let mut vmm = Vmm::spawn(
-            Command::new(ringvm_bin()).args([
-                "run",
-                "--kernel",
-                "builtin",
+        let mut vmm = Vmm::builtin(
+            dir.path(),
+            "button",
+            &sock,
+            &[
                 "--memory",
                 "64M",
                 "--irqchip",
                 irqchip,
-                "--api-socket",
-                sock.to_str().unwrap(),
                 "--cmdline",
                 "acpi=button",
-            ]),
-            dir.path(),
-            "button",
+            ],
         );
-        wait_for_socket(&sock);
         vmm.wait_line("acpi: waiting for the power button");
         // Nothing happens before the button is pressed.
         std::thread::sleep(Duration::from_millis(300));
@@ -867,46 +867,60 @@ fn read_one_response(s: &mut UnixStream) -> (u16, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-/// `vm.shutdown` ends `ringvm run` (exit code 108), but only once the
-/// client has its answer, however late the connection's thread gets to
-/// send it: here that thread runs under SCHED_IDLE while every CPU is
-/// busy, so that the main thread would otherwise exit first (it did in
-/// about half the rounds before the fix: 8 rounds).
+/// A request that ends `ringvm run` is answered before the process
+/// exits, however late the connection's thread gets to send the answer:
+/// `vm.shutdown` (exit code 108) and the power button an ACPI guest obeys
+/// at once (101). Here that thread runs under SCHED_IDLE while every CPU
+/// is busy, so that the main thread would otherwise exit first (it did in
+/// about half the rounds before the fix: 8 rounds of each).
 #[test]
-fn vm_shutdown_is_answered_before_ringvm_run_exits() {
+fn requests_that_end_the_vm_are_answered_before_ringvm_run_exits() {
     if !kvm_available() {
         return;
     }
     let dir = TempDir::new("api-late-answer");
     let d = disk(&dir, "d0.img", 4 << 20);
+    let disk_arg = format!("path={}", d.display());
+    let stop = LateAnswer {
+        request: "vm.shutdown",
+        args: &[
+            "--disk",
+            &disk_arg,
+            "--cmdline",
+            "blk.mode=write blk.qd=1 blk.len=64K blk.hang=1",
+        ],
+        ready: "blk: ",
+        exit_code: 108,
+    };
+    let button = LateAnswer {
+        request: "vm.power-button",
+        args: &["--cmdline", "acpi=button"],
+        ready: "acpi: waiting for the power button",
+        exit_code: 101,
+    };
     for round in 0..8 {
-        late_vm_shutdown_answer(&dir, &d, round);
+        late_answer(&dir, &stop, round);
+        late_answer(&dir, &button, round);
     }
 }
 
-fn late_vm_shutdown_answer(dir: &TempDir, disk: &Path, round: u32) {
+struct LateAnswer<'a> {
+    request: &'a str,
+    args: &'a [&'a str],
+    /// The guest's line once it is ready for the request.
+    ready: &'a str,
+    exit_code: i32,
+}
+
+fn late_answer(dir: &TempDir, case: &LateAnswer, round: u32) {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Barrier};
-    let sock = dir.path().join(format!("api{round}.sock"));
-    let mut vmm = Vmm::spawn(
-        Command::new(ringvm_bin()).args([
-            "run",
-            "--kernel",
-            "builtin",
-            "--memory",
-            "32M",
-            "--api-socket",
-            sock.to_str().unwrap(),
-            "--disk",
-            &format!("path={}", disk.display()),
-            "--cmdline",
-            "blk.mode=write blk.qd=1 blk.len=64K blk.hang=1",
-        ]),
-        dir.path(),
-        &format!("late{round}"),
-    );
-    wait_for_socket(&sock);
-    vmm.wait_line("blk: ");
+    let tag = format!("{}-{round}", case.request);
+    let sock = dir.path().join(format!("{tag}.sock"));
+    let mut args = vec!["--memory", "32M"];
+    args.extend_from_slice(case.args);
+    let mut vmm = Vmm::builtin(dir.path(), &tag, &sock, &args);
+    vmm.wait_line(case.ready);
     // One kept-alive connection: its thread exists from the first answer.
     let mut s = UnixStream::connect(&sock).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
@@ -946,8 +960,11 @@ fn late_vm_shutdown_answer(dir: &TempDir, disk: &Path, round: u32) {
         .collect();
     started.wait();
     std::thread::sleep(Duration::from_millis(20));
-    s.write_all(b"PUT /api/v1/vm.shutdown HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    let put = format!(
+        "PUT /api/v1/{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        case.request
+    );
+    s.write_all(put.as_bytes()).unwrap();
     let mut answer = Vec::new();
     let read = s.read_to_end(&mut answer);
     stop.store(true, Ordering::Relaxed);
@@ -958,8 +975,8 @@ fn late_vm_shutdown_answer(dir: &TempDir, disk: &Path, round: u32) {
     let answer = String::from_utf8_lossy(&answer);
     assert!(
         answer.starts_with("HTTP/1.1 204"),
-        "round {round}: answer {answer:?}; {}",
+        "{tag}: answer {answer:?}; {}",
         vmm.err()
     );
-    assert_eq!(vmm.wait(), Some(108), "{}", vmm.err());
+    assert_eq!(vmm.wait(), Some(case.exit_code), "{tag}: {}", vmm.err());
 }

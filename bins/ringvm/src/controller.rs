@@ -6,6 +6,7 @@
 //! run`).
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
@@ -47,9 +48,6 @@ struct Inner {
     /// `vmm.shutdown` was asked; `exit` is set once it was answered.
     exit_pending: bool,
     exit: Option<i32>,
-    /// `vm.shutdown` was asked and not yet answered: under `ringvm run`
-    /// the process ends with the VM, but only after the answer is sent.
-    stop_answer_pending: bool,
 }
 
 /// The VMM, shared by the API thread and the main thread.
@@ -64,6 +62,10 @@ pub struct Controller {
     /// `--seccomp` of `ringvm serve`, for the VMs `vm.create` makes
     /// (`None`: each VM's own arguments say).
     seccomp: Option<String>,
+    /// API requests read and not yet answered: under `ringvm run` the
+    /// process ends with its VM, but only once these have their answers
+    /// (a `vm.shutdown`, or the power button the guest obeys at once).
+    answering: AtomicUsize,
 }
 
 fn lifecycle(e: LifecycleError) -> ApiError {
@@ -292,6 +294,7 @@ impl Controller {
             serve,
             worker,
             seccomp,
+            answering: AtomicUsize::new(0),
         }))
     }
 
@@ -524,16 +527,13 @@ impl Controller {
         if self.serve {
             return None;
         }
-        if inner.stop_answer_pending {
-            // The process ends with the VM, but not before the client
-            // that asked for the stop has its answer (the API thread
-            // clears the flag once it is sent).
-            drop(inner);
-            for _ in 0..2000 {
-                if !self.lock().stop_answer_pending {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(5));
+        drop(inner);
+        if self.answering.load(Ordering::SeqCst) > 0 {
+            // The API thread answers within its write deadline.
+            let deadline = std::time::Instant::now() + 2 * ringvm::api::server::REQUEST_DEADLINE;
+            while self.answering.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(2));
             }
         }
         Some(code)
@@ -686,21 +686,11 @@ impl Backend for Controller {
     }
 
     fn shutdown(&self) -> Result<(), ApiError> {
-        let c = {
-            let mut inner = self.lock();
-            let c = Self::control(&inner).ok_or_else(Self::no_vm)?;
-            inner.stop_answer_pending = true;
-            c
-        };
-        let done = c
-            .shutdown(StopReason::Requested {
-                request: "vm.shutdown",
-            })
-            .map_err(lifecycle);
-        if done.is_err() {
-            self.lock().stop_answer_pending = false;
-        }
-        done
+        let c = Self::control(&self.lock()).ok_or_else(Self::no_vm)?;
+        c.shutdown(StopReason::Requested {
+            request: "vm.shutdown",
+        })
+        .map_err(lifecycle)
     }
 
     fn reboot(&self) -> Result<(), ApiError> {
@@ -794,10 +784,15 @@ impl Backend for Controller {
         self.boot_vm()
     }
 
+    fn request_begun(&self) {
+        self.answering.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn request_ended(&self) {
+        self.answering.fetch_sub(1, Ordering::SeqCst);
+    }
+
     fn responded(&self, ep: Endpoint) {
-        if ep == Endpoint::VmShutdown {
-            self.lock().stop_answer_pending = false;
-        }
         if ep == Endpoint::VmmShutdown {
             let mut inner = self.lock();
             if inner.exit_pending {

@@ -125,9 +125,13 @@ pub trait Backend: Sync {
     fn restore(&self, _config: RestoreConfig) -> Result<(), ApiError> {
         Err(ApiError::new(501, "this VMM does not restore snapshots"))
     }
+    /// A request was read: its answer is to be sent (the VMM does not
+    /// exit before [`Backend::request_ended`] follows).
+    fn request_begun(&self) {}
+    /// The answer to a request was sent, or could not be.
+    fn request_ended(&self) {}
     /// Called once the answer to a successful `ep` was sent, or failed to
-    /// be sent (the VMM exits only after `vmm.shutdown`, or under `ringvm
-    /// run` `vm.shutdown`, was answered).
+    /// be sent (the VMM exits only after `vmm.shutdown` was answered).
     fn responded(&self, _ep: Endpoint) {}
 }
 

@@ -218,6 +218,7 @@ fn serve_connection(mut stream: UnixStream, shared: &Arc<Shared>) {
             }
         };
         buf.drain(..used);
+        shared.backend.request_begun();
         let (resp, ep) = handle_on_worker(req.clone(), shared)
             .unwrap_or_else(|| handle_request(&req, &*shared.backend, &shared.changes));
         let sent = stream.write_all(&resp.to_bytes(req.close)).is_ok();
@@ -226,6 +227,7 @@ fn serve_connection(mut stream: UnixStream, shared: &Arc<Shared>) {
         if let (true, Some(ep)) = (resp.status < 300, ep) {
             shared.backend.responded(ep);
         }
+        shared.backend.request_ended();
         if !sent || req.close {
             return;
         }
