@@ -323,7 +323,7 @@ fn run(cli: Cli) -> Result<u8> {
             let sandbox: uring_backend::iothread::Sandbox = Box::new(move || {
                 if let Some(set) = pin {
                     set.apply_to_current_thread(&format!("iothread {i}"))
-                        .map_err(|e| vmm::affinity::describe(&e))?;
+                        .map_err(|e| vmm::error_line(&e))?;
                 }
                 vmm::seccomp::apply(ThreadKind::IoThread, mode).map_err(|e| format!("{e:#}"))
             });

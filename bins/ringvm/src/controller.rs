@@ -69,12 +69,7 @@ pub struct Controller {
 }
 
 fn lifecycle(e: LifecycleError) -> ApiError {
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
-    }
+    let msg = vmm::error_line(&e);
     ApiError::new(if e.is_wrong_state() { 409 } else { 500 }, msg)
 }
 

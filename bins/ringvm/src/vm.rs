@@ -137,7 +137,7 @@ pub fn build(plan: &Plan) -> Result<Built, Failure> {
                 let sandbox: uring_backend::iothread::Sandbox = Box::new(move || {
                     if let Some(set) = affinity {
                         set.apply_to_current_thread(&format!("iothread {i}"))
-                            .map_err(|e| vmm::affinity::describe(&e))?;
+                            .map_err(|e| vmm::error_line(&e))?;
                     }
                     vmm::seccomp::apply(vmm::seccomp::ThreadKind::IoThread, mode)
                         .map_err(|e| format!("{e:#}"))?;

@@ -131,18 +131,6 @@ impl fmt::Display for CpuSet {
     }
 }
 
-/// An error and its causes on one line (for a stop reason or a log).
-pub fn describe(e: &AffinityError) -> String {
-    let mut line = e.to_string();
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
-    }
-    line
-}
-
 /// Each thread's CPU set from `specs` (each `INDEX@CPUS`, or several
 /// separated by commas), indexed by thread, for `count` threads of kind
 /// `what` (for the messages: "vCPU", "iothread"). Threads without an

@@ -28,3 +28,36 @@ pub use config::{parse_size, KernelSource, VmConfig};
 pub use lifecycle::{LifecycleError, VmControl, VmState};
 pub use machine::{run, MachineError, RunReport, RunningMachine};
 pub use stop::{exit_code, StopReason};
+
+/// An error and its causes on one line, `: `-separated (for a stop
+/// reason, an API answer or a log line).
+pub fn error_line(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("pinning vCPU 1")]
+        Pin(#[source] std::io::Error),
+    }
+
+    #[test]
+    fn an_error_line_has_every_cause() {
+        let e = Outer::Pin(std::io::Error::from_raw_os_error(libc::EINVAL));
+        assert_eq!(
+            super::error_line(&e),
+            "pinning vCPU 1: Invalid argument (os error 22)"
+        );
+        let alone = std::io::Error::other("no cause");
+        assert_eq!(super::error_line(&alone), "no cause");
+    }
+}

@@ -199,7 +199,7 @@ impl Vcpu {
         if let Some(set) = &self.affinity {
             if let Err(e) = set.apply_to_current_thread(&format!("vCPU {}", self.index)) {
                 self.stop.request(StopReason::HostError {
-                    message: crate::affinity::describe(&e),
+                    message: crate::error_line(&e),
                 });
                 return;
             }

@@ -278,12 +278,7 @@ impl VirtioPciDevice {
             Err(e) => {
                 // With its causes: a host out of descriptors or memory
                 // says so here.
-                let mut why = e.to_string();
-                let mut cause = std::error::Error::source(&e);
-                while let Some(c) = cause {
-                    why.push_str(&format!(": {c}"));
-                    cause = c.source();
-                }
+                let why = vmm::error_line(&e);
                 log::warn!(
                     "{}: activation failed: {why}; device needs reset",
                     self.name
