@@ -216,6 +216,7 @@ fn serve_create_boot_pause_resume_and_shutdown_vmm() {
         "net": [{"ip": "10.99.0.1", "mask": "255.255.255.0"}],
         "serial": {"mode": "File", "file": serial.display().to_string()},
         "iothreads": 1,
+        "iothread_affinity": [{"iothread": 0, "host_cpus": [cpu]}],
         "irqchip": "kernel"
     });
     let cfg_path = dir.file("vm.json", config.to_string().as_bytes());
@@ -246,6 +247,10 @@ fn serve_create_boot_pause_resume_and_shutdown_vmm() {
         info["config"]["cpus"]["affinity"],
         serde_json::json!([{"vcpu": 1, "host_cpus": [cpu]}])
     );
+    assert_eq!(
+        info["config"]["iothread_affinity"],
+        serde_json::json!([{"iothread": 0, "host_cpus": [cpu]}])
+    );
     assert_eq!(info["config"]["disks"][0]["path"], d.display().to_string());
     assert_eq!(info["config"]["disks"][0]["engine"], "auto");
     let pci: BTreeMap<String, String> = info["devices"]
@@ -260,10 +265,14 @@ fn serve_create_boot_pause_resume_and_shutdown_vmm() {
 
     remote_ok(&sock, &["boot"]);
     assert_eq!(remote_json(&sock, "info")["state"], "Running");
-    // The vCPU thread pinned itself as it started.
+    // The vCPU thread and the iothread pinned themselves as they started.
     let placed = common::thread_cpus(vmm.child.id());
     assert!(
         placed.contains(&("vcpu1".to_string(), cpu.to_string())),
+        "{placed:?}"
+    );
+    assert!(
+        placed.contains(&("iothread0".to_string(), cpu.to_string())),
         "{placed:?}"
     );
     // Booting twice is a state error.

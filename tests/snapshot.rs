@@ -907,20 +907,30 @@ fn udp_echoes_continue_after_restore_onto_a_different_tap() {
     assert_eq!((f["udp"].as_str(), f["bad"].as_str()), ("60", "0"), "{f:?}");
 }
 
-/// The vCPUs' host placement (`--vcpu-affinity`) is part of the VM's
-/// configuration: the snapshot's `config.json` carries it and a restore
-/// pins the vCPU threads the same way, unless the restoring command names
-/// its own.
+/// The threads' host placement (`--vcpu-affinity`, `--iothread-affinity`)
+/// is part of the VM's configuration: the snapshot's `config.json` carries
+/// it and a restore pins the vCPU and iothreads the same way, unless the
+/// restoring command names its own.
 #[test]
-fn a_restored_vm_keeps_its_vcpu_placement() {
+fn a_restored_vm_keeps_its_thread_placement() {
     if !kvm_available() {
         return;
     }
     let (_, cpu) = common::own_cpus();
     let dir = TempDir::new("snap-affinity");
     let d = dir.path();
-    let pin = format!("1@{cpu}");
-    let (sock, vmm, _) = small_snapshot(d, &["--cpus", "2", "--vcpu-affinity", &pin]);
+    let (pin, io_pin) = (format!("1@{cpu}"), format!("0@{cpu}"));
+    let (sock, vmm, _) = small_snapshot(
+        d,
+        &[
+            "--cpus",
+            "2",
+            "--vcpu-affinity",
+            &pin,
+            "--iothread-affinity",
+            &io_pin,
+        ],
+    );
     let snap = d.join("snap");
     remote_ok(&sock, &["snapshot", &format!("file://{}", snap.display())]);
     vmm.kill();
@@ -931,8 +941,14 @@ fn a_restored_vm_keeps_its_vcpu_placement() {
         serde_json::json!([{"vcpu": 1, "host_cpus": [cpu]}]),
         "{config}"
     );
-    // Restored paused: the vCPU threads are up and parked.
-    let placement = |extra: &[&str], tag: &str| -> String {
+    assert_eq!(
+        config["iothread_affinity"],
+        serde_json::json!([{"iothread": 0, "host_cpus": [cpu]}]),
+        "{config}"
+    );
+    // Restored paused: the vCPU threads are up and parked. (vcpu1's CPUs,
+    // iothread0's CPUs.)
+    let placement = |extra: &[&str], tag: &str| -> (String, String) {
         let sock = d.join(format!("{tag}.sock"));
         let spec = format!("source={}", snap.display());
         let serial = format!("file={}", d.join(format!("{tag}.serial")).display());
@@ -952,22 +968,25 @@ fn a_restored_vm_keeps_its_vcpu_placement() {
         let pid = vmm.child.id();
         let start = Instant::now();
         loop {
-            let found = common::thread_cpus(pid)
-                .into_iter()
-                .find_map(|(name, cpus)| (name == "vcpu1").then_some(cpus));
-            if let Some(list) = found {
+            let threads = common::thread_cpus(pid);
+            let cpus_of = |want: &str| {
+                threads
+                    .iter()
+                    .find_map(|(name, cpus)| (name == want).then(|| cpus.clone()))
+            };
+            if let (Some(vcpu), Some(io)) = (cpus_of("vcpu1"), cpus_of("iothread0")) {
                 vmm.kill();
-                return list;
+                return (vcpu, io);
             }
             assert!(
                 start.elapsed() < DEADLINE,
-                "no vcpu1 thread:\n{}",
+                "no vcpu1 or iothread0 thread:\n{}",
                 vmm.err()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    assert_eq!(placement(&[], "kept"), cpu.to_string());
+    assert_eq!(placement(&[], "kept"), (cpu.to_string(), cpu.to_string()));
     // The restoring command's own placement wins.
     let other = format!("1@0-{cpu}");
     let want = if cpu == 0 {
@@ -975,5 +994,16 @@ fn a_restored_vm_keeps_its_vcpu_placement() {
     } else {
         format!("0-{cpu}")
     };
-    assert_eq!(placement(&["--vcpu-affinity", &other], "moved"), want);
+    let other_io = format!("0@0-{cpu}");
+    assert_eq!(
+        placement(&["--vcpu-affinity", &other], "vcpus-moved"),
+        (want.clone(), cpu.to_string())
+    );
+    assert_eq!(
+        placement(
+            &["--vcpu-affinity", &other, "--iothread-affinity", &other_io],
+            "moved"
+        ),
+        (want.clone(), want)
+    );
 }

@@ -432,11 +432,13 @@ impl RunArgs {
         args.iothread_stats = self.iothread_stats;
         args.iothread_poll_us = self.iothread_poll_us;
         args.iothread_poll_mode = self.iothread_poll_mode.clone();
-        // The snapshot's vCPU placement holds unless this run names one.
+        // The snapshot's thread placement holds unless this run names one.
         if !self.vcpu_affinity.is_empty() {
             args.vcpu_affinity = self.vcpu_affinity.clone();
         }
-        args.iothread_affinity = self.iothread_affinity.clone();
+        if !self.iothread_affinity.is_empty() {
+            args.iothread_affinity = self.iothread_affinity.clone();
+        }
         Ok(args)
     }
 

@@ -214,6 +214,17 @@ fn config_json(plan: &Plan) -> Value {
             },
         },
         iothreads: plan.iothreads,
+        iothread_affinity: plan
+            .iothread_affinity
+            .iter()
+            .enumerate()
+            .filter_map(|(iothread, set)| {
+                Some(types::IothreadAffinity {
+                    iothread,
+                    host_cpus: set.as_ref()?.cpus().to_vec(),
+                })
+            })
+            .collect(),
         irqchip: match v.irqchip {
             vmm::config::IrqChip::Kernel => "kernel".into(),
             vmm::config::IrqChip::Split => "split".into(),

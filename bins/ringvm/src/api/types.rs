@@ -16,6 +16,15 @@ pub struct CpusConfig {
     pub affinity: Vec<CpuAffinity>,
 }
 
+/// One iothread's host CPUs (`--iothread-affinity`), in the form of
+/// [`CpuAffinity`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IothreadAffinity {
+    pub iothread: usize,
+    pub host_cpus: Vec<usize>,
+}
+
 /// One vCPU's host CPUs, as Cloud Hypervisor's `cpus.affinity` entries.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -138,6 +147,9 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     #[serde(default = "default_iothreads")]
     pub iothreads: usize,
+    /// Host CPUs of each iothread named.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub iothread_affinity: Vec<IothreadAffinity>,
     /// `kernel` or `split`.
     #[serde(default = "default_irqchip")]
     pub irqchip: String,
@@ -223,6 +235,13 @@ impl VmConfig {
             a.push(format!(
                 "--vcpu-affinity={}@{}",
                 aff.vcpu,
+                threads(&aff.host_cpus)
+            ));
+        }
+        for aff in &self.iothread_affinity {
+            a.push(format!(
+                "--iothread-affinity={}@{}",
+                aff.iothread,
                 threads(&aff.host_cpus)
             ));
         }
@@ -423,5 +442,26 @@ mod tests {
             r#"{"payload":{"kernel":"x"},"cpus":{"boot_vcpus":1,"affinity":[{"vcpu":0}]}}"#,
         );
         assert!(e.unwrap_err().to_string().contains("host_cpus"));
+    }
+
+    #[test]
+    fn iothread_affinity_maps_to_the_cli_option() {
+        let c: VmConfig = serde_json::from_str(
+            r#"{"payload":{"kernel":"builtin"},"iothreads":2,
+                "iothread_affinity":[{"iothread":1,"host_cpus":[0,3]}]}"#,
+        )
+        .unwrap();
+        let a = c.to_run_args().unwrap();
+        assert!(
+            a.contains(&"--iothread-affinity=1@0:3".to_string()),
+            "{a:?}"
+        );
+        // Back to JSON and again: the same configuration.
+        let again: VmConfig = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+        assert_eq!(again, c);
+        let e = serde_json::from_str::<VmConfig>(
+            r#"{"payload":{"kernel":"x"},"iothread_affinity":[{"iothread":0,"cpus":[1]}]}"#,
+        );
+        assert!(e.unwrap_err().to_string().contains("cpus"));
     }
 }
