@@ -110,6 +110,17 @@ fn devices_json(res: &Resources) -> Option<Value> {
     Some(Value::Array(out))
 }
 
+/// The threads that have a placement (by index), in the API's form.
+fn placements<T>(
+    sets: &[Option<vmm::affinity::CpuSet>],
+    entry: impl Fn(usize, Vec<usize>) -> T,
+) -> Vec<T> {
+    sets.iter()
+        .enumerate()
+        .filter_map(|(i, set)| Some(entry(i, set.as_ref()?.cpus().to_vec())))
+        .collect()
+}
+
 /// The configuration of `plan` (made from `args`) in the API's schema:
 /// every default filled in.
 fn config_json(plan: &Plan) -> Value {
@@ -117,17 +128,10 @@ fn config_json(plan: &Plan) -> Value {
     let config = ApiConfig {
         cpus: types::CpusConfig {
             boot_vcpus: v.cpus,
-            affinity: v
-                .vcpu_affinity
-                .iter()
-                .enumerate()
-                .filter_map(|(vcpu, set)| {
-                    Some(types::CpuAffinity {
-                        vcpu,
-                        host_cpus: set.as_ref()?.cpus().to_vec(),
-                    })
-                })
-                .collect(),
+            affinity: placements(&v.vcpu_affinity, |vcpu, host_cpus| types::CpuAffinity {
+                vcpu,
+                host_cpus,
+            }),
         },
         memory: types::MemoryConfig { size: v.memory },
         payload: types::PayloadConfig {
@@ -214,17 +218,12 @@ fn config_json(plan: &Plan) -> Value {
             },
         },
         iothreads: plan.iothreads,
-        iothread_affinity: plan
-            .iothread_affinity
-            .iter()
-            .enumerate()
-            .filter_map(|(iothread, set)| {
-                Some(types::IothreadAffinity {
-                    iothread,
-                    host_cpus: set.as_ref()?.cpus().to_vec(),
-                })
-            })
-            .collect(),
+        iothread_affinity: placements(&plan.iothread_affinity, |iothread, host_cpus| {
+            types::IothreadAffinity {
+                iothread,
+                host_cpus,
+            }
+        }),
         irqchip: match v.irqchip {
             vmm::config::IrqChip::Kernel => "kernel".into(),
             vmm::config::IrqChip::Split => "split".into(),
